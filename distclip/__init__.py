@@ -1,0 +1,19 @@
+"""distclip: gradient-norm clipping that is correct under any sharding.
+
+Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends that return the norm a
+single process would compute over the full, unsharded gradients, for DDP, FSDP1, FSDP2/DTensor,
+tensor parallelism, HSDP, pipeline stages, MoE experts and tied weights, alone or mixed.
+"""
+
+from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from distclip.layout import mark_replicated, mark_sharded
+
+__all__ = [
+    "clip_grad_norm_",
+    "get_total_norm",
+    "clip_grads_with_norm_",
+    "clip_grad_value_",
+    "mark_sharded",
+    "mark_replicated",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""The one place distclip touches FSDP1 internals.
+
+``FullyShardedDataParallel`` has no public API that says which process group shards a
+FlatParameter or how many padding elements end its local shard, so this module reads the
+private ``_handle`` (a ``FlatParamHandle``) of every FSDP1 instance inside a module. If a torch
+release renames these attributes, only this file changes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Fsdp1Piece(NamedTuple):
+    pieces: int  # number of disjoint shards of the flat parameter within one replica group
+    trailing_padding: int  # zero padding at the end of the local shard (flat parameters only)
+
+
+def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
+    """Map ``id(param)`` to its FSDP1 sharding, for every parameter FSDP1 manages in ``module``.
+
+    With ``use_orig_params=False`` the parameters are FlatParameters (one 1-D shard each, padded at
+    the end); with ``use_orig_params=True`` they are the original parameters, each a view into the
+    local shard (possibly empty) without padding. HYBRID_SHARD's ``process_group`` is the
+    intra-node sharding group; the copies across the replicate group are counted by the caller.
+    """
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return {}
+    found: dict[int, Fsdp1Piece] = {}
+    for submodule in module.modules():
+        if not isinstance(submodule, FullyShardedDataParallel):
+            continue
+        handle = getattr(submodule, "_handle", None)
+        if handle is None:  # an FSDP instance that manages no parameters
+            continue
+        flat_param = handle.flat_param
+        pieces = handle.process_group.size() if handle.uses_sharded_strategy else 1
+        if handle._use_orig_params:
+            for param in flat_param._params or ():
+                found[id(param)] = Fsdp1Piece(pieces, 0)
+        else:
+            found[id(flat_param)] = Fsdp1Piece(pieces, int(flat_param._shard_numel_padded))
+    return found
+
+
+def is_flat_parameter(param: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:
+        return False
+    return isinstance(param, FlatParameter)

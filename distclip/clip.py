@@ -1,0 +1,201 @@
+"""distclip's algorithm, top-down.
+
+1. Validate every argument (the same on every rank, so every rank raises the same error before
+   any collective and before any gradient is touched).
+2. Layout discovery (``layout``): each local gradient and the weight that makes each element of
+   the full model count exactly once across the world.
+3. Local math (``local_norms``): this rank's weighted partial, in float64.
+4. Communication (``reduce``): one all-reduce of the partial, identical result on every rank.
+5. Scale every local gradient by ``min(1, max_norm / (total + 1e-6))`` with foreach kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from distclip.layout import LocalGrad, ParamsLike, as_param_list, current_stage, local_grads
+from distclip.local_norms import local_partial
+from distclip.reduce import reduce_partials, reduction_device
+
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
+
+
+def _as_float(value: object, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise TypeError(f"distclip: {name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except ValueError:
+        raise TypeError(f"distclip: {name} must be a real number, got {value!r}") from None
+
+
+def _check_norm_type(norm_type: object) -> float:
+    p = _as_float(norm_type, "norm_type")
+    if math.isnan(p):
+        raise ValueError("distclip: norm_type must not be NaN")
+    return p
+
+
+def _check_max_norm(max_norm: object) -> float:
+    value = _as_float(max_norm, "max_norm")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"distclip: max_norm must be a non-negative number, got {value}")
+    return value
+
+
+def _total_norm(grads: list[LocalGrad], norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], pp_group: object, stage) -> torch.Tensor:
+    grad_device = grads[0].tensor.device if grads else None
+    device = reduction_device(grad_device, stage)
+    partial = local_partial(grads, norm_type, foreach, device)
+    has_elements = any(g.tensor.numel() for g in grads)
+    total = reduce_partials(partial, has_elements, norm_type, stage)
+    out_dtype = torch.float64 if any(g.tensor.dtype == torch.float64 for g in grads) else torch.float32
+    total = total.to(device=grad_device or device, dtype=out_dtype)
+    # Same value on every rank, so every rank raises together. A host sync, as in torch.
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+            "anyway, set `error_if_nonfinite=False`"
+        )
+    return total
+
+
+def _scale_(tensors: list[torch.Tensor], coef: torch.Tensor, foreach: Optional[bool]) -> None:
+    by_device_dtype: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        if t.numel():
+            by_device_dtype[(t.device, t.dtype)].append(t)
+    for (device, _), group in by_device_dtype.items():
+        coef_here = coef.to(device)
+        if foreach is False:
+            for t in group:
+                t.mul_(coef_here)
+        else:
+            torch._foreach_mul_(group, coef_here)
+
+
+def get_total_norm(
+    parameters: ParamsLike,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    pp_group: object = None,
+) -> torch.Tensor:
+    r"""Compute the norm of the full, unsharded gradients of ``parameters``, whatever their layout.
+
+    The result equals ``torch.nn.utils.get_total_norm`` run on one process over the full
+    gradients, and is bit-identical on every rank. Every rank must call it (one all-reduce).
+
+    Args:
+        parameters (Tensor, Iterable[Tensor] or nn.Module): parameters whose ``.grad`` are
+            measured; parameters without a grad are skipped. Pass the wrapped module for FSDP1.
+        norm_type (float): p of the p-norm; ``inf``, ``-inf`` and ``0`` (non-zero count) allowed.
+        error_if_nonfinite (bool): raise on every rank if the total norm is nan or inf.
+        foreach (bool, optional): use foreach kernels (default: when available).
+        pp_group (ProcessGroup or DeviceMesh, optional): the ranks holding the other pipeline
+            stages of this rank's model replica; partials are summed across it.
+
+    Returns:
+        Total norm as a plain tensor: float32 (float64 if a local grad is float64), on the
+        gradients' device.
+    """
+    p = _check_norm_type(norm_type)
+    stage = current_stage(pp_group)
+    params, module = as_param_list(parameters)
+    grads = local_grads(params, module, stage)
+    return _total_norm(grads, p, error_if_nonfinite, foreach, pp_group, stage)
+
+
+def clip_grad_norm_(
+    parameters: ParamsLike,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    pp_group: object = None,
+) -> torch.Tensor:
+    r"""Clip the gradient norm of ``parameters`` in place, correctly under any sharding.
+
+    Drop-in for ``torch.nn.utils.clip_grad_norm_``: the norm is computed over the full,
+    unsharded gradients (see :func:`get_total_norm`) and every local gradient is multiplied by
+    the same ``min(1, max_norm / (total_norm + 1e-6))`` on every rank, without a host sync.
+
+    Args:
+        parameters (Tensor, Iterable[Tensor] or nn.Module): parameters whose grads are clipped.
+        max_norm (float): max norm of the gradients (non-negative).
+        norm_type (float): p of the p-norm; ``inf``, ``-inf`` and ``0`` allowed.
+        error_if_nonfinite (bool): raise on every rank, before any grad is changed, if the total
+            norm is nan or inf.
+        foreach (bool, optional): use foreach kernels (default: when available).
+        pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group.
+
+    Returns:
+        Total norm of the gradients before clipping (a plain tensor, identical on every rank).
+    """
+    max_norm = _check_max_norm(max_norm)
+    p = _check_norm_type(norm_type)
+    stage = current_stage(pp_group)
+    params, module = as_param_list(parameters)
+    grads = local_grads(params, module, stage)
+    total = _total_norm(grads, p, error_if_nonfinite, foreach, pp_group, stage)
+    _scale_([g.tensor for g in grads], (max_norm / (total + 1e-6)).clamp(max=1.0), foreach)
+    return total
+
+
+def clip_grads_with_norm_(
+    parameters: ParamsLike, max_norm: float, total_norm: torch.Tensor, foreach: Optional[bool] = None
+) -> None:
+    r"""Scale the gradients of ``parameters`` by ``min(1, max_norm / (total_norm + 1e-6))``.
+
+    No communication: ``total_norm`` (e.g. from :func:`get_total_norm`) must be the same on every
+    rank for the clipped model to stay consistent.
+
+    Args:
+        parameters (Tensor, Iterable[Tensor] or nn.Module): parameters whose grads are scaled.
+        max_norm (float): max norm of the gradients.
+        total_norm (Tensor): total norm of the gradients.
+        foreach (bool, optional): use foreach kernels (default: when available).
+    """
+    max_norm = _check_max_norm(max_norm)
+    if not isinstance(total_norm, torch.Tensor):
+        total_norm = torch.tensor(_as_float(total_norm, "total_norm"))
+    elif hasattr(total_norm, "full_tensor"):  # a DTensor norm, e.g. from torch's own function
+        total_norm = total_norm.full_tensor()
+    params, module = as_param_list(parameters)
+    grads = local_grads(params, module, current_stage(None))
+    _scale_([g.tensor for g in grads], (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
+
+
+def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optional[bool] = None) -> None:
+    r"""Clamp every gradient element of ``parameters`` to ``[-clip_value, clip_value]`` in place.
+
+    Element-wise, so it needs no communication under any layout; local shards are clamped.
+
+    Args:
+        parameters (Tensor, Iterable[Tensor] or nn.Module): parameters whose grads are clamped.
+        clip_value (float): maximum allowed absolute value of the gradients.
+        foreach (bool, optional): use foreach kernels (default: when available).
+    """
+    clip_value = _as_float(clip_value, "clip_value")
+    params, module = as_param_list(parameters)
+    tensors = [g.tensor for g in local_grads(params, module, current_stage(None)) if g.tensor.numel()]
+    by_device_dtype: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_device_dtype[(t.device, t.dtype)].append(t)
+    for group in by_device_dtype.values():
+        if foreach is False:
+            for t in group:
+                t.clamp_(min=-clip_value, max=clip_value)
+        else:
+            torch._foreach_clamp_min_(group, -clip_value)
+            torch._foreach_clamp_max_(group, clip_value)

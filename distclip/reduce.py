@@ -1,0 +1,55 @@
+"""Communication: one all-reduce of a few float64 numbers per call, the same on every rank.
+
+The partials of all ranks are combined over the default process group: every rank of every
+pipeline stage takes part, so each rank issues exactly one collective per call, whatever it
+holds (no early return for a rank without gradients: that is a hang, AReaL #1139).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from distclip.layout import Stage
+
+
+def reduction_device(grad_device: Optional[torch.device], stage: Stage) -> torch.device:
+    """The device the partial is reduced on: the grads' device if the backend can reduce there."""
+    if not stage.distributed:
+        return grad_device or torch.device("cpu")
+    backend = str(dist.get_backend()).lower()
+    cpu_ok = "gloo" in backend or "cpu:" in backend or "mpi" in backend
+    if grad_device is not None and (grad_device.type != "cpu" or cpu_ok):
+        return grad_device
+    if not cpu_ok and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_partials(partial: torch.Tensor, has_elements: bool, norm_type: float, stage: Stage) -> torch.Tensor:
+    """Combine every rank's partial into the total norm (float64, identical on every rank).
+
+    Finite ``p`` sums ``[partial, has_elements]``. For +-inf the reduction is a MAX, which on
+    some backends drops NaN (the comparison is false), so a NaN flag travels next to the value.
+    No host sync: every decision after the reduction is a ``torch.where``.
+    """
+    device = partial.device
+    present = torch.full((), float(has_elements), dtype=torch.float64, device=device)
+    if math.isinf(norm_type):
+        sign = 1.0 if norm_type > 0 else -1.0  # MIN(x) == -MAX(-x): one op for both
+        value = partial * sign
+        is_nan = torch.isnan(value)
+        packed = torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present])
+        if stage.distributed:
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        total = torch.where(packed[1] > 0, math.nan, packed[0] * sign)
+    else:
+        packed = torch.stack([partial, present])
+        if stage.distributed:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        # p == 0 counts elements; the weights make the sum inexact in the last bits.
+        total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
+    return torch.where(packed[-1] > 0, total, 0.0)
