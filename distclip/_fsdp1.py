@@ -54,3 +54,29 @@ def is_flat_parameter(param: torch.Tensor) -> bool:
     except ImportError:
         return False
     return isinstance(param, FlatParameter)
+
+
+def full_flat_grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Gather the full gradients of every FlatParameter in ``module`` (``use_orig_params=False``)
+    as ``{original fqn relative to its FSDP module: full grad}``; a collective over each handle's
+    sharding group. Used by ``distclip.verify`` to build the single-process reference.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, submodule in module.named_modules():
+        handle = getattr(submodule, "_handle", None) if isinstance(submodule, FullyShardedDataParallel) else None
+        if handle is None or handle._use_orig_params:
+            continue
+        flat = handle.flat_param
+        shard = flat.grad.detach()
+        if handle.uses_sharded_strategy:
+            pieces = [torch.empty_like(shard) for _ in range(handle.process_group.size())]
+            dist.all_gather(pieces, shard.contiguous(), group=handle.process_group)
+            shard = torch.cat(pieces)
+        offset = 0
+        for fqn, shape, numel in zip(flat._fqns, flat._shapes, flat._numels):
+            out[f"{prefix}.{fqn}" if prefix else fqn] = shard[offset : offset + numel].view(shape)
+            offset += numel
+    return out
