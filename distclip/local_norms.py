@@ -2,10 +2,11 @@
 
 The partial is a float64 scalar that the reduction combines across ranks:
 
-    p finite, p != 0:  sum(weight * sum(|g|^p))
+    p > 0:             sum(weight * sum(|g|^p))
+    p < 0:             the same, NaN if any grad is non-finite
     p == 0:            sum(weight * count(g != 0)), NaN if any grad is non-finite
     p == inf:          max |g|   (NaN if any grad is NaN)
-    p == -inf:         min |g|   (NaN if any grad is NaN)
+    p == -inf:         min |g|   (NaN if any grad is non-finite)
 
 Per-piece norms are computed with ``torch._foreach_norm`` grouped by (device, dtype, weight) and
 accumulated at least in float32; only the few per-piece values are raised to ``p`` and summed in
@@ -25,23 +26,24 @@ from distclip.layout import LocalGrad
 # Large contiguous gradients are reduced as rows, then the row norms are combined in float64. On
 # CPU this is both faster and far more accurate than one float32 reduction over the whole tensor
 # (measured on the CI machine, fp32: one 64M-element vector_norm runs at 17 GB/s with relative
-# error 5e-3; rows of 8192 at 28 GB/s with 6e-9). p != 2 accumulates naively, so its rows are
-# short (p=3 over 16M elements: rows of 16384 err 1e-6, rows of 2048 err 3e-9, same speed).
-def row_length(norm_type: float) -> int:
-    return 8192 if norm_type == 2 else 512
+# error 5e-3; rows of 8192 at 28 GB/s with 6e-9).
+ROW = 8192
 
 
 def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: float) -> torch.dtype:
     """The dtype per-piece norms are accumulated in.
 
-    float32 (float64 for float64 grads) everywhere on CPU, where an overflow can be detected and
-    repaired without a device sync. On accelerators no host check is allowed on the default
-    path, so finite p-norms of grads whose |g|^p can overflow float32 (bf16 and fp32 share its
-    range) accumulate directly in float64.
+    - float64 grads, and p-norms other than 2 on CPU: float64. torch's CPU kernels accumulate
+      |g|^p naively for p != 2 (p=1 over 10k fp32 elements: relative error 1.5e-6); p=2, the
+      default, keeps its fast float32 path.
+    - CPU otherwise: float32; an overflow is detected and repaired without any device sync.
+    - Accelerators: no host check is allowed on the default path, so finite p-norms of grads
+      whose |g|^p can overflow float32 (bf16 and fp32 share its range) accumulate in float64.
     """
-    if dtype == torch.float64:
+    finite_p = norm_type != 0 and not math.isinf(norm_type)
+    if dtype == torch.float64 or (device.type == "cpu" and finite_p and norm_type != 2):
         return torch.float64
-    if device.type == "cpu" or norm_type == 0 or math.isinf(norm_type):
+    if device.type == "cpu" or not finite_p:
         return torch.float32
     if dtype == torch.float16 and abs(norm_type) <= 2:  # 65504^2 * 2^31 elements still fits float32
         return torch.float32
@@ -50,7 +52,7 @@ def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: floa
 
 def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype, foreach: Optional[bool]) -> torch.Tensor:
     """1-D tensor of norms of pieces that partition ``tensors`` (empty tensors are skipped)."""
-    row = row_length(norm_type)
+    row = ROW
     small: list[torch.Tensor] = []
     parts: list[torch.Tensor] = []
     for t in tensors:
@@ -93,21 +95,21 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     device, dtype = tensors[0].device, tensors[0].dtype
     acc = accumulation_dtype(dtype, device, norm_type)
     norms = piece_norms(tensors, norm_type, acc, foreach)
-    finite_p = not math.isinf(norm_type) and norm_type != 0
     # CPU only: reading a CPU tensor is not a device sync.
-    if finite_p and norm_type > 0 and acc == torch.float32 and device.type == "cpu" and torch.isinf(norms).any():
+    if norm_type > 0 and acc == torch.float32 and device.type == "cpu" and torch.isinf(norms).any():
         norms = _repair_overflow(tensors, norm_type, foreach)
     norms = norms.double()
     if norm_type == math.inf:
         return norms.max() if norms.numel() else norms.new_tensor(-math.inf)
     if norm_type == -math.inf:
-        return norms.min() if norms.numel() else norms.new_tensor(math.inf)
-    if norm_type == 0:
-        # Counting non-zeros treats NaN and inf like any non-zero value; the max-abs pass makes
-        # them poison the count so a non-finite grad always gives a non-finite norm.
-        poison = piece_norms(tensors, math.inf, acc, foreach).double().sum() * 0.0
-        return norms.sum() * weight + poison
-    return norms.pow(norm_type).sum() * weight
+        partial = norms.min() if norms.numel() else norms.new_tensor(math.inf)
+    elif norm_type > 0:
+        return norms.pow(norm_type).sum() * weight
+    else:
+        partial = (norms.sum() if norm_type == 0 else norms.pow(norm_type).sum()) * weight
+    # p <= 0 is blind to non-finite values (an inf is just a non-zero, or larger than the min);
+    # a max-abs pass poisons the partial with NaN so a NaN or inf grad always shows.
+    return partial + piece_norms(tensors, math.inf, acc, foreach).double().sum() * 0.0
 
 
 def local_partial(grads: list[LocalGrad], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:

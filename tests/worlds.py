@@ -1,0 +1,295 @@
+"""Hand-built layouts checked inside one multi-rank world (see test_layouts.py).
+
+Every rank builds the same full gradients from a fixed seed, cuts out its local part according to
+the layout, calls distclip, and checks: the norm against a float64 reference over the full
+gradients, the local clipped grads against ``local * coef_reference``, and that every rank
+returned the same bits. Each case returns records instead of raising, so one world reports all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import Partial
+
+import distclip
+
+NORMS = (1.0, 2.0, 3.0, math.inf, -math.inf, 0.0, 0.5, -2.0)
+
+
+@dataclass
+class Layout:
+    params: list[torch.Tensor]  # what is passed to distclip
+    full: list[torch.Tensor]  # full gradients, float64, identical on every rank
+    pp_group: object = None
+    rtol: float = 1e-6
+
+
+def full_grad(shape: tuple[int, ...], seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * (1 + seed % 3)).to(dtype)
+
+
+def dparam(full: torch.Tensor, mesh, placements) -> nn.Parameter:
+    p = nn.Parameter(distribute_tensor(torch.zeros_like(full), mesh, placements))
+    p.grad = distribute_tensor(full.clone(), mesh, placements)
+    return p
+
+
+def pparam(local: torch.Tensor) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros_like(local))
+    p.grad = local.clone()
+    return p
+
+
+def sharded_piece(full: torch.Tensor, group, dim: int = 0) -> torch.Tensor:
+    return full.tensor_split(group.size(), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def local_of(g: torch.Tensor) -> torch.Tensor:
+    return g.to_local() if isinstance(g, DTensor) else g
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def dtensor_1d(world: int) -> Layout:
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = [((5, 3), [Shard(0)]), ((3, 7), [Shard(1)]), ((4,), [Replicate()]), ((1,), [Shard(0)]),
+              ((0, 3), [Shard(0)]), ((2, 9), [Shard(0)]), ((40000,), [Shard(0)])]
+    fulls = [full_grad(s, i) for i, (s, _) in enumerate(shapes)]
+    return Layout([dparam(f, mesh, pl) for f, (_, pl) in zip(fulls, shapes)], fulls)
+
+
+def dtensor_2d_mixed(world: int) -> Layout:
+    """Parameters on a 2-D mesh, on each of its 1-D sub-meshes and plain tensors, in one call."""
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    specs = [((6, 4), mesh, [Shard(0), Shard(1)]), ((6, 4), mesh, [Replicate(), Shard(0)]),
+             ((6, 4), mesh, [Shard(0), Replicate()]), ((8, 2), mesh, [Shard(0), Shard(0)]),
+             ((5,), mesh["dp"], [Shard(0)]), ((7,), mesh["tp"], [Shard(0)]), ((3,), mesh["dp"], [Replicate()])]
+    fulls = [full_grad(s, 10 + i) for i, (s, _, _) in enumerate(specs)]
+    params = [dparam(f, m, pl) for f, (_, m, pl) in zip(fulls, specs)]
+    plain = full_grad((4, 4), 99)
+    return Layout(params + [pparam(plain)], fulls + [plain])
+
+
+def megatron_tp(world: int) -> Layout:
+    """mark_sharded over tp groups of 2 (replicated across the dp ranks), plus replicated params."""
+    tp = 2 if world % 2 == 0 else 1
+    groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, world, tp)]
+    tp_group = groups[dist.get_rank() // tp]
+    col, row, bias = full_grad((8, 6), 21), full_grad((6, 8), 22), full_grad((6,), 23)
+    params = [distclip.mark_sharded(pparam(sharded_piece(col, tp_group, 0)), tp_group),
+              distclip.mark_sharded(pparam(sharded_piece(row, tp_group, 1)), tp_group), pparam(bias)]
+    return Layout(params, [col, row, bias])
+
+
+def experts_uneven(world: int) -> Layout:
+    """5 experts over the world: rank r holds experts e with e % world == r, except the last rank
+    holds none (a rank without experts still takes part in the one collective)."""
+    holders = max(world - 1, 1)
+    experts = [full_grad((3, 4), 30 + e) for e in range(5)]
+    mine = [e for e in range(5) if e % holders == dist.get_rank() and (world == 1 or dist.get_rank() < holders)]
+    params = [distclip.mark_sharded(pparam(experts[e]), dist.group.WORLD) for e in mine]
+    dense = full_grad((4, 4), 39)
+    return Layout(params + [pparam(dense)], experts + [dense])
+
+
+def pipeline_mixed(world: int) -> Layout:
+    """pp=2: stage 0 is FSDP2-like DTensors on its own mesh, stage 1 plain replicated and
+    mark_sharded tensors; a weight tied across the stages is counted once."""
+    half = world // 2
+    pp_mesh = init_device_mesh("cpu", (2, half), mesh_dim_names=("pp", "dp"))
+    stage, pp_group, stage_mesh = pp_mesh.get_local_rank("pp"), pp_mesh["pp"].get_group(), pp_mesh["dp"]
+    stage_group = stage_mesh.get_group()
+    s0 = [full_grad((6, 3), 40), full_grad((5,), 41)]
+    s1_plain, s1_shard, tied = full_grad((3, 3), 42), full_grad((4, 6), 43), full_grad((4, 2), 44)
+    if stage == 0:
+        params = [dparam(s0[0], stage_mesh, [Shard(0)]), dparam(s0[1], stage_mesh, [Replicate()])]
+    else:
+        params = [pparam(s1_plain), distclip.mark_sharded(pparam(sharded_piece(s1_shard, stage_group)), stage_group)]
+    params.append(distclip.mark_replicated(pparam(tied), pp_group))
+    return Layout(params, s0 + [s1_plain, s1_shard, tied], pp_group=pp_group)
+
+
+def mixed_dtypes(world: int) -> Layout:
+    mesh = init_device_mesh("cpu", (world,))
+    fulls = [full_grad((9, 4), 50 + i, dt) for i, dt in enumerate((torch.float32, torch.bfloat16, torch.float16, torch.float64))]
+    params = [dparam(f, mesh, [Shard(0)]) for f in fulls[:3]]
+    params.append(pparam(fulls[3]))  # plain fp64, replicated
+    return Layout(params, [f.double() for f in fulls])
+
+
+def overflow_fp32(world: int) -> Layout:
+    """sum(g^2) overflows float32 although the norm (~1e21) is representable (torch: inf, grads zeroed)."""
+    mesh = init_device_mesh("cpu", (world,))
+    big = full_grad((64, 8), 60).sign() * 1e20
+    return Layout([dparam(big, mesh, [Shard(0)]), pparam(full_grad((3,), 61))], [big, full_grad((3,), 61)])
+
+
+LAYOUTS: dict[str, tuple[Callable[[int], Layout], Callable[[int], bool]]] = {
+    "dtensor_1d": (dtensor_1d, lambda w: True),
+    "dtensor_2d_mixed_meshes_and_plain": (dtensor_2d_mixed, lambda w: w % 2 == 0),
+    "megatron_tp_mark_sharded": (megatron_tp, lambda w: True),
+    "experts_uneven_rank_without_experts": (experts_uneven, lambda w: True),
+    "pipeline_mixed_tied": (pipeline_mixed, lambda w: w % 2 == 0),
+    "mixed_dtypes": (mixed_dtypes, lambda w: True),
+    "overflow_fp32": (overflow_fp32, lambda w: True),
+}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def reference_norm(full: list[torch.Tensor], p: float) -> float:
+    flat = torch.cat([f.double().reshape(-1) for f in full])
+    return float(torch.linalg.vector_norm(flat, p))
+
+
+def same_on_every_rank(value: object) -> bool:
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, repr(value))
+    return len(set(everyone)) == 1
+
+
+def check_layout(name: str, layout: Layout, norms=NORMS) -> list[tuple[str, bool, str]]:
+    records = []
+    saved = [local_of(p.grad).clone() for p in layout.params]
+    for p_norm in norms:
+        for p, s in zip(layout.params, saved):
+            local_of(p.grad).copy_(s)
+        ref = reference_norm(layout.full, p_norm)
+        max_norm = ref * 0.5 if ref else 1.0
+        calls = count_collectives()
+        total = distclip.clip_grad_norm_(iter(layout.params), max_norm, p_norm, pp_group=layout.pp_group)
+        n_calls = calls.stop()
+        value = float(total.double())
+        rel = abs(value - ref) / ref if ref else abs(value)
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        errors = []
+        if not rel <= layout.rtol:
+            errors.append(f"norm {value!r} vs reference {ref!r} (rel {rel:.2e})")
+        for p, s in zip(layout.params, saved):
+            got = local_of(p.grad)
+            if not torch.allclose(got.double(), s.double() * coef, rtol=1e-3 if s.dtype in (torch.bfloat16, torch.float16) else 1e-5):
+                errors.append(f"clipped grad mismatch for shape {tuple(s.shape)}")
+        if n_calls != 1:
+            errors.append(f"{n_calls} collectives in one call")
+        if not same_on_every_rank((value, total.dtype)):
+            errors.append("norm differs across ranks")
+        records.append((f"{name} p={p_norm:g}", not errors, "; ".join(errors)))
+    return records
+
+
+class count_collectives:
+    """Count collectives issued through torch.distributed while active."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all", "barrier")
+
+    def __init__(self) -> None:
+        self.count, self.saved = 0, {}
+        for n in self.NAMES:
+            original = getattr(dist, n)
+            self.saved[n] = original
+
+            def wrapper(*a, _original=original, **k):
+                self.count += 1
+                return _original(*a, **k)
+
+            setattr(dist, n, wrapper)
+
+    def stop(self) -> int:
+        for n, f in self.saved.items():
+            setattr(dist, n, f)
+        return self.count
+
+
+def nonfinite_everywhere(world: int) -> list[tuple[str, bool, str]]:
+    """A NaN (or inf) on the last rank only: the norm is non-finite on every rank, for every norm
+    type, and error_if_nonfinite raises on every rank without touching any grad."""
+    mesh = init_device_mesh("cpu", (world,))
+    records = []
+    for bad in (math.nan, math.inf):
+        full = full_grad((4 * world, 3), 70)
+        full[-1, -1] = bad
+        p = dparam(full, mesh, [Shard(0)])
+        q = pparam(full_grad((5,), 71))
+        before = [local_of(p.grad).clone(), q.grad.clone()]
+        for p_norm in NORMS:
+            total = distclip.get_total_norm([p, q], p_norm)
+            ok = not bool(torch.isfinite(total)) and same_on_every_rank(repr(float(total)))
+            if p_norm in (1.0, 2.0, math.inf) and bad == math.inf:
+                ok = ok and float(total) == math.inf  # like torch: an inf grad gives an inf norm
+            records.append((f"nonfinite {bad} p={p_norm:g}", ok, f"got {float(total)}"))
+        try:
+            distclip.clip_grad_norm_([p, q], 1.0, error_if_nonfinite=True)
+            records.append((f"error_if_nonfinite {bad}", False, "did not raise"))
+        except RuntimeError as e:
+            untouched = torch.equal(local_of(p.grad).view(torch.int32), before[0].view(torch.int32))
+            untouched = untouched and torch.equal(q.grad, before[1])
+            records.append((f"error_if_nonfinite {bad}", "non-finite" in str(e) and untouched and same_on_every_rank(str(e)), str(e)[:80]))
+    return records
+
+
+def bad_input_same_error(world: int) -> list[tuple[str, bool, str]]:
+    """Bad input raises the same exception on every rank, before any collective, grads intact."""
+    mesh = init_device_mesh("cpu", (world,))
+    ok_param = dparam(full_grad((4, 2), 80), mesh, [Shard(0)])
+    partial = nn.Parameter(distribute_tensor(torch.zeros(3), mesh, [Replicate()]))
+    partial.grad = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+    cases: dict[str, Callable[[], object]] = {
+        "negative max_norm": lambda: distclip.clip_grad_norm_([ok_param], -1.0),
+        "nan max_norm": lambda: distclip.clip_grad_norm_([ok_param], math.nan),
+        "string max_norm": lambda: distclip.clip_grad_norm_([ok_param], "big"),
+        "norm_type not a number": lambda: distclip.clip_grad_norm_([ok_param], 1.0, norm_type=[2]),
+        "pp_group wrong type": lambda: distclip.clip_grad_norm_([ok_param], 1.0, pp_group=3),
+        "partial grad": lambda: distclip.clip_grad_norm_([ok_param, partial], 1.0),
+        "mark_sharded on DTensor": lambda: distclip.mark_sharded(ok_param, dist.group.WORLD),
+        "mark_sharded non-group": lambda: distclip.mark_sharded(pparam(torch.ones(2)), "world"),
+    }
+    records = []
+    before = local_of(ok_param.grad).clone()
+    for name, call in cases.items():
+        calls = count_collectives()
+        try:
+            call()
+            err = "no exception"
+        except Exception as e:  # noqa: BLE001
+            err = f"{type(e).__name__}: {e}"
+        n_calls = calls.stop()
+        ok = err != "no exception" and n_calls == 0 and torch.equal(local_of(ok_param.grad), before)
+        records.append((f"bad input: {name}", ok and same_on_every_rank(err), err[:100]))
+    return records
+
+
+def empty_rank_one_collective(world: int) -> list[tuple[str, bool, str]]:
+    """The last rank passes no parameters at all; it still issues the single collective."""
+    mesh = init_device_mesh("cpu", (world,))
+    full = full_grad((3, 3), 90)
+    params = [] if dist.get_rank() == world - 1 and world > 1 else [distclip.mark_sharded(pparam(full), dist.group.WORLD)]
+    calls = count_collectives()
+    total = distclip.clip_grad_norm_(params, 1e9)
+    n = calls.stop()
+    del mesh
+    expected = reference_norm([full], 2.0) * (world - 1 if world > 1 else 1) ** 0.5
+    ok = n == 1 and abs(float(total) - expected) / expected < 1e-6 and same_on_every_rank(float(total))
+    return [("rank without parameters", ok, f"{float(total)} vs {expected}, {n} collectives")]
+
+
+def run_cases(rank: int, world: int, names: Optional[list[str]] = None) -> list[tuple[str, bool, str]]:
+    records: list[tuple[str, bool, str]] = []
+    for name, (build, allowed) in LAYOUTS.items():
+        if allowed(world) and (names is None or name in names):
+            records.extend(check_layout(name, build(world)))
+    if names is None:
+        records.extend(nonfinite_everywhere(world))
+        records.extend(bad_input_same_error(world))
+        records.extend(empty_rank_one_collective(world))
+    return records
