@@ -48,12 +48,14 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
     return found
 
 
+try:
+    from torch.distributed.fsdp._flat_param import FlatParameter as _FlatParameter
+except ImportError:  # torch built without distributed
+    _FlatParameter = None
+
+
 def is_flat_parameter(param: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.fsdp._flat_param import FlatParameter
-    except ImportError:
-        return False
-    return isinstance(param, FlatParameter)
+    return _FlatParameter is not None and isinstance(param, _FlatParameter)
 
 
 def full_flat_grads(module: nn.Module) -> dict[str, torch.Tensor]:

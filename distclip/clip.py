@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
 from typing import Optional
 
 import torch
 
-from distclip.layout import LocalGrad, ParamsLike, as_param_list, current_stage, local_grads
-from distclip.local_norms import local_partial
+from distclip.layout import GroupKey, ParamsLike, Stage, as_param_list, current_stage, local_grad_groups
+from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.reduce import reduce_partials, reduction_device
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
@@ -50,13 +49,21 @@ def _check_max_norm(max_norm: object) -> float:
     return value
 
 
-def _total_norm(grads: list[LocalGrad], norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], pp_group: object, stage) -> torch.Tensor:
-    grad_device = grads[0].tensor.device if grads else None
+def _local_groups(parameters: ParamsLike, stage: Stage) -> dict[GroupKey, list[torch.Tensor]]:
+    """Layout discovery, then adjacent views merged so each group needs few kernels."""
+    params, module = as_param_list(parameters)
+    return {key: coalesce(tensors) for key, tensors in local_grad_groups(params, module, stage).items()}
+
+
+def _total_norm(
+    groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], stage: Stage
+) -> torch.Tensor:
+    grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(grad_device, stage)
-    partial = local_partial(grads, norm_type, foreach, device)
-    has_elements = any(g.tensor.numel() for g in grads)
+    partial = local_partial(groups, norm_type, foreach, device)
+    has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
     total = reduce_partials(partial, has_elements, norm_type, stage)
-    out_dtype = torch.float64 if any(g.tensor.dtype == torch.float64 for g in grads) else torch.float32
+    out_dtype = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in groups) else torch.float32
     total = total.to(device=grad_device or device, dtype=out_dtype)
     # Same value on every rank, so every rank raises together. A host sync, as in torch.
     if error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -68,20 +75,7 @@ def _total_norm(grads: list[LocalGrad], norm_type: float, error_if_nonfinite: bo
     return total
 
 
-def _scale_(tensors: list[torch.Tensor], coef: torch.Tensor, foreach: Optional[bool]) -> None:
-    by_device_dtype: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        if t.numel():
-            by_device_dtype[(t.device, t.dtype)].append(t)
-    for (device, _), group in by_device_dtype.items():
-        coef_here = coef.to(device)
-        if foreach is False:
-            for t in group:
-                t.mul_(coef_here)
-        else:
-            torch._foreach_mul_(group, coef_here)
-
-
+@torch.no_grad()
 def get_total_norm(
     parameters: ParamsLike,
     norm_type: float = 2.0,
@@ -110,11 +104,10 @@ def get_total_norm(
     """
     p = _check_norm_type(norm_type)
     stage = current_stage(pp_group)
-    params, module = as_param_list(parameters)
-    grads = local_grads(params, module, stage)
-    return _total_norm(grads, p, error_if_nonfinite, foreach, pp_group, stage)
+    return _total_norm(_local_groups(parameters, stage), p, error_if_nonfinite, foreach, stage)
 
 
+@torch.no_grad()
 def clip_grad_norm_(
     parameters: ParamsLike,
     max_norm: float,
@@ -145,13 +138,13 @@ def clip_grad_norm_(
     max_norm = _check_max_norm(max_norm)
     p = _check_norm_type(norm_type)
     stage = current_stage(pp_group)
-    params, module = as_param_list(parameters)
-    grads = local_grads(params, module, stage)
-    total = _total_norm(grads, p, error_if_nonfinite, foreach, pp_group, stage)
-    _scale_([g.tensor for g in grads], (max_norm / (total + 1e-6)).clamp(max=1.0), foreach)
+    groups = _local_groups(parameters, stage)
+    total = _total_norm(groups, p, error_if_nonfinite, foreach, stage)
+    scale_(groups, (max_norm / (total + 1e-6)).clamp(max=1.0), foreach)
     return total
 
 
+@torch.no_grad()
 def clip_grads_with_norm_(
     parameters: ParamsLike, max_norm: float, total_norm: torch.Tensor, foreach: Optional[bool] = None
 ) -> None:
@@ -171,11 +164,10 @@ def clip_grads_with_norm_(
         total_norm = torch.tensor(_as_float(total_norm, "total_norm"))
     elif hasattr(total_norm, "full_tensor"):  # a DTensor norm, e.g. from torch's own function
         total_norm = total_norm.full_tensor()
-    params, module = as_param_list(parameters)
-    grads = local_grads(params, module, current_stage(None))
-    _scale_([g.tensor for g in grads], (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
+    scale_(_local_groups(parameters, current_stage(None)), (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
 
 
+@torch.no_grad()
 def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optional[bool] = None) -> None:
     r"""Clamp every gradient element of ``parameters`` to ``[-clip_value, clip_value]`` in place.
 
@@ -187,15 +179,10 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         foreach (bool, optional): use foreach kernels (default: when available).
     """
     clip_value = _as_float(clip_value, "clip_value")
-    params, module = as_param_list(parameters)
-    tensors = [g.tensor for g in local_grads(params, module, current_stage(None)) if g.tensor.numel()]
-    by_device_dtype: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_device_dtype[(t.device, t.dtype)].append(t)
-    for group in by_device_dtype.values():
+    for tensors in _local_groups(parameters, current_stage(None)).values():
         if foreach is False:
-            for t in group:
+            for t in tensors:
                 t.clamp_(min=-clip_value, max=clip_value)
-        else:
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+        elif tensors:
+            torch._foreach_clamp_min_(tensors, -clip_value)
+            torch._foreach_clamp_max_(tensors, clip_value)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections import defaultdict
 from typing import Iterable, Optional, Union
 
 import torch
@@ -149,12 +150,7 @@ def current_stage(pp_group: object) -> Stage:
     return Stage(True, world // pp.size(), frozenset(dist.get_process_group_ranks(pp)))
 
 
-@dataclass(frozen=True)
-class LocalGrad:
-    """One local gradient (the part this rank holds, padding removed) and its weight."""
-
-    tensor: torch.Tensor
-    weight: float
+GroupKey = tuple  # (device, dtype, weight)
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -194,30 +190,42 @@ def _stage_copies(group: "dist.ProcessGroup", stage: Stage, ranks_of: dict) -> i
     return max(1, len(ranks_of[group] & stage.pp_ranks))
 
 
-def local_grads(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> list[LocalGrad]:
-    """Every gradient this rank holds, as local tensors with their weights.
+def local_grad_groups(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> dict[GroupKey, list[torch.Tensor]]:
+    """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
 
     Raises (before any collective and before any gradient is touched) on layouts that cannot be
     counted: a Partial DTensor grad, a FlatParameter passed without its FSDP module, a shard group
-    that does not divide the stage.
+    that does not divide the stage. This loop runs once per parameter per call, so it stays lean:
+    a DTensor layout is worked out once per (mesh, placements, dtype) seen in the call.
     """
-    fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None and stage.distributed else {}
+    groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
+    if not stage.distributed:
+        for p in params:
+            if p.grad is not None:
+                groups[(p.grad.device, p.grad.dtype, 1.0)].append(p.grad)
+        return groups
+    fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
+    dtensor_keys: dict[tuple, GroupKey] = {}
     ranks_of: dict = {}
-    out: list[LocalGrad] = []
     for param in params:
         grad = param.grad
         if grad is None:
             continue
-        if not stage.distributed:
-            out.append(LocalGrad(grad, 1.0))
-            continue
-        pieces, copies, tensor = 1, 1, grad
-        annotation: Optional[Annotation] = getattr(param, _ANNOTATION_ATTR, None)
+        annotation: Optional[Annotation] = param.__dict__.get(_ANNOTATION_ATTR)
         if isinstance(grad, DTensor):
             if annotation is not None:
                 raise TypeError("distclip: a DTensor parameter carries a mark_sharded/mark_replicated annotation")
-            pieces, tensor = _dtensor_pieces(grad, stage), grad.to_local()
-        elif id(param) in fsdp1:
+            # Keyed on the identity of the grad's DTensorSpec (private ``_spec``; FSDP2 reuses one
+            # per parameter): reading mesh and placements through the public properties costs
+            # more than the rest of this loop. The grads keep their specs alive during the call.
+            seen = id(grad._spec) if hasattr(grad, "_spec") else (id(grad.device_mesh), id(grad.placements), grad.dtype)
+            key = dtensor_keys.get(seen)
+            if key is None:
+                key = dtensor_keys[seen] = (grad.device, grad.dtype, _dtensor_pieces(grad, stage) / stage.size)
+            groups[key].append(grad.to_local())
+            continue
+        pieces, copies, tensor = 1, 1, grad
+        if fsdp1 and id(param) in fsdp1:
             pieces, padding = fsdp1[id(param)]
             if padding:
                 tensor = grad[: grad.numel() - padding]
@@ -236,5 +244,5 @@ def local_grads(params: list[torch.Tensor], module: Optional[nn.Module], stage: 
                 f"distclip: a gradient is split into {pieces} pieces, which does not divide the "
                 f"{stage.size} ranks of a pipeline stage"
             )
-        out.append(LocalGrad(tensor, pieces / (stage.size * copies)))
-    return out
+        groups[(tensor.device, tensor.dtype, pieces / (stage.size * copies))].append(tensor)
+    return groups

@@ -16,12 +16,11 @@ float64, so no grad is ever copied to float64 on the fast path.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Optional
 
 import torch
 
-from distclip.layout import LocalGrad
+from distclip.layout import GroupKey
 
 # Large contiguous gradients are reduced as rows, then the row norms are combined in float64. On
 # CPU this is both faster and far more accurate than one float32 reduction over the whole tensor
@@ -48,6 +47,56 @@ def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: floa
     if dtype == torch.float16 and abs(norm_type) <= 2:  # 65504^2 * 2^31 elements still fits float32
         return torch.float32
     return torch.float64
+
+
+def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Merge runs of contiguous views that lie back to back in one base tensor into 1-D views.
+
+    FSDP2's sharded grads are views into one reduce-scatter buffer per group (DDP's with
+    ``gradient_as_bucket_view`` and FSDP1's with ``use_orig_params`` likewise), so a model with
+    thousands of parameters needs a handful of kernels instead of one per parameter. Only exact
+    adjacency inside the same base merges: padding between views is never read. Empty tensors
+    are dropped.
+    """
+    out: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    base: Optional[torch.Tensor] = None
+    end = -1
+    for t in tensors:
+        n = t.numel()
+        if n == 0:
+            continue
+        if not t.is_contiguous():
+            out.append(t)
+            continue
+        ptr, t_base = t.data_ptr(), t._base  # views share their root ``_base``
+        if run and t_base is not None and t_base is base and ptr == end:
+            run.append(t)
+        else:
+            _flush(run, out)
+            run, base = [t], t_base
+        end = ptr + n * t.element_size()
+    _flush(run, out)
+    return out
+
+
+def _flush(run: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    if len(run) == 1:
+        out.append(run[0])
+    elif run:
+        first = run[0]
+        out.append(first.as_strided((sum(t.numel() for t in run),), (1,), first.storage_offset()))
+
+
+def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, foreach: Optional[bool]) -> None:
+    """Multiply every tensor in place by the 0-dim ``coef`` (no host sync)."""
+    for (device, _, _), tensors in groups.items():
+        coef_here = coef.to(device)
+        if foreach is False:
+            for t in tensors:
+                t.mul_(coef_here)
+        elif tensors:
+            torch._foreach_mul_(tensors, coef_here)
 
 
 def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype, foreach: Optional[bool]) -> torch.Tensor:
@@ -112,13 +161,9 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     return partial + piece_norms(tensors, math.inf, acc, foreach).double().sum() * 0.0
 
 
-def local_partial(grads: list[LocalGrad], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:
+def local_partial(groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:
     """This rank's float64 partial on ``device`` over all its local gradients."""
-    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        if g.tensor.numel():
-            groups[(g.tensor.device, g.tensor.dtype, g.weight)].append(g.tensor)
-    partials = [group_partial(ts, key[2], norm_type, foreach).to(device) for key, ts in groups.items()]
+    partials = [group_partial(ts, weight, norm_type, foreach).to(device) for (_, _, weight), ts in groups.items() if ts]
     if norm_type == math.inf:
         identity = -math.inf
     elif norm_type == -math.inf:
