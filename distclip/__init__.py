@@ -5,6 +5,7 @@ single process would compute over the full, unsharded gradients, for DDP, FSDP1,
 tensor parallelism, HSDP, pipeline stages, MoE experts and tied weights, alone or mixed.
 """
 
+from distclip.agreement import LayoutMismatchError
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from distclip.layout import mark_replicated, mark_sharded
 
@@ -15,5 +16,6 @@ __all__ = [
     "clip_grad_value_",
     "mark_sharded",
     "mark_replicated",
+    "LayoutMismatchError",
 ]
 __version__ = "0.1.0"

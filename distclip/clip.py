@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from distclip.layout import GroupKey, ParamsLike, Stage, as_param_list, current_stage, local_grad_groups
+from distclip import agreement
+from distclip.layout import LocalLayout, ParamsLike, Stage, as_param_list, current_stage, local_layout
 from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.reduce import reduce_partials, reduction_device
 
@@ -49,30 +50,47 @@ def _check_max_norm(max_norm: object) -> float:
     return value
 
 
-def _local_groups(parameters: ParamsLike, stage: Stage) -> dict[GroupKey, list[torch.Tensor]]:
+def _local_layout(parameters: ParamsLike, stage: Stage) -> LocalLayout:
     """Layout discovery, then adjacent views merged so each group needs few kernels."""
     params, module = as_param_list(parameters)
-    return {key: coalesce(tensors) for key, tensors in local_grad_groups(params, module, stage).items()}
+    layout = local_layout(params, module, stage)
+    layout.groups = {key: coalesce(tensors) for key, tensors in layout.groups.items()}
+    return layout
 
 
 def _total_norm(
-    groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], stage: Stage
-) -> torch.Tensor:
+    layout: LocalLayout, norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], stage: Stage, call: tuple
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The total norm, and (on accelerators) a device-side flag set if the ranks disagreed."""
+    groups = layout.groups
     grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(grad_device, stage)
     partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
-    total = reduce_partials(partial, has_elements, norm_type, stage)
+    use_max = math.isinf(norm_type)
+    sig = agreement.Signature(call, layout.kinds, stage) if stage.distributed else None
+    total, riders = reduce_partials(partial, has_elements, norm_type, stage, agreement.slots(sig, use_max) if sig else ())
+    disagreed = None
+    if sig is not None:
+        disagreed = agreement.mismatch(riders, sig, use_max)
+        if device.type == "cpu":
+            if bool(disagreed):  # reading a CPU tensor is free; every rank sees the same value
+                agreement.raise_mismatch(sig)
+            disagreed = None
+        else:  # no host sync: a disagreement poisons the norm and leaves the grads alone
+            total = torch.where(disagreed, math.nan, total)
     out_dtype = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in groups) else torch.float32
     total = total.to(device=grad_device or device, dtype=out_dtype)
     # Same value on every rank, so every rank raises together. A host sync, as in torch.
     if error_if_nonfinite and not bool(torch.isfinite(total)):
+        if disagreed is not None and bool(disagreed):
+            agreement.raise_mismatch(sig)
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
             "anyway, set `error_if_nonfinite=False`"
         )
-    return total
+    return total, disagreed
 
 
 @torch.no_grad()
@@ -104,7 +122,8 @@ def get_total_norm(
     """
     p = _check_norm_type(norm_type)
     stage = current_stage(pp_group)
-    return _total_norm(_local_groups(parameters, stage), p, error_if_nonfinite, foreach, stage)
+    call = agreement.call_signature("get_total_norm", p, None, error_if_nonfinite, stage)
+    return _total_norm(_local_layout(parameters, stage), p, error_if_nonfinite, foreach, stage, call)[0]
 
 
 @torch.no_grad()
@@ -138,9 +157,13 @@ def clip_grad_norm_(
     max_norm = _check_max_norm(max_norm)
     p = _check_norm_type(norm_type)
     stage = current_stage(pp_group)
-    groups = _local_groups(parameters, stage)
-    total = _total_norm(groups, p, error_if_nonfinite, foreach, stage)
-    scale_(groups, (max_norm / (total + 1e-6)).clamp(max=1.0), foreach)
+    layout = _local_layout(parameters, stage)
+    call = agreement.call_signature("clip_grad_norm_", p, max_norm, error_if_nonfinite, stage)
+    total, disagreed = _total_norm(layout, p, error_if_nonfinite, foreach, stage, call)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if disagreed is not None:
+        coef = torch.where(disagreed.to(coef.device), 1.0, coef)
+    scale_(layout.groups, coef, foreach)
     return total
 
 
@@ -164,7 +187,7 @@ def clip_grads_with_norm_(
         total_norm = torch.tensor(_as_float(total_norm, "total_norm"))
     elif hasattr(total_norm, "full_tensor"):  # a DTensor norm, e.g. from torch's own function
         total_norm = total_norm.full_tensor()
-    scale_(_local_groups(parameters, current_stage(None)), (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
+    scale_(_local_layout(parameters, current_stage(None)).groups, (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
 
 
 @torch.no_grad()
@@ -179,7 +202,7 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         foreach (bool, optional): use foreach kernels (default: when available).
     """
     clip_value = _as_float(clip_value, "clip_value")
-    for tensors in _local_groups(parameters, current_stage(None)).values():
+    for tensors in _local_layout(parameters, current_stage(None)).groups.values():
         if foreach is False:
             for t in tensors:
                 t.clamp_(min=-clip_value, max=clip_value)

@@ -53,6 +53,19 @@ class Stage:
     distributed: bool
     size: int = 1  # ranks holding this pipeline stage
     pp_ranks: Optional[frozenset[int]] = None  # this rank's pipeline group: one rank per stage
+    index: int = 0  # this rank's stage (its rank in pp_group)
+    pp_size: int = 1
+
+
+def shard_pieces(mesh_shape: tuple[int, ...], placements: tuple) -> int:
+    """Disjoint pieces a DTensor is cut into: the product of the sizes of its sharded mesh dims."""
+    return math.prod(size for size, p in zip(mesh_shape, placements) if isinstance(p, _SHARD_PLACEMENTS))
+
+
+def element_weight(pieces: int, stage_size: int, stage_copies: int = 1) -> float:
+    """Weight of a local gradient: each of its elements is held by ``stage_size / pieces`` ranks
+    of each of ``stage_copies`` stages, so summed over those ranks the weights give exactly 1."""
+    return pieces / (stage_size * stage_copies)
 
 
 @dataclass(frozen=True)
@@ -147,10 +160,20 @@ def current_stage(pp_group: object) -> Stage:
         raise ValueError(f"distclip: this rank ({dist.get_rank()}) is not a member of pp_group")
     if world % pp.size() != 0:
         raise ValueError(f"distclip: world size {world} is not a multiple of the pp_group size {pp.size()}")
-    return Stage(True, world // pp.size(), frozenset(dist.get_process_group_ranks(pp)))
+    return Stage(True, world // pp.size(), frozenset(dist.get_process_group_ranks(pp)), dist.get_rank(pp), pp.size())
 
 
 GroupKey = tuple  # (device, dtype, weight)
+
+
+@dataclass
+class LocalLayout:
+    """What this rank holds: local grads grouped by (device, dtype, weight), and a description of
+    the layout kinds that every rank of the stage must agree on (see ``agreement``). Tensors
+    marked with ``mark_sharded`` are left out of it: ranks may hold any number of experts."""
+
+    groups: dict[GroupKey, list[torch.Tensor]]
+    kinds: frozenset = frozenset()
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -179,7 +202,7 @@ def _dtensor_pieces(grad: "DTensor", stage: Stage) -> int:
             f"distclip: a DTensor gradient lives on a mesh of {mesh.size()} ranks, which does not divide "
             f"the {stage.size} ranks of a pipeline stage; pass pp_group so each stage's mesh is inside one stage"
         )
-    return math.prod(mesh.size(dim) for dim, p in enumerate(placements) if isinstance(p, _SHARD_PLACEMENTS))
+    return shard_pieces(tuple(mesh.shape), placements)
 
 
 def _stage_copies(group: "dist.ProcessGroup", stage: Stage, ranks_of: dict) -> int:
@@ -190,22 +213,23 @@ def _stage_copies(group: "dist.ProcessGroup", stage: Stage, ranks_of: dict) -> i
     return max(1, len(ranks_of[group] & stage.pp_ranks))
 
 
-def local_grad_groups(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> dict[GroupKey, list[torch.Tensor]]:
+def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> LocalLayout:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
 
     Raises (before any collective and before any gradient is touched) on layouts that cannot be
     counted: a Partial DTensor grad, a FlatParameter passed without its FSDP module, a shard group
     that does not divide the stage. This loop runs once per parameter per call, so it stays lean:
-    a DTensor layout is worked out once per (mesh, placements, dtype) seen in the call.
+    a DTensor layout is worked out once per DTensorSpec seen in the call.
     """
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
     if not stage.distributed:
         for p in params:
             if p.grad is not None:
                 groups[(p.grad.device, p.grad.dtype, 1.0)].append(p.grad)
-        return groups
+        return LocalLayout(groups)
     fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
-    dtensor_keys: dict[tuple, GroupKey] = {}
+    dtensor_keys: dict[object, GroupKey] = {}
+    kinds: set[tuple] = set()
     ranks_of: dict = {}
     for param in params:
         grad = param.grad
@@ -221,12 +245,14 @@ def local_grad_groups(params: list[torch.Tensor], module: Optional[nn.Module], s
             seen = id(grad._spec) if hasattr(grad, "_spec") else (id(grad.device_mesh), id(grad.placements), grad.dtype)
             key = dtensor_keys.get(seen)
             if key is None:
-                key = dtensor_keys[seen] = (grad.device, grad.dtype, _dtensor_pieces(grad, stage) / stage.size)
+                mesh = grad.device_mesh
+                key = dtensor_keys[seen] = (grad.device, grad.dtype, element_weight(_dtensor_pieces(grad, stage), stage.size))
+                kinds.add(("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(map(str, grad.placements)), str(grad.dtype)))
             groups[key].append(grad.to_local())
             continue
-        pieces, copies, tensor = 1, 1, grad
+        pieces, copies, tensor, kind = 1, 1, grad, "plain"
         if fsdp1 and id(param) in fsdp1:
-            pieces, padding = fsdp1[id(param)]
+            (pieces, padding), kind = fsdp1[id(param)], "FSDP1"
             if padding:
                 tensor = grad[: grad.numel() - padding]
         elif _fsdp1.is_flat_parameter(param):
@@ -236,13 +262,17 @@ def local_grad_groups(params: list[torch.Tensor], module: Optional[nn.Module], s
             )
         if annotation is not None:
             if annotation.sharded_over is not None:
-                pieces = annotation.sharded_over.size()
+                pieces, kind = annotation.sharded_over.size(), ""
             if annotation.replicated_over is not None:
                 copies = _stage_copies(annotation.replicated_over, stage, ranks_of)
+                kind = kind and "mark_replicated"
         if stage.size % pieces != 0:
             raise ValueError(
                 f"distclip: a gradient is split into {pieces} pieces, which does not divide the "
                 f"{stage.size} ranks of a pipeline stage"
             )
-        groups[(tensor.device, tensor.dtype, pieces / (stage.size * copies))].append(tensor)
-    return groups
+        weight = element_weight(pieces, stage.size, copies)
+        if kind:
+            kinds.add((kind, weight, str(tensor.dtype)))
+        groups[(tensor.device, tensor.dtype, weight)].append(tensor)
+    return LocalLayout(groups, frozenset(kinds))

@@ -8,7 +8,7 @@ holds (no early return for a rank without gradients: that is a hang, AReaL #1139
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,27 +29,41 @@ def reduction_device(grad_device: Optional[torch.device], stage: Stage) -> torch
     return torch.device("cpu")
 
 
-def reduce_partials(partial: torch.Tensor, has_elements: bool, norm_type: float, stage: Stage) -> torch.Tensor:
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers to ``device`` without a sync (pinned memory, non-blocking copy)."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def reduce_partials(
+    partial: torch.Tensor, has_elements: bool, norm_type: float, stage: Stage, extra: Sequence[float] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine every rank's partial into the total norm (float64, identical on every rank).
 
-    Finite ``p`` sums ``[partial, has_elements]``. For +-inf the reduction is a MAX, which on
-    some backends drops NaN (the comparison is false), so a NaN flag travels next to the value.
-    No host sync: every decision after the reduction is a ``torch.where``.
+    Finite ``p`` sums ``[partial, has_elements, *extra]``. For +-inf the reduction is a MAX,
+    which on some backends drops NaN (the comparison is false), so a NaN flag travels next to the
+    value. ``extra`` (the agreement check's numbers) rides along; it is returned reduced. No host
+    sync: every decision after the reduction is a ``torch.where``.
     """
     device = partial.device
     present = torch.full((), float(has_elements), dtype=torch.float64, device=device)
+    riders = _to_device(list(extra), device)
     if math.isinf(norm_type):
         sign = 1.0 if norm_type > 0 else -1.0  # MIN(x) == -MAX(-x): one op for both
         value = partial * sign
         is_nan = torch.isnan(value)
-        packed = torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present])
+        packed = torch.cat([torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present]), riders])
         if stage.distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         total = torch.where(packed[1] > 0, math.nan, packed[0] * sign)
+        head = 3
     else:
-        packed = torch.stack([partial, present])
+        packed = torch.cat([torch.stack([partial, present]), riders])
         if stage.distributed:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         # p == 0 counts elements; the weights make the sum inexact in the last bits.
         total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
-    return torch.where(packed[-1] > 0, total, 0.0)
+        head = 2
+    return torch.where(packed[head - 1] > 0, total, 0.0), packed[head:]

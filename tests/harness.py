@@ -38,8 +38,14 @@ def _child(fn: Callable, rank: int, world_size: int, store_path: str, results: "
                 pass
 
 
-def run_world(fn: Callable, world_size: int, *args: Any, timeout: float = 300, pg_timeout_s: float = 60) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the per-rank results."""
+def run_world(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 300, pg_timeout_s: float = 60, missing_ok: frozenset = frozenset()
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return the per-rank results.
+
+    ``pg_timeout_s`` is the process group's timeout; ranks in ``missing_ok`` may die without a
+    result (their entry is None).
+    """
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +55,7 @@ def run_world(fn: Callable, world_size: int, *args: Any, timeout: float = 300, p
             p.start()
         outcomes: dict[int, tuple[str, Any]] = {}
         try:
-            while len(outcomes) < world_size:
+            while len(outcomes) < world_size - len(missing_ok):
                 rank, status, value = results.get(timeout=timeout)
                 outcomes[rank] = (status, value)
         except queue.Empty:
@@ -62,9 +68,11 @@ def run_world(fn: Callable, world_size: int, *args: Any, timeout: float = 300, p
                     p.join()
     failures = []
     for rank in range(world_size):
+        if rank in missing_ok and rank not in outcomes:
+            continue
         status, value = outcomes.get(rank, ("hung", f"no result within {timeout}s (hang or crash)"))
         if status != "ok":
             failures.append(f"--- rank {rank} ({status}) ---\n{value}")
     if failures:
         raise AssertionError(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(failures))
-    return [outcomes[r][1] for r in range(world_size)]
+    return [outcomes[r][1] if r in outcomes else None for r in range(world_size)]

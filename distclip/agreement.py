@@ -1,0 +1,120 @@
+"""Agreement: detect ranks whose calls cannot belong to one model, on every rank at once.
+
+The check rides on the call's single all-reduce: each rank appends small integer hashes of
+
+- its *call signature* (which function, ``norm_type``, ``max_norm``, ``error_if_nonfinite``,
+  pipeline size and stage size), which every rank of the world must share, and
+- its *stage layout* (the set of layout kinds it holds: DTensor mesh shapes and placements,
+  FSDP1 shards, plain and ``mark_replicated`` tensors), which every rank of a stage must share,
+
+encoded so that the reduction tells whether all values were equal: for SUM, ``n * sum(h^2) ==
+sum(h)^2`` only when all ``h`` are equal (exact in float64 for 16-bit ``h``); for MAX, ``max(h)
+== -max(-h)``. Every rank sees the same reduced numbers, so every rank reaches the same verdict
+and only then (error path only, all ranks together) gathers the details to say which rank differs.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from distclip.layout import Stage
+
+STAGE_SLOTS = 16  # stages compared individually; with more stages only the call signature is checked
+_H = 4  # hashes per signature: two 16-bit halves, each as (h, h^2) or (h, -h)
+
+
+class LayoutMismatchError(RuntimeError):
+    """Ranks passed calls or layouts that cannot belong to one model (raised on every rank)."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    call: tuple  # must be equal on every rank of the world
+    kinds: frozenset  # must be equal on every rank of one stage
+    stage: Stage
+
+
+def _halves(value: object) -> tuple[int, int]:
+    h = zlib.crc32(repr(value).encode())  # deterministic across processes, unlike hash()
+    return h >> 16, h & 0xFFFF
+
+
+def _encode(h: tuple[int, int], use_max: bool) -> list[float]:
+    if use_max:
+        return [float(h[0]), -float(h[0]), float(h[1]), -float(h[1])]
+    return [float(h[0]), float(h[0]) ** 2, float(h[1]), float(h[1]) ** 2]
+
+
+def slots(sig: Signature, use_max: bool) -> list[float]:
+    """The numbers this rank adds to the reduction (same length on every rank)."""
+    out = _encode(_halves(sig.call), use_max)
+    absent = [-math.inf] * _H if use_max else [0.0] * _H
+    mine = _encode(_halves(sorted(map(repr, sig.kinds))), use_max) if sig.stage.pp_size <= STAGE_SLOTS else absent
+    for s in range(STAGE_SLOTS):
+        out += mine if s == sig.stage.index else absent
+    return out
+
+
+def mismatch(reduced: torch.Tensor, sig: Signature, use_max: bool, world_size: Optional[int] = None) -> torch.Tensor:
+    """0-dim bool tensor, computed on the device without a host sync: True on every rank if any
+    two ranks that must agree did not (``reduced`` is identical on every rank, so is this)."""
+
+    def differ(v: torch.Tensor, count: int) -> torch.Tensor:
+        if use_max:
+            return (v[0] != -v[1]) | (v[2] != -v[3])
+        return (count * v[1] != v[0] ** 2) | (count * v[3] != v[2] ** 2)
+
+    bad = differ(reduced[:_H], world_size or dist.get_world_size())
+    if sig.stage.pp_size <= STAGE_SLOTS:
+        for s in range(sig.stage.pp_size):
+            bad = bad | differ(reduced[_H * (s + 1) : _H * (s + 2)], sig.stage.size)
+    return bad
+
+
+def raise_mismatch(sig: Signature) -> None:
+    """Error path, taken by every rank together: gather the details and raise."""
+    raise LayoutMismatchError(_describe(sig))
+
+
+def _describe(sig: Signature) -> str:
+    """Error path only, on every rank together: gather every rank's signature, name the odd ones."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (sig.call, sorted(map(repr, sig.kinds)), sig.stage.index))
+    lines = []
+    usual_call, _ = Counter(call for call, _, _ in everyone).most_common(1)[0]
+    for rank, (call, _, _) in enumerate(everyone):
+        if call != usual_call:
+            lines.append(f"rank {rank} called {_call_str(call)}, most ranks {_call_str(usual_call)}")
+    for stage in sorted({s for _, _, s in everyone}):
+        members = [(rank, kinds) for rank, (_, kinds, s) in enumerate(everyone) if s == stage]
+        usual_kinds, _ = Counter(tuple(k) for _, k in members).most_common(1)[0]
+        for rank, kinds in members:
+            if tuple(kinds) != usual_kinds:
+                extra, missing = sorted(set(kinds) - set(usual_kinds)), sorted(set(usual_kinds) - set(kinds))
+                lines.append(
+                    f"rank {rank} (pipeline stage {stage}) holds a different layout than the other ranks of its "
+                    f"stage: extra {extra or 'none'}, missing {missing or 'none'}"
+                )
+    if not lines:  # hash collision in the other direction cannot happen; keep the message useful
+        lines.append("the ranks' signatures differ")
+    return "distclip: ranks disagree, so no norm was computed and no gradient was changed:\n  " + "\n  ".join(lines)
+
+
+def _call_str(call: tuple) -> str:
+    fn, norm_type, max_norm, error_if_nonfinite, pp_size, stage_size = call
+    extra = "" if max_norm is None else f", max_norm={max_norm}"
+    return (
+        f"{fn}(norm_type={norm_type}{extra}, error_if_nonfinite={error_if_nonfinite}) with {pp_size} "
+        f"pipeline stage(s) of {stage_size} ranks"
+    )
+
+
+def call_signature(fn: str, norm_type: float, max_norm: Optional[float], error_if_nonfinite: bool, stage: Stage) -> tuple:
+    return (fn, norm_type, max_norm, bool(error_if_nonfinite), stage.pp_size, stage.size)
