@@ -32,12 +32,7 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
     except ImportError:  # torch built without distributed
         return {}
     found: dict[int, Fsdp1Piece] = {}
-    for submodule in module.modules():
-        if not isinstance(submodule, FullyShardedDataParallel):
-            continue
-        handle = getattr(submodule, "_handle", None)
-        if handle is None:  # an FSDP instance that manages no parameters
-            continue
+    for handle in _handles(module, FullyShardedDataParallel):
         flat_param = handle.flat_param
         pieces = handle.process_group.size() if handle.uses_sharded_strategy else 1
         if handle._use_orig_params:
@@ -46,6 +41,14 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
         else:
             found[id(flat_param)] = Fsdp1Piece(pieces, int(flat_param._shard_numel_padded))
     return found
+
+
+def _handles(module: nn.Module, fsdp_cls: type) -> list:
+    # A lazily initialised FSDP1 root lists every handle below it (``_all_handles``): O(handles)
+    # instead of a walk over every submodule of a large model on every call.
+    if isinstance(module, fsdp_cls) and getattr(module, "_is_root", False) and getattr(module, "_all_handles", None):
+        return list(module._all_handles)
+    return [m._handle for m in module.modules() if isinstance(m, fsdp_cls) and getattr(m, "_handle", None) is not None]
 
 
 try:

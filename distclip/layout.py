@@ -228,7 +228,11 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 groups[(p.grad.device, p.grad.dtype, 1.0)].append(p.grad)
         return LocalLayout(groups)
     fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
-    dtensor_keys: dict[object, GroupKey] = {}
+    # Per-call caches: the work per parameter is a few dict lookups; anything costlier is done
+    # once per distinct DTensorSpec / (mesh, placements, dtype) / plain (dtype, device).
+    by_spec: dict[int, GroupKey] = {}
+    by_structure: dict[tuple, GroupKey] = {}
+    plain: dict[tuple, GroupKey] = {}
     kinds: set[tuple] = set()
     ranks_of: dict = {}
     for param in params:
@@ -239,19 +243,39 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         if isinstance(grad, DTensor):
             if annotation is not None:
                 raise TypeError("distclip: a DTensor parameter carries a mark_sharded/mark_replicated annotation")
-            # Keyed on the identity of the grad's DTensorSpec (private ``_spec``; FSDP2 reuses one
-            # per parameter): reading mesh and placements through the public properties costs
-            # more than the rest of this loop. The grads keep their specs alive during the call.
-            seen = id(grad._spec) if hasattr(grad, "_spec") else (id(grad.device_mesh), id(grad.placements), grad.dtype)
-            key = dtensor_keys.get(seen)
+            # Keyed first on the identity of the grad's DTensorSpec (private ``_spec``; FSDP2
+            # reuses one per parameter), as reading mesh and placements through the public
+            # properties costs more than the rest of this loop. The grads keep their specs (and
+            # so these ids) alive during the call.
+            spec_id = id(getattr(grad, "_spec", grad))
+            key = by_spec.get(spec_id)
             if key is None:
-                mesh = grad.device_mesh
-                key = dtensor_keys[seen] = (grad.device, grad.dtype, element_weight(_dtensor_pieces(grad, stage), stage.size))
-                kinds.add(("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(map(str, grad.placements)), str(grad.dtype)))
+                mesh, placements = grad.device_mesh, grad.placements
+                structure = (id(mesh), placements, grad.dtype)
+                key = by_structure.get(structure)
+                if key is None:
+                    weight = element_weight(_dtensor_pieces(grad, stage), stage.size)
+                    key = by_structure[structure] = (grad.device, grad.dtype, weight)
+                    kinds.add(("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(map(str, placements)), str(grad.dtype)))
+                by_spec[spec_id] = key
             groups[key].append(grad.to_local())
             continue
+        if annotation is None and not fsdp1:
+            if _fsdp1.is_flat_parameter(param):
+                raise TypeError(
+                    "distclip: got an FSDP1 FlatParameter without its module; pass the FSDP-wrapped module "
+                    "itself as `parameters` so its sharding group can be found"
+                )
+            # The common case (DDP, no wrapper): a plain tensor replicated across the stage.
+            where = (grad.dtype, grad.get_device())
+            key = plain.get(where)
+            if key is None:
+                key = plain[where] = (grad.device, grad.dtype, element_weight(1, stage.size))
+                kinds.add(("plain", key[2], str(grad.dtype)))
+            groups[key].append(grad)
+            continue
         pieces, copies, tensor, kind = 1, 1, grad, "plain"
-        if fsdp1 and id(param) in fsdp1:
+        if id(param) in fsdp1:
             (pieces, padding), kind = fsdp1[id(param)], "FSDP1"
             if padding:
                 tensor = grad[: grad.numel() - padding]

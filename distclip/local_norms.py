@@ -66,11 +66,14 @@ def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         n = t.numel()
         if n == 0:
             continue
-        if not t.is_contiguous():
+        t_base = t._base  # views share their root ``_base``; standalone tensors never merge
+        if t_base is None or not t.is_contiguous():
+            _flush(run, out)
+            run = []
             out.append(t)
             continue
-        ptr, t_base = t.data_ptr(), t._base  # views share their root ``_base``
-        if run and t_base is not None and t_base is base and ptr == end:
+        ptr = t.data_ptr()
+        if run and t_base is base and ptr == end:
             run.append(t)
         else:
             _flush(run, out)
