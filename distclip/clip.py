@@ -69,18 +69,23 @@ def _total_norm(
     has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
     use_max = math.isinf(norm_type)
     sig = agreement.Signature(call, layout.kinds, stage) if stage.distributed else None
-    total, riders = reduce_partials(partial, has_elements, norm_type, stage, agreement.slots(sig, use_max) if sig else ())
+    has_float64 = any(dtype == torch.float64 for _, dtype, _ in groups)
+    riders = (agreement.slots(sig, use_max) if sig else []) + [float(has_float64)]
+    total, reduced = reduce_partials(partial, has_elements, norm_type, stage, riders)
     disagreed = None
     if sig is not None:
-        disagreed = agreement.mismatch(riders, sig, use_max)
+        disagreed = agreement.mismatch(reduced[:-1], sig, use_max)
         if device.type == "cpu":
             if bool(disagreed):  # reading a CPU tensor is free; every rank sees the same value
                 agreement.raise_mismatch(sig)
             disagreed = None
+            # float64 if any rank holds a float64 grad (an fp64 expert on one rank, say), so every
+            # rank returns the same dtype. On accelerators reading this would be a host sync, so
+            # there the dtype follows this rank's own grads.
+            has_float64 = bool(reduced[-1] > 0)
         else:  # no host sync: a disagreement poisons the norm and leaves the grads alone
             total = torch.where(disagreed, math.nan, total)
-    out_dtype = torch.float64 if any(dtype == torch.float64 for _, dtype, _ in groups) else torch.float32
-    total = total.to(device=grad_device or device, dtype=out_dtype)
+    total = total.to(device=grad_device or device, dtype=torch.float64 if has_float64 else torch.float32)
     # Same value on every rank, so every rank raises together. A host sync, as in torch.
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         if disagreed is not None and bool(disagreed):

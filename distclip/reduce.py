@@ -29,6 +29,16 @@ def reduction_device(grad_device: Optional[torch.device], stage: Stage) -> torch
     return torch.device("cpu")
 
 
+def reduction_op(norm_type: float) -> "dist.ReduceOp":
+    """The single collective's op: SUM of partials for finite p, MAX for +-inf (-inf negated)."""
+    return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+
+
+def packed_length(norm_type: float, n_extra: int) -> int:
+    """Length of the reduced vector: [value, nan flag, present] or [value, present], then extras."""
+    return (3 if math.isinf(norm_type) else 2) + n_extra
+
+
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
     """Host numbers to ``device`` without a sync (pinned memory, non-blocking copy)."""
     host = torch.tensor(values, dtype=torch.float64)
@@ -56,14 +66,13 @@ def reduce_partials(
         is_nan = torch.isnan(value)
         packed = torch.cat([torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present]), riders])
         if stage.distributed:
-            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(packed, op=reduction_op(norm_type))
         total = torch.where(packed[1] > 0, math.nan, packed[0] * sign)
-        head = 3
     else:
         packed = torch.cat([torch.stack([partial, present]), riders])
         if stage.distributed:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            dist.all_reduce(packed, op=reduction_op(norm_type))
         # p == 0 counts elements; the weights make the sum inexact in the last bits.
         total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
-        head = 2
+    head = packed_length(norm_type, 0)
     return torch.where(packed[head - 1] > 0, total, 0.0), packed[head:]

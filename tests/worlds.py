@@ -149,8 +149,8 @@ LAYOUTS: dict[str, tuple[Callable[[int], Layout], Callable[[int], bool]]] = {
 
 
 def reference_norm(full: list[torch.Tensor], p: float) -> float:
-    flat = torch.cat([f.double().reshape(-1) for f in full])
-    return float(torch.linalg.vector_norm(flat, p))
+    flat = torch.cat([f.double().reshape(-1) for f in full] + [torch.zeros(0, dtype=torch.float64)])
+    return float(torch.linalg.vector_norm(flat, p)) if flat.numel() else 0.0  # no elements: 0, like torch
 
 
 def same_on_every_rank(value: object) -> bool:
