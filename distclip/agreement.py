@@ -65,17 +65,13 @@ def slots(sig: Signature, use_max: bool) -> list[float]:
 def mismatch(reduced: torch.Tensor, sig: Signature, use_max: bool, world_size: Optional[int] = None) -> torch.Tensor:
     """0-dim bool tensor, computed on the device without a host sync: True on every rank if any
     two ranks that must agree did not (``reduced`` is identical on every rank, so is this)."""
-
-    def differ(v: torch.Tensor, count: int) -> torch.Tensor:
-        if use_max:
-            return (v[0] != -v[1]) | (v[2] != -v[3])
-        return (count * v[1] != v[0] ** 2) | (count * v[3] != v[2] ** 2)
-
-    bad = differ(reduced[:_H], world_size or dist.get_world_size())
-    if sig.stage.pp_size <= STAGE_SLOTS:
-        for s in range(sig.stage.pp_size):
-            bad = bad | differ(reduced[_H * (s + 1) : _H * (s + 2)], sig.stage.size)
-    return bad
+    rows = 1 + (sig.stage.pp_size if sig.stage.pp_size <= STAGE_SLOTS else 0)
+    v = reduced[: _H * rows].view(rows, _H)  # row 0: the call; row 1 + s: stage s
+    if use_max:
+        return ((v[:, 0] != -v[:, 1]) | (v[:, 2] != -v[:, 3])).any()
+    counts = torch.full((rows,), float(sig.stage.size), dtype=v.dtype, device=v.device)
+    counts[0] = float(world_size or dist.get_world_size())
+    return ((counts * v[:, 1] != v[:, 0] ** 2) | (counts * v[:, 3] != v[:, 2] ** 2)).any()
 
 
 def raise_mismatch(sig: Signature) -> None:

@@ -61,34 +61,35 @@ def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     run: list[torch.Tensor] = []
     base: Optional[torch.Tensor] = None
-    end = -1
+    end = run_numel = 0
+    itemsize = tensors[0].element_size() if tensors else 0  # one dtype per group
     for t in tensors:
         n = t.numel()
         if n == 0:
             continue
         t_base = t._base  # views share their root ``_base``; standalone tensors never merge
         if t_base is None or not t.is_contiguous():
-            _flush(run, out)
+            _flush(run, run_numel, out)
             run = []
             out.append(t)
             continue
         ptr = t.data_ptr()
         if run and t_base is base and ptr == end:
             run.append(t)
+            run_numel += n
         else:
-            _flush(run, out)
-            run, base = [t], t_base
-        end = ptr + n * t.element_size()
-    _flush(run, out)
+            _flush(run, run_numel, out)
+            run, base, run_numel = [t], t_base, n
+        end = ptr + n * itemsize
+    _flush(run, run_numel, out)
     return out
 
 
-def _flush(run: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+def _flush(run: list[torch.Tensor], numel: int, out: list[torch.Tensor]) -> None:
     if len(run) == 1:
         out.append(run[0])
     elif run:
-        first = run[0]
-        out.append(first.as_strided((sum(t.numel() for t in run),), (1,), first.storage_offset()))
+        out.append(run[0].as_strided((numel,), (1,), run[0].storage_offset()))
 
 
 def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, foreach: Optional[bool]) -> None:
@@ -104,20 +105,19 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
 
 def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype, foreach: Optional[bool]) -> torch.Tensor:
     """1-D tensor of norms of pieces that partition ``tensors`` (empty tensors are skipped)."""
-    row = ROW
     small: list[torch.Tensor] = []
     parts: list[torch.Tensor] = []
     for t in tensors:
         n = t.numel()
         if n == 0:
             continue
-        if n < row or not t.is_contiguous():
+        if n < ROW or not t.is_contiguous():
             small.append(t)
             continue
-        flat, rows = t.view(-1), n // row
-        parts.append(torch.linalg.vector_norm(flat[: rows * row].view(rows, row), norm_type, dim=1, dtype=acc))
-        if n % row:
-            small.append(flat[rows * row :])
+        flat, rows = t.view(-1), n // ROW
+        parts.append(torch.linalg.vector_norm(flat[: rows * ROW].view(rows, ROW), norm_type, dim=1, dtype=acc))
+        if n % ROW:
+            small.append(flat[rows * ROW :])
     if small:
         if foreach is False:
             norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in small]
@@ -152,9 +152,9 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
         norms = _repair_overflow(tensors, norm_type, foreach)
     norms = norms.double()
     if norm_type == math.inf:
-        return norms.max() if norms.numel() else norms.new_tensor(-math.inf)
+        return norms.max() if norms.numel() else norms.new_full((), -math.inf)
     if norm_type == -math.inf:
-        partial = norms.min() if norms.numel() else norms.new_tensor(math.inf)
+        partial = norms.min() if norms.numel() else norms.new_full((), math.inf)
     elif norm_type > 0:
         return norms.pow(norm_type).sum() * weight
     else:
@@ -174,7 +174,7 @@ def local_partial(groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, 
     else:
         identity = 0.0
     if not partials:
-        return torch.tensor(identity, dtype=torch.float64, device=device)
+        return torch.full((), identity, dtype=torch.float64, device=device)  # a fill, not a host copy
     stacked = torch.stack(partials)
     if norm_type == math.inf:
         return stacked.max()

@@ -261,7 +261,8 @@ def build_pp_fsdp(ctx: Ctx) -> Built:
         return x + part["fc2"](F.gelu(part["fc1"](x)))
 
     _run_pipeline(stage, peer, stage0, lambda x: part["head"](part["norm"](x)), ctx.device)
-    return Built(list(part.parameters()), plain_full(part), local_grad_tensors(part), pp_group=pp_group)
+    # pp_group as a 1-D DeviceMesh here (the tied layout passes a ProcessGroup)
+    return Built(list(part.parameters()), plain_full(part), local_grad_tensors(part), pp_group=pp_mesh["pp"])
 
 
 def build_tied_pp(ctx: Ctx) -> Built:
