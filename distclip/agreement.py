@@ -69,9 +69,12 @@ def mismatch(reduced: torch.Tensor, sig: Signature, use_max: bool, world_size: O
     v = reduced[: _H * rows].view(rows, _H)  # row 0: the call; row 1 + s: stage s
     if use_max:
         return ((v[:, 0] != -v[:, 1]) | (v[:, 2] != -v[:, 3])).any()
-    counts = torch.full((rows,), float(sig.stage.size), dtype=v.dtype, device=v.device)
-    counts[0] = float(world_size or dist.get_world_size())
-    return ((counts * v[:, 1] != v[:, 0] ** 2) | (counts * v[:, 3] != v[:, 2] ** 2)).any()
+    world = float(world_size or dist.get_world_size())
+
+    def differ(rows_v: torch.Tensor, count: float) -> torch.Tensor:
+        return ((count * rows_v[:, 1] != rows_v[:, 0] ** 2) | (count * rows_v[:, 3] != rows_v[:, 2] ** 2)).any()
+
+    return differ(v[:1], world) | differ(v[1:], float(sig.stage.size))
 
 
 def raise_mismatch(sig: Signature) -> None:

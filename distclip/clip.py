@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from distclip import agreement
-from distclip.layout import LocalLayout, ParamsLike, Stage, as_param_list, current_stage, local_layout
+from distclip.layout import LocalLayout, ParamsLike, Stage, as_param_list, current_stage, local_grad_tensors, local_layout
 from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.reduce import reduce_partials, reduction_device
 
@@ -64,7 +64,7 @@ def _total_norm(
     """The total norm, and (on accelerators) a device-side flag set if the ranks disagreed."""
     groups = layout.groups
     grad_device = next(iter(groups))[0] if groups else None
-    device = reduction_device(grad_device, stage)
+    device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
     partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
     use_max = math.isinf(norm_type)
@@ -85,9 +85,10 @@ def _total_norm(
             has_float64 = bool(reduced[-1] > 0)
         else:  # no host sync: a disagreement poisons the norm and leaves the grads alone
             total = torch.where(disagreed, math.nan, total)
-    total = total.to(device=grad_device or device, dtype=torch.float64 if has_float64 else torch.float32)
-    # Same value on every rank, so every rank raises together. A host sync, as in torch.
-    if error_if_nonfinite and not bool(torch.isfinite(total)):
+    out_dtype = torch.float64 if has_float64 else torch.float32
+    # The returned value is the same on every rank (on CPU its dtype is agreed too), so every rank
+    # raises together. A host sync, as in torch.
+    if error_if_nonfinite and not bool(torch.isfinite(total.to(out_dtype))):
         if disagreed is not None and bool(disagreed):
             agreement.raise_mismatch(sig)
         raise RuntimeError(
@@ -95,7 +96,7 @@ def _total_norm(
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
             "anyway, set `error_if_nonfinite=False`"
         )
-    return total, disagreed
+    return total.to(device=grad_device or device, dtype=out_dtype), disagreed
 
 
 @torch.no_grad()
@@ -178,7 +179,8 @@ def clip_grads_with_norm_(
 ) -> None:
     r"""Scale the gradients of ``parameters`` by ``min(1, max_norm / (total_norm + 1e-6))``.
 
-    No communication: ``total_norm`` (e.g. from :func:`get_total_norm`) must be the same on every
+    No communication (unless ``total_norm`` is a DTensor, which is made whole first) and no
+    layout checks: ``total_norm`` (e.g. from :func:`get_total_norm`) must be the same on every
     rank for the clipped model to stay consistent.
 
     Args:
@@ -192,7 +194,8 @@ def clip_grads_with_norm_(
         total_norm = torch.tensor(_as_float(total_norm, "total_norm"))
     elif hasattr(total_norm, "full_tensor"):  # a DTensor norm, e.g. from torch's own function
         total_norm = total_norm.full_tensor()
-    scale_(_local_layout(parameters, current_stage(None)).groups, (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
+    groups = {key: coalesce(tensors) for key, tensors in local_grad_tensors(parameters).items()}
+    scale_(groups, (max_norm / (total_norm + 1e-6)).clamp(max=1.0), foreach)
 
 
 @torch.no_grad()
@@ -207,7 +210,8 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         foreach (bool, optional): use foreach kernels (default: when available).
     """
     clip_value = _as_float(clip_value, "clip_value")
-    for tensors in _local_layout(parameters, current_stage(None)).groups.values():
+    for tensors in local_grad_tensors(parameters).values():
+        tensors = coalesce(tensors)
         if foreach is False:
             for t in tensors:
                 t.clamp_(min=-clip_value, max=clip_value)

@@ -220,10 +220,26 @@ def _stage_copies(group: "dist.ProcessGroup", stage: Stage, ranks_of: dict) -> i
     return stage_copies(ranks_of[group], stage.pp_ranks)
 
 
+def local_grad_tensors(parameters: "ParamsLike") -> dict[tuple, list[torch.Tensor]]:
+    """This rank's local grad tensors grouped by (device, dtype), for element-wise work
+    (scaling, clamping) that needs no layout: DTensor grads as their local shards, everything else
+    (FSDP1 flat shards with their zero padding included) as is."""
+    params, _ = as_param_list(parameters)
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for p in params:
+        grad = p.grad
+        if grad is not None:
+            local = grad.to_local() if isinstance(grad, DTensor) else grad
+            groups[(local.device, local.dtype)].append(local)
+    return groups
+
+
 def _reject_bare_flat_parameter(param: torch.Tensor) -> None:
-    if _fsdp1.is_flat_parameter(param):
+    # FSDP1 marks the original parameters it flattens; without the module their shard group is
+    # unknown and counting them as replicated would silently give a wrong norm.
+    if _fsdp1.is_flat_parameter(param) or param.__dict__.get("_fsdp_flattened"):
         raise TypeError(
-            "distclip: got an FSDP1 FlatParameter without its module; pass the FSDP-wrapped module "
+            "distclip: got an FSDP1-managed parameter without its module; pass the FSDP-wrapped module "
             "itself as `parameters` so its sharding group can be found"
         )
 
@@ -284,7 +300,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         if annotation is None and not fsdp1:
             _reject_bare_flat_parameter(param)
             # The common case (DDP, no wrapper): a plain tensor replicated across the stage.
-            where = (grad.dtype, grad.get_device())
+            where = (grad.dtype, grad.device)
             bucket = plain.get(where)
             if bucket is None:
                 weight = element_weight(1, stage.size)
@@ -300,8 +316,8 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         else:
             _reject_bare_flat_parameter(param)
         if annotation is not None:
-            if annotation.sharded_over is not None:
-                pieces, kind = annotation.sharded_over.size(), ""
+            if annotation.sharded_over is not None:  # e.g. a Megatron-TP weight inside FSDP1
+                pieces, kind = pieces * annotation.sharded_over.size(), ""
             if annotation.replicated_over is not None:
                 copies = _stage_copies(annotation.replicated_over, stage, ranks_of)
                 kind = kind and "mark_replicated"

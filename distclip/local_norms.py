@@ -10,7 +10,8 @@ The partial is a float64 scalar that the reduction combines across ranks:
 
 Per-piece norms are computed with ``torch._foreach_norm`` grouped by (device, dtype, weight) and
 accumulated at least in float32; only the few per-piece values are raised to ``p`` and summed in
-float64, so no grad is ever copied to float64 on the fast path.
+float64. On CPU the default p=2 never converts a grad to float64 (other p accumulate in float64
+for accuracy, at a cost); on accelerators ``_foreach_norm`` accumulates in float64 in-kernel.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def _flush(run: list[torch.Tensor], numel: int, out: list[torch.Tensor]) -> None
 
 def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, foreach: Optional[bool]) -> None:
     """Multiply every tensor in place by the 0-dim ``coef`` (no host sync)."""
-    for (device, _, _), tensors in groups.items():
-        coef_here = coef.to(device)
+    for key, tensors in groups.items():
+        coef_here = coef.to(key[0])  # keys start with the device
         if foreach is False:
             for t in tensors:
                 t.mul_(coef_here)
@@ -112,9 +113,12 @@ def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype,
         n = t.numel()
         if n == 0:
             continue
-        if n < ROW or not t.is_contiguous():
+        if n < ROW or t.device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
             small.append(t)
-        elif n < BIG:  # a few rows: cut into views that join the one foreach call below
+            continue
+        if not t.is_contiguous():  # rare; a float32 copy keeps the accurate row path
+            t = t.contiguous()
+        if n < BIG:  # a few rows: cut into views that join the one foreach call below
             small.extend(t.view(-1).split(ROW))
         else:
             flat, rows = t.view(-1), n // ROW
@@ -151,7 +155,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     acc = accumulation_dtype(dtype, device, norm_type)
     norms = piece_norms(tensors, norm_type, acc, foreach)
     # CPU only: reading a CPU tensor is not a device sync.
-    if norm_type > 0 and acc == torch.float32 and device.type == "cpu" and torch.isinf(norms).any():
+    if 0 < norm_type < math.inf and acc == torch.float32 and device.type == "cpu" and torch.isinf(norms).any():
         norms = _repair_overflow(tensors, norm_type, foreach)
     norms = norms.double()
     if norm_type == math.inf:
@@ -164,7 +168,8 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
         partial = (norms.sum() if norm_type == 0 else norms.pow(norm_type).sum()) * weight
     # p <= 0 is blind to non-finite values (an inf is just a non-zero, or larger than the min);
     # a max-abs pass poisons the partial with NaN so a NaN or inf grad always shows.
-    return partial + piece_norms(tensors, math.inf, acc, foreach).double().sum() * 0.0
+    max_acc = torch.float64 if dtype == torch.float64 else torch.float32  # a max is exact in the grad's range
+    return partial + piece_norms(tensors, math.inf, max_acc, foreach).double().sum() * 0.0
 
 
 def local_partial(groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:

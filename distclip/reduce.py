@@ -8,7 +8,7 @@ holds (no early return for a rank without gradients: that is a hang, AReaL #1139
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -16,15 +16,14 @@ import torch.distributed as dist
 from distclip.layout import Stage
 
 
-def reduction_device(grad_device: Optional[torch.device], stage: Stage) -> torch.device:
-    """The device the partial is reduced on: the grads' device if the backend can reduce there."""
+def reduction_device(stage: Stage) -> torch.device:
+    """The device the partial is reduced on, chosen from facts every rank shares (the backend and
+    the accelerator), never from this rank's grads: a rank without grads, or with CPU-offloaded
+    ones, must still use the same backend as the others, or the collective hangs."""
     if not stage.distributed:
-        return grad_device or torch.device("cpu")
+        return torch.device("cpu")
     backend = str(dist.get_backend()).lower()
-    cpu_ok = "gloo" in backend or "cpu:" in backend or "mpi" in backend
-    if grad_device is not None and (grad_device.type != "cpu" or cpu_ok):
-        return grad_device
-    if not cpu_ok and torch.cuda.is_available():
+    if torch.cuda.is_available() and ("nccl" in backend or "cuda" in backend or backend == "undefined"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -34,9 +33,10 @@ def reduction_op(norm_type: float) -> "dist.ReduceOp":
     return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
 
 
-def packed_length(norm_type: float, n_extra: int) -> int:
-    """Length of the reduced vector: [value, nan flag, present] or [value, present], then extras."""
-    return (3 if math.isinf(norm_type) else 2) + n_extra
+def packed_length(n_extra: int) -> int:
+    """Length of the reduced vector, ``[value, nan flag, present, *extra]``, the same for every
+    norm type, so ranks that disagree on it still reduce vectors of one size."""
+    return 3 + n_extra
 
 
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
@@ -52,7 +52,7 @@ def reduce_partials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine every rank's partial into the total norm (float64, identical on every rank).
 
-    Finite ``p`` sums ``[partial, has_elements, *extra]``. For +-inf the reduction is a MAX,
+    Finite ``p`` sums ``[partial, 0, has_elements, *extra]``. For +-inf the reduction is a MAX,
     which on some backends drops NaN (the comparison is false), so a NaN flag travels next to the
     value. ``extra`` (the agreement check's numbers) rides along; it is returned reduced. No host
     sync: every decision after the reduction is a ``torch.where``.
@@ -68,11 +68,10 @@ def reduce_partials(
         if stage.distributed:
             dist.all_reduce(packed, op=reduction_op(norm_type))
         total = torch.where(packed[1] > 0, math.nan, packed[0] * sign)
-    else:
-        packed = torch.cat([torch.stack([partial, present]), riders])
+    else:  # the NaN flag slot is unused (SUM propagates NaN) but keeps the length fixed
+        packed = torch.cat([torch.stack([partial, torch.zeros_like(partial), present]), riders])
         if stage.distributed:
             dist.all_reduce(packed, op=reduction_op(norm_type))
         # p == 0 counts elements; the weights make the sum inexact in the last bits.
         total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
-    head = packed_length(norm_type, 0)
-    return torch.where(packed[head - 1] > 0, total, 0.0), packed[head:]
+    return torch.where(packed[2] > 0, total, 0.0), packed[packed_length(0) :]

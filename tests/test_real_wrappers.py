@@ -104,3 +104,21 @@ def test_amp_grad_scaler_loop_under_fsdp2():
     norms = run_world(amp_fsdp2_world, 2)
     assert norms[0] == norms[1]
     assert all(n > 1.0 for n in norms[0])  # clipping was active
+
+
+def _fsdp1_params_without_module(rank, world):
+    from distclip import verify
+
+    built = verify.build_fsdp1("FULL_SHARD", True)(verify.Ctx(rank, world, torch.device("cpu"), "distclip"))
+    try:
+        import distclip
+
+        distclip.clip_grad_norm_(built.parameters.parameters(), 1.0)  # the module's params, not the module
+        return "no error"
+    except TypeError as e:
+        return str(e)
+
+
+def test_fsdp1_parameters_without_their_module_are_rejected_not_miscounted():
+    messages = run_world(_fsdp1_params_without_module, 2)
+    assert len(set(messages)) == 1 and "FSDP1-managed parameter without its module" in messages[0], messages

@@ -26,6 +26,8 @@ def _disagreement(world, case):
     odd = world - 1
     if case == "norm_type":
         kwargs["norm_type"] = 1.0 if rank == odd else 2.0
+    elif case == "finite_vs_inf_norm_type":  # different reduction ops (SUM vs MAX), same vector size
+        kwargs["norm_type"] = math.inf if rank == odd else 2.0
     elif case == "max_norm":
         kwargs["max_norm"] = 0.5 if rank == odd else 1.0
     elif case == "pp_group":  # the odd rank claims every rank is its own stage
@@ -53,7 +55,7 @@ def _disagreement(world, case):
     return message, untouched, same_on_every_rank(message)
 
 
-CASES = ["norm_type", "max_norm", "pp_group", "extra_mesh", "sharded_vs_replicated", "none"]
+CASES = ["norm_type", "finite_vs_inf_norm_type", "max_norm", "pp_group", "extra_mesh", "sharded_vs_replicated", "none"]
 
 
 def _disagreements(rank, world):

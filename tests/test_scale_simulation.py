@@ -89,7 +89,7 @@ def test_every_rank_issues_the_same_collective_and_agreement_holds(world, norm_t
     for (s, r, d, t), rank in _ranks(pp, dr, ds, tp).items():
         stage = Stage(True, stage_size, frozenset(range(pp)), s, pp)
         slots = agreement.slots(agreement.Signature(call, kinds_of_stage[s], stage), use_max)
-        shapes.add((reduce.reduction_op(norm_type), reduce.packed_length(norm_type, len(slots))))
+        shapes.add((reduce.reduction_op(norm_type), reduce.packed_length(len(slots))))
         rows.append(slots)
     assert len(shapes) == 1  # one collective, same op and size on every rank
     table = torch.tensor(rows, dtype=torch.float64)
