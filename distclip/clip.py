@@ -20,9 +20,12 @@ import torch
 from distclip import agreement
 from distclip.layout import LocalLayout, ParamsLike, Stage, as_param_list, current_stage, local_grad_tensors, local_layout
 from distclip.local_norms import coalesce, local_partial, scale_
-from distclip.reduce import reduce_partials, reduction_device
+from distclip.reduce import reduce_partial_grads, reduce_partials, reduction_device
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
+
+# Grads whose norm is returned as float64, as torch does (complex128's magnitudes are float64).
+_FLOAT64 = (torch.float64, torch.complex128)
 
 
 def _as_float(value: object, name: str) -> float:
@@ -58,18 +61,43 @@ def _local_layout(parameters: ParamsLike, stage: Stage) -> LocalLayout:
     return layout
 
 
+def _norm_groups(layout: LocalLayout) -> dict:
+    """The groups whose norms make the partial: the local grads, plus ``Partial`` grads made whole
+    by one all-reduce per partial mesh group (issued by exactly the ranks of that mesh)."""
+    if not layout.partial:
+        return layout.groups
+    groups = dict(layout.groups)
+    for tensor, weight in reduce_partial_grads(layout.partial):
+        groups.setdefault((tensor.device, tensor.dtype, weight), []).append(tensor)
+    return groups
+
+
+def _scale_groups(layout: LocalLayout) -> dict:
+    """Every local tensor to scale: a ``Partial`` grad is scaled summand by summand."""
+    if not layout.partial:
+        return layout.groups
+    groups = dict(layout.groups)
+    for grad, _ in layout.partial:
+        local = grad._local_tensor  # DTensor internals, as in ``layout.local_layout``
+        key = (local.device, local.dtype, None)
+        groups[key] = groups.get(key, []) + [local]
+    return groups
+
+
 def _total_norm(
     layout: LocalLayout, norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], stage: Stage, call: tuple
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The total norm, and (on accelerators) a device-side flag set if the ranks disagreed."""
-    groups = layout.groups
+    has_float64 = any(dtype in _FLOAT64 for _, dtype, _ in layout.groups) or any(
+        g.dtype in _FLOAT64 for g, _ in layout.partial
+    )
+    groups = _norm_groups(layout)
     grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
     partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
     use_max = math.isinf(norm_type)
     sig = agreement.Signature(call, layout.kinds, stage) if stage.distributed else None
-    has_float64 = any(dtype == torch.float64 for _, dtype, _ in groups)
     riders = (agreement.slots(sig, use_max) if sig else []) + [float(has_float64)]
     total, reduced = reduce_partials(partial, has_elements, norm_type, stage, riders)
     disagreed = None
@@ -169,7 +197,7 @@ def clip_grad_norm_(
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     if disagreed is not None:
         coef = torch.where(disagreed.to(coef.device), 1.0, coef)
-    scale_(layout.groups, coef, foreach)
+    scale_(_scale_groups(layout), coef, foreach)
     return total
 
 

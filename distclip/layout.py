@@ -20,8 +20,9 @@ collective and can never hang on ranks that hold different things.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
 import torch
@@ -69,11 +70,32 @@ def element_weight(pieces: int, stage_size: int, stage_copies: int = 1) -> float
 
 
 @dataclass(frozen=True)
-class Annotation:
-    """What ``mark_sharded`` / ``mark_replicated`` recorded on a plain-tensor parameter."""
+class GroupInfo:
+    """A process group as the layout needs it: its member ranks (global), fixed when it is named."""
 
-    sharded_over: Optional["dist.ProcessGroup"] = None
-    replicated_over: Optional["dist.ProcessGroup"] = None
+    group: "dist.ProcessGroup" = field(compare=False, hash=False, repr=False)
+    ranks: frozenset[int] = frozenset()
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """What ``mark_sharded`` / ``mark_replicated`` recorded on a parameter.
+
+    ``sharded_over`` holds every group the tensor is split over (an expert split over an
+    expert-parallel *and* a tensor-parallel group is in ``ep * tp`` pieces); marking with the same
+    group twice changes nothing.
+    """
+
+    sharded_over: tuple[GroupInfo, ...] = ()
+    replicated_over: Optional[GroupInfo] = None
+
+    @property
+    def pieces(self) -> int:
+        return math.prod(g.size for g in self.sharded_over)
 
 
 def as_process_group(group: object, what: str) -> "dist.ProcessGroup":
@@ -88,23 +110,67 @@ def as_process_group(group: object, what: str) -> "dist.ProcessGroup":
     raise TypeError(f"{what} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
 
 
-def _check_plain_param(param: object, fn: str) -> None:
+def group_info(group: object, what: str) -> GroupInfo:
+    pg = as_process_group(group, what)
+    return GroupInfo(pg, frozenset(dist.get_process_group_ranks(pg)))
+
+
+class LostMarks:
+    """Marks dropped by re-wrapping, reported at the next clip call.
+
+    FSDP2's ``fully_shard`` (and FSDP1 without ``use_orig_params``) replaces every parameter by a
+    new one, so a ``mark_sharded`` made *before* wrapping would vanish and the norm would be silently
+    wrong (4.0 instead of sqrt(32) for a Megatron-TP weight under FSDP2). Marked plain parameters get
+    a finalizer that holds only their ``__dict__``: when such a parameter dies after torch's wrappers
+    tagged it (FSDP2 sets ``_fsdp_orig_uid``, FSDP1 ``_fsdp_flattened``), its mark was lost. This is
+    the only state distclip keeps across calls outside the annotations themselves.
+    """
+
+    _TAGS = ("_fsdp_orig_uid", "_fsdp_flattened")
+    found: list[str] = []
+
+    @classmethod
+    def watch(cls, param: torch.Tensor) -> None:
+        if not param.__dict__.get("_distclip_watched"):
+            param.__dict__["_distclip_watched"] = True
+            finalizer = weakref.finalize(param, cls._on_death, param.__dict__, tuple(param.shape))
+            finalizer.atexit = False
+
+    @classmethod
+    def _on_death(cls, attrs: dict, shape: tuple) -> None:
+        annotation = attrs.get(_ANNOTATION_ATTR)
+        if annotation is not None and any(tag in attrs for tag in cls._TAGS):
+            what = "mark_sharded" if annotation.sharded_over else "mark_replicated"
+            cls.found.append(f"a parameter of shape {list(shape)} marked with {what}")
+
+    @classmethod
+    def raise_if_any(cls) -> None:
+        if cls.found:
+            lost, cls.found = cls.found, []
+            raise ValueError(
+                "distclip: parameters were marked and then re-wrapped (fully_shard, or FSDP1 without "
+                f"use_orig_params), which replaces them and drops the mark: {'; '.join(lost[:5])}"
+                f"{' ...' if len(lost) > 5 else ''}. Mark the parameters after wrapping (mark_sharded "
+                "accepts DTensor parameters) so their extra sharding is counted"
+            )
+
+
+def _annotate(param: object, fn: str, group: object, field_name: str) -> None:
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"distclip.{fn}: expected a torch.Tensor parameter, got {type(param).__name__}")
-    if isinstance(param, DTensor):
-        raise TypeError(
-            f"distclip.{fn}: the parameter is a DTensor; its placements already describe its layout, "
-            "so it must not be marked"
-        )
-
-
-def _annotate(param: torch.Tensor, fn: str, group: object, field: str) -> None:
-    _check_plain_param(param, fn)
-    pg = as_process_group(group, f"distclip.{fn}: group")
-    if dist.get_rank(pg) < 0:
+    info = group_info(group, f"distclip.{fn}: group")
+    if dist.get_rank(info.group) < 0:
         raise ValueError(f"distclip.{fn}: this rank ({dist.get_rank()}) is not a member of the given group")
-    current = getattr(param, _ANNOTATION_ATTR, Annotation())
-    setattr(param, _ANNOTATION_ATTR, Annotation(**{**current.__dict__, field: pg}))
+    current: Annotation = getattr(param, _ANNOTATION_ATTR, Annotation())
+    if field_name == "sharded_over":
+        if info in current.sharded_over:  # the same group twice: idempotent
+            return
+        new = Annotation(current.sharded_over + (info,), current.replicated_over)
+    else:
+        new = Annotation(current.sharded_over, info)
+    setattr(param, _ANNOTATION_ATTR, new)
+    if not isinstance(param, DTensor):
+        LostMarks.watch(param)
 
 
 def mark_sharded(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
@@ -113,10 +179,14 @@ def mark_sharded(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
     Use it for Megatron-style tensor-parallel weights, MoE experts spread over an expert-parallel
     group (a rank may hold any number of experts, including none), or ZeRO-style flat partitions.
     Copies of the same piece on other ranks of the pipeline stage (data-parallel replicas) are
-    counted once.
+    counted once. Marks compose: a tensor marked over an expert-parallel group and a
+    tensor-parallel group is in ``ep * tp`` pieces; the same group twice counts once. On a DTensor
+    parameter the mark adds to what its placements show (a Megatron-TP weight later wrapped by
+    FSDP2: mark the DTensor parameter *after* ``fully_shard``, which replaces parameters; a mark
+    made before wrapping is reported as lost at the next call).
 
     Args:
-        param (Tensor): a plain-tensor (not DTensor) parameter.
+        param (Tensor): a parameter (plain tensor or DTensor).
         group (ProcessGroup or DeviceMesh): the ranks that together hold the whole tensor; this
             rank must be a member.
 
@@ -132,10 +202,11 @@ def mark_replicated(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
 
     Use it for a weight tied across pipeline stages (an input embedding on the first stage and
     the output head on the last): ``group`` holds the ranks with the copies, e.g. Megatron's
-    embedding group. Within a stage, plain tensors are already counted once.
+    embedding group. Within a stage, plain tensors are already counted once. Works on DTensor
+    parameters too (FSDP2 on each stage: mark after ``fully_shard``).
 
     Args:
-        param (Tensor): a plain-tensor (not DTensor) parameter.
+        param (Tensor): a parameter (plain tensor or DTensor).
         group (ProcessGroup or DeviceMesh): ranks holding identical copies; this rank must be a member.
 
     Returns:
@@ -168,12 +239,23 @@ GroupKey = tuple  # (device, dtype, weight)
 
 @dataclass
 class LocalLayout:
-    """What this rank holds: local grads grouped by (device, dtype, weight), and a description of
-    the layout kinds that every rank of the stage must agree on (see ``agreement``). Tensors
-    marked with ``mark_sharded`` are left out of it: ranks may hold any number of experts."""
+    """What this rank holds.
+
+    - ``groups``: local grads grouped by (device, dtype, weight); their norms are measured and
+      they are scaled.
+    - ``partial``: ``Partial`` DTensor grads (unreduced sums, e.g. LayerNorm grads under
+      SequenceParallel) with the weight their *reduced* values get; measured after one
+      all-reduce over their partial mesh dimensions, scaled in place as they are (scaling each
+      summand scales the sum).
+    - ``kinds``: what every rank of the stage must agree on (see ``agreement``), taken from the
+      *parameters* (with or without a grad), so frozen parameters and empty FSDP1 shards are not a
+      disagreement. Tensors marked with ``mark_sharded`` are left out: ranks may hold any number
+      of experts.
+    """
 
     groups: dict[GroupKey, list[torch.Tensor]]
     kinds: frozenset = frozenset()
+    partial: list[tuple["DTensor", float]] = field(default_factory=list)
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -189,20 +271,42 @@ def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[
     return params, None
 
 
-def _dtensor_pieces(grad: "DTensor", stage: Stage) -> int:
-    mesh, placements = grad.device_mesh, grad.placements
-    if any(isinstance(p, Partial) for p in placements):
+def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:
+    """A shard group must lie inside this rank's pipeline stage: besides this rank it may hold no
+    other member of this rank's pipeline group (one rank per stage)."""
+    if stage.pp_ranks is not None and len(ranks & stage.pp_ranks) > 1:
         raise ValueError(
-            f"distclip: a gradient is a DTensor with Partial placement {placements}; it holds unreduced "
-            "partial sums, so no norm can be computed from it. Reduce it first (e.g. grad.redistribute "
-            "to Shard/Replicate), or fix the parallelization that left it Partial"
+            f"distclip: {what} spans ranks {sorted(ranks)}, which include ranks of other pipeline stages "
+            f"(this rank's pipeline group is {sorted(stage.pp_ranks)}); each shard group must lie inside one stage"
         )
+
+
+def _dtensor_weight(grad: "DTensor", stage: Stage, annotation: Optional[Annotation], ranks_of: dict) -> float:
+    """Weight of a DTensor grad's local tensor (of its reduced value, if it is ``Partial``)."""
+    mesh, placements = grad.device_mesh, grad.placements
     if stage.size % mesh.size() != 0:
         raise ValueError(
             f"distclip: a DTensor gradient lives on a mesh of {mesh.size()} ranks, which does not divide "
             f"the {stage.size} ranks of a pipeline stage; pass pp_group so each stage's mesh is inside one stage"
         )
-    return shard_pieces(tuple(mesh.shape), placements)
+    if stage.pp_ranks is not None:
+        if mesh not in ranks_of:
+            ranks_of[mesh] = frozenset(mesh.mesh.flatten().tolist())
+        _check_inside_stage(ranks_of[mesh], stage, f"a DTensor mesh {tuple(mesh.shape)}")
+    pieces = shard_pieces(tuple(mesh.shape), placements)  # Partial dims hold the whole (reduced) tensor
+    copies = 1
+    if annotation is not None:
+        for info in annotation.sharded_over:
+            _check_inside_stage(info.ranks, stage, "a mark_sharded group")
+        pieces *= annotation.pieces
+        if annotation.replicated_over is not None:
+            copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
+    if stage.size % pieces != 0:
+        raise ValueError(
+            f"distclip: a gradient is split into {pieces} pieces, which does not divide the "
+            f"{stage.size} ranks of a pipeline stage"
+        )
+    return element_weight(pieces, stage.size, copies)
 
 
 def stage_copies(group_ranks: frozenset[int], pp_ranks: Optional[frozenset[int]]) -> int:
@@ -214,10 +318,10 @@ def stage_copies(group_ranks: frozenset[int], pp_ranks: Optional[frozenset[int]]
     return max(1, len(group_ranks & pp_ranks))
 
 
-def _stage_copies(group: "dist.ProcessGroup", stage: Stage, ranks_of: dict) -> int:
-    if group not in ranks_of:
-        ranks_of[group] = frozenset(dist.get_process_group_ranks(group))
-    return stage_copies(ranks_of[group], stage.pp_ranks)
+def _dtensor_kind(param: "DTensor") -> tuple:
+    spec = param._spec  # DTensor internals, see the DTensor branch of ``local_layout``
+    mesh = spec.mesh
+    return ("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(type(p).__name__ for p in spec.placements), str(param.dtype))
 
 
 def local_grad_tensors(parameters: "ParamsLike") -> dict[tuple, list[torch.Tensor]]:
@@ -248,10 +352,11 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
 
     Raises (before any collective and before any gradient is touched) on layouts that cannot be
-    counted: a Partial DTensor grad, a FlatParameter passed without its FSDP module, a shard group
-    that does not divide the stage. This loop runs once per parameter per call, so it stays lean:
-    a DTensor layout is worked out once per DTensorSpec seen in the call.
+    counted: a FlatParameter passed without its FSDP module, a shard group that does not fit inside
+    a pipeline stage, a mark lost by re-wrapping. This loop runs once per parameter per call, so it
+    stays lean: a DTensor layout is worked out once per DTensorSpec seen in the call.
     """
+    LostMarks.raise_if_any()
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
     if not stage.distributed:
         for p in params:
@@ -261,20 +366,39 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
     # Per-call caches, so the work per parameter is a few dict lookups and an append: anything
     # costlier is done once per distinct DTensorSpec, (mesh, placement types, dtype) or plain
-    # (dtype, device). The caches hold the group lists themselves.
-    by_spec: dict[int, list[torch.Tensor]] = {}
-    by_structure: dict[tuple, list[torch.Tensor]] = {}
+    # (dtype, device). The caches hold the group lists themselves (None: a Partial grad).
+    by_spec: dict[int, tuple[Optional[list[torch.Tensor]], float]] = {}
+    by_structure: dict[tuple, tuple[Optional[list[torch.Tensor]], float]] = {}
     plain: dict[tuple, list[torch.Tensor]] = {}
+    kind_of_spec: dict[int, tuple] = {}
     kinds: set[tuple] = set()
+    partial: list[tuple[DTensor, float]] = []
     ranks_of: dict = {}
+    plain_weight = element_weight(1, stage.size)
     for param in params:
         grad = param.grad
-        if grad is None:
-            continue
         annotation: Optional[Annotation] = param.__dict__.get(_ANNOTATION_ATTR)
+        sharded = annotation is not None and bool(annotation.sharded_over)
+        if isinstance(param, DTensor):
+            # The agreement compares what ranks hold as *parameters*: a frozen parameter, or one
+            # whose grad is None on this rank only, is no disagreement.
+            if not sharded:
+                pspec = param._spec
+                kind = kind_of_spec.get(id(pspec))
+                if kind is None:
+                    kind = kind_of_spec[id(pspec)] = _dtensor_kind(param)
+                    if annotation is not None:
+                        kind = kind_of_spec[id(pspec)] = kind + ("mark_replicated",)
+                kinds.add(kind)
+        if grad is None:
+            if not isinstance(param, DTensor) and not sharded:
+                if id(param) in fsdp1:
+                    kinds.add(("FSDP1", element_weight(fsdp1[id(param)].pieces, stage.size), str(param.dtype)))
+                else:
+                    _reject_bare_flat_parameter(param)
+                    kinds.add(("mark_replicated" if annotation else "plain", str(param.dtype)))
+            continue
         if isinstance(grad, DTensor):
-            if annotation is not None:
-                raise TypeError("distclip: a DTensor parameter carries a mark_sharded/mark_replicated annotation")
             # DTensor's private ``_spec`` and ``_local_tensor``: this runs once per parameter per
             # call, and the public ``to_local()`` (an autograd Function) plus the ``device_mesh``
             # and ``placements`` properties cost several times the rest of the loop (4000 TP
@@ -282,20 +406,30 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
             # keys the layout; the grads keep their specs alive during the call, so ids are stable.
             spec = getattr(grad, "_spec", None)
             local = grad._local_tensor if spec is not None else grad.to_local()
-            spec = id(spec if spec is not None else grad)
-            bucket = by_spec.get(spec)
-            if bucket is None:
+            if annotation is not None:  # marks are per parameter: no caching
+                weight = _dtensor_weight(grad, stage, annotation, ranks_of)
+                if _is_partial(grad):
+                    partial.append((grad, weight))
+                else:
+                    groups[(grad.device, grad.dtype, weight)].append(local)
+                continue
+            key = id(spec if spec is not None else grad)
+            entry = by_spec.get(key)
+            if entry is None:
                 mesh, placements = grad.device_mesh, grad.placements
                 # Equal sub-meshes are often distinct objects (DeviceMesh hashes are cached), and
                 # the weight depends only on which mesh dims shard, so placement types suffice.
                 structure = (mesh, tuple(map(type, placements)), grad.dtype)
-                bucket = by_structure.get(structure)
-                if bucket is None:
-                    weight = element_weight(_dtensor_pieces(grad, stage), stage.size)
-                    bucket = by_structure[structure] = groups[(grad.device, grad.dtype, weight)]
-                    kinds.add(("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(t.__name__ for t in structure[1]), str(grad.dtype)))
-                by_spec[spec] = bucket
-            bucket.append(local)
+                entry = by_structure.get(structure)
+                if entry is None:
+                    weight = _dtensor_weight(grad, stage, None, ranks_of)
+                    bucket = None if _is_partial(grad) else groups[(grad.device, grad.dtype, weight)]
+                    entry = by_structure[structure] = (bucket, weight)
+                by_spec[key] = entry
+            if entry[0] is None:
+                partial.append((grad, entry[1]))
+            else:
+                entry[0].append(local)
             continue
         if annotation is None and not fsdp1:
             _reject_bare_flat_parameter(param)
@@ -303,9 +437,8 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
             where = (grad.dtype, grad.device)
             bucket = plain.get(where)
             if bucket is None:
-                weight = element_weight(1, stage.size)
-                bucket = plain[where] = groups[(grad.device, grad.dtype, weight)]
-                kinds.add(("plain", weight, str(grad.dtype)))
+                bucket = plain[where] = groups[(grad.device, grad.dtype, plain_weight)]
+                kinds.add(("plain", str(param.dtype)))
             bucket.append(grad)
             continue
         pieces, copies, tensor, kind = 1, 1, grad, "plain"
@@ -316,10 +449,12 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         else:
             _reject_bare_flat_parameter(param)
         if annotation is not None:
-            if annotation.sharded_over is not None:  # e.g. a Megatron-TP weight inside FSDP1
-                pieces, kind = pieces * annotation.sharded_over.size(), ""
+            if sharded:  # e.g. a Megatron-TP weight inside FSDP1, an expert split over ep and tp
+                for info in annotation.sharded_over:
+                    _check_inside_stage(info.ranks, stage, "a mark_sharded group")
+                pieces, kind = pieces * annotation.pieces, ""
             if annotation.replicated_over is not None:
-                copies = _stage_copies(annotation.replicated_over, stage, ranks_of)
+                copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
                 kind = kind and "mark_replicated"
         if stage.size % pieces != 0:
             raise ValueError(
@@ -327,7 +462,20 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 f"{stage.size} ranks of a pipeline stage"
             )
         weight = element_weight(pieces, stage.size, copies)
-        if kind:
-            kinds.add((kind, weight, str(tensor.dtype)))
+        if kind == "FSDP1":
+            kinds.add(("FSDP1", weight, str(param.dtype)))
+        elif kind:
+            kinds.add((kind, str(param.dtype)))
         groups[(tensor.device, tensor.dtype, weight)].append(tensor)
-    return LocalLayout(groups, frozenset(kinds))
+    return LocalLayout(groups, frozenset(kinds), partial)
+
+
+def _is_partial(grad: "DTensor") -> bool:
+    partial = [p for p in grad._spec.placements if isinstance(p, Partial)]
+    for p in partial:
+        if p.reduce_op not in ("sum", "avg"):
+            raise ValueError(
+                f"distclip: a gradient is a DTensor with placement {p}; only Partial sums and averages "
+                "can be measured (redistribute it to Shard/Replicate first)"
+            )
+    return bool(partial)

@@ -105,10 +105,11 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
             torch._foreach_mul_(tensors, coef_here)
 
 
-def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype, foreach: Optional[bool]) -> torch.Tensor:
-    """1-D tensor of norms of pieces that partition ``tensors`` (empty tensors are skipped)."""
+def _pieces(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Cut ``tensors`` into (row matrices, small vectors): each row and each vector is one piece,
+    at most ``ROW`` elements long on CPU. Empty tensors are skipped."""
     small: list[torch.Tensor] = []
-    parts: list[torch.Tensor] = []
+    mats: list[torch.Tensor] = []
     for t in tensors:
         n = t.numel()
         if n == 0:
@@ -116,15 +117,22 @@ def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype,
         if n < ROW or t.device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
             small.append(t)
             continue
-        if not t.is_contiguous():  # rare; a float32 copy keeps the accurate row path
+        if not t.is_contiguous():  # rare; a copy keeps the accurate row path
             t = t.contiguous()
         if n < BIG:  # a few rows: cut into views that join the one foreach call below
             small.extend(t.view(-1).split(ROW))
         else:
             flat, rows = t.view(-1), n // ROW
-            parts.append(torch.linalg.vector_norm(flat[: rows * ROW].view(rows, ROW), norm_type, dim=1, dtype=acc))
+            mats.append(flat[: rows * ROW].view(rows, ROW))
             if n % ROW:
                 small.append(flat[rows * ROW :])
+    return mats, small
+
+
+def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype, foreach: Optional[bool]) -> torch.Tensor:
+    """1-D tensor of norms of pieces that partition ``tensors`` (see ``_pieces``; rows first)."""
+    mats, small = _pieces(tensors)
+    parts = [torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc) for m in mats]
     if small:
         if foreach is False:
             norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in small]
@@ -136,27 +144,52 @@ def piece_norms(tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype,
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _repair_overflow(tensors: list[torch.Tensor], norm_type: float, foreach: Optional[bool]) -> torch.Tensor:
-    """Slow path, taken only when a float32 piece norm overflowed: recompute in float64 the
-    tensors whose norm is infinite although every element is finite (fairscale #263: sum g^2
-    overflows while the norm is representable)."""
-    fixed = []
-    for t in tensors:
-        norms = piece_norms([t], norm_type, torch.float32, foreach)
-        if torch.isinf(norms).any() and not torch.isinf(t).any():
-            norms = piece_norms([t], norm_type, torch.float64, foreach)
-        fixed.append(norms.double())
-    return torch.cat(fixed)
+# A float32 piece norm below this may have lost its value to underflow of g^2 (fp32/bf16 grads of
+# ~1e-22 and smaller: the squares fall below float32's normal range). A piece has at most ROW
+# elements on CPU, so above it the largest element is >= TINY / sqrt(ROW) ~ 1e-17 and its square
+# (1e-34) keeps full float32 precision: what the smaller elements lose is < 1e-12 of the sum.
+TINY = 2.0**-50
+
+
+def _repair(tensors: list[torch.Tensor], norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """CPU slow path, taken only for the pieces whose float32 norm overflowed (sum g^2 beyond
+    float32 although the norm is representable: fairscale #263) or may have underflowed (below
+    ``TINY``, which includes all-zero pieces): those pieces alone are recomputed in float64."""
+    bad = torch.isinf(norms) | (norms < TINY)
+    mats, small = _pieces(tensors)
+    fixed = norms.double()
+    offset = 0
+    for m in mats:
+        rows = bad[offset : offset + m.shape[0]].nonzero().flatten()
+        if rows.numel():
+            fixed[offset + rows] = torch.linalg.vector_norm(m.index_select(0, rows), norm_type, dim=1, dtype=torch.float64)
+        offset += m.shape[0]
+    idx = bad[offset:].nonzero().flatten()
+    if idx.numel():
+        redo = torch._foreach_norm([small[i] for i in idx.tolist()], norm_type, dtype=torch.float64)
+        fixed[offset + idx] = torch.stack(list(redo))
+    return fixed
+
+
+def _real_view(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    """Complex grads as real tensors with the same p-norm: for p=2 the (re, im) pairs (no copy),
+    otherwise the magnitudes. torch measures complex grads by their magnitudes too."""
+    if norm_type == 2:
+        return [torch.view_as_real(t) if t.is_contiguous() else torch.view_as_real(t.contiguous()) for t in tensors]
+    return [t.abs() for t in tensors]
 
 
 def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, foreach: Optional[bool]) -> torch.Tensor:
     """Float64 partial (see module docstring) of same-device, same-dtype, same-weight tensors."""
+    if tensors[0].is_complex():
+        tensors = _real_view(tensors, norm_type)
     device, dtype = tensors[0].device, tensors[0].dtype
     acc = accumulation_dtype(dtype, device, norm_type)
     norms = piece_norms(tensors, norm_type, acc, foreach)
     # CPU only: reading a CPU tensor is not a device sync.
-    if 0 < norm_type < math.inf and acc == torch.float32 and device.type == "cpu" and torch.isinf(norms).any():
-        norms = _repair_overflow(tensors, norm_type, foreach)
+    if 0 < norm_type < math.inf and acc == torch.float32 and device.type == "cpu" and norms.numel():
+        if bool((torch.isinf(norms) | (norms < TINY)).any()):
+            norms = _repair(tensors, norms, norm_type)
     norms = norms.double()
     if norm_type == math.inf:
         return norms.max() if norms.numel() else norms.new_full((), -math.inf)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from distclip.layout import Stage
+from distclip.layout import DTensor, Stage
 
 
 def reduction_device(stage: Stage) -> torch.device:
@@ -75,3 +75,35 @@ def reduce_partials(
         # p == 0 counts elements; the weights make the sum inexact in the last bits.
         total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
     return torch.where(packed[2] > 0, total, 0.0), packed[packed_length(0) :]
+
+
+def reduce_partial_grads(partial: Sequence[tuple["DTensor", float]]) -> list[tuple[torch.Tensor, float]]:
+    """Make ``Partial`` DTensor grads whole: their local tensors, concatenated per mesh (in float64,
+    complex128 for complex grads), are summed over the mesh dimensions where they are partial.
+
+    One collective per (mesh, partial dims, real/complex): never one per tensor. Only the ranks of
+    that mesh hold such grads, and all of them do (``parallelize_module`` applies the same plan on
+    every rank of the mesh), so exactly the ranks of each group issue its collective. Returns the
+    reduced values as (1-D float64 tensor, weight) for the norm; the grads are left as they are.
+    """
+    buckets: dict[tuple, list[tuple["DTensor", float]]] = {}
+    for grad, weight in partial:
+        spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
+        dims = tuple(i for i, p in enumerate(spec.placements) if p.is_partial())
+        buckets.setdefault((spec.mesh, dims, grad.is_complex()), []).append((grad, weight))
+    out: list[tuple[torch.Tensor, float]] = []
+    for (mesh, dims, is_complex), members in buckets.items():
+        dtype = torch.complex128 if is_complex else torch.float64
+        flat = torch.cat([g._local_tensor.reshape(-1).to(dtype) for g, _ in members])
+        for dim in dims:
+            dist.all_reduce(flat, group=mesh.get_group(dim))
+        offset = 0
+        for grad, weight in members:
+            n = grad._local_tensor.numel()
+            value = flat[offset : offset + n]
+            offset += n
+            for dim in dims:
+                if grad._spec.placements[dim].reduce_op == "avg":
+                    value = value / mesh.size(dim)
+            out.append((value, weight))
+    return out

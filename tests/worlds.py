@@ -30,6 +30,12 @@ class Layout:
     full: list[torch.Tensor]  # full gradients, float64, identical on every rank
     pp_group: object = None
     rtol: float = 1e-6
+    collectives: int = 1  # per call: 2 when Partial grads are made whole first
+
+
+def f64(t: torch.Tensor) -> torch.Tensor:
+    """Widen for the reference: complex grads keep their imaginary part."""
+    return t.to(torch.complex128) if t.is_complex() else t.double()
 
 
 def full_grad(shape: tuple[int, ...], seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -134,6 +140,100 @@ def overflow_fp32(world: int) -> Layout:
     return Layout([dparam(big, mesh, [Shard(0)]), pparam(full_grad((3,), 61))], [big, full_grad((3,), 61)])
 
 
+def experts_ep_x_tp(world: int) -> Layout:
+    """Experts spread over an expert-parallel group *and* each split over a tensor-parallel group:
+    ``mark_sharded(p, ep); mark_sharded(p, tp)`` compose to ep*tp pieces (marking with the same
+    group again changes nothing). 4 ranks: ep2 x tp2; 3 experts, so the ep ranks hold 2 and 1."""
+    tp = 2 if world % 2 == 0 else 1
+    ep = world // tp
+    rank = dist.get_rank()
+    tp_groups = [dist.new_group(list(range(s, s + tp))) for s in range(0, world, tp)]
+    ep_groups = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+    tp_group, ep_group = tp_groups[rank // tp], ep_groups[rank % tp]
+    experts = [full_grad((4, 6), 130 + e) for e in range(3)]
+    params = []
+    for e in range(3):
+        if e % ep == dist.get_rank(ep_group):
+            p = pparam(sharded_piece(experts[e], tp_group, 1))
+            distclip.mark_sharded(p, ep_group)
+            distclip.mark_sharded(p, tp_group)
+            distclip.mark_sharded(p, ep_group)  # idempotent
+            params.append(p)
+    dense = full_grad((5,), 139)
+    return Layout(params + [pparam(dense)], experts + [dense])
+
+
+def megatron_tp_in_fsdp2(world: int) -> Layout:
+    """A Megatron-style TP weight (rows split over tp as plain tensors) then sharded by FSDP2 over
+    dp: the DTensor shows only the dp sharding; ``mark_sharded`` on the DTensor adds the tp split."""
+    tp = 2 if world % 2 == 0 else 1
+    mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    tp_group = mesh["tp"].get_group()
+    weight, norm = full_grad((8, 4), 140), full_grad((4,), 141)
+    piece = sharded_piece(weight, tp_group, 0)
+    p = distclip.mark_sharded(dparam(piece, mesh["dp"], [Shard(0)]), mesh["tp"])
+    q = dparam(norm, mesh["dp"], [Shard(0)])
+    return Layout([p, q], [weight, norm])
+
+
+def complex_grads(world: int) -> Layout:
+    """complex64 DTensor shards, a complex128 replica, real grads, and complex experts held by
+    some ranks only (the norm of the magnitudes, a real result, one collective everywhere)."""
+    mesh = init_device_mesh("cpu", (world,))
+    c64 = torch.complex(full_grad((6, 4), 150), full_grad((6, 4), 151))
+    c128 = torch.complex(full_grad((5,), 152).double(), full_grad((5,), 153).double())
+    real = full_grad((3, 3), 154)
+    expert = torch.complex(full_grad((2, 3), 155), full_grad((2, 3), 156))
+    params = [dparam(c64, mesh, [Shard(0)]), pparam(c128), pparam(real)]
+    if dist.get_rank() == 0:
+        params.append(distclip.mark_sharded(pparam(expert), dist.group.WORLD))
+    return Layout(params, [c64, c128, real, expert])
+
+
+def underflow(world: int) -> Layout:
+    """Grads so small that g^2 underflows float32: fp32 ~1e-22 (many), ~1e-30, bf16 ~1e-25."""
+    mesh = init_device_mesh("cpu", (world,))
+    tiny = [full_grad((50, 8), 160 + i) * 1e-22 for i in range(20)]
+    tinier = full_grad((20000,), 180) * 1e-30
+    bf16 = (full_grad((16, 8), 181) * 1e-25).to(torch.bfloat16)
+    params = [dparam(t, mesh, [Shard(0)]) for t in tiny] + [pparam(tinier), dparam(bf16, mesh, [Shard(1)])]
+    return Layout(params, tiny + [tinier, bf16.double()])
+
+
+def partial_grads(world: int) -> Layout:
+    """Partial(sum) grads (TP + SequenceParallel leaves LayerNorm grads so), Partial(avg), and
+    Shard x Partial on a 2-D mesh: made whole by one collective per partial mesh group."""
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    weights = [float(r + 1) for r in range(world)]
+
+    def summand(full: torch.Tensor, r: int, n: int, avg: bool = False) -> torch.Tensor:
+        share = weights[r] / sum(weights[:n])
+        return full * share * (n if avg else 1)
+
+    def partial_param(full, m, placements, local):
+        p = nn.Parameter(distribute_tensor(torch.zeros_like(full), m, [Replicate()] * m.ndim))
+        p.grad = DTensor.from_local(local, m, placements, run_check=False)
+        return p
+
+    ln_w, ln_b, avg = full_grad((8,), 190), full_grad((8,), 191), full_grad((3, 2), 192)
+    params = [partial_param(ln_w, mesh, [Partial()], summand(ln_w, rank, world)),
+              partial_param(ln_b, mesh, [Partial()], summand(ln_b, rank, world)),
+              partial_param(avg, mesh, [Partial("avg")], summand(avg, rank, world, avg=True))]
+    fulls = [ln_w, ln_b, avg]
+    if world % 2 == 0:
+        mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        full2 = full_grad((6, 5), 193)
+        i, j = mesh2.get_local_rank("dp"), mesh2.get_local_rank("tp")
+        row = full2.tensor_split(2, dim=0)[i]
+        p = nn.Parameter(distribute_tensor(torch.zeros_like(full2), mesh2, [Shard(0), Replicate()]))
+        p.grad = DTensor.from_local(summand(row, j, world // 2).contiguous(), mesh2, [Shard(0), Partial()], run_check=False)
+        params.append(p)
+        fulls.append(full2)
+    plain = full_grad((4,), 194)
+    return Layout(params + [pparam(plain)], fulls + [plain], collectives=(3 if world % 2 == 0 else 2) if world > 1 else 2)
+
+
 LAYOUTS: dict[str, tuple[Callable[[int], Layout], Callable[[int], bool]]] = {
     "dtensor_1d": (dtensor_1d, lambda w: True),
     "dtensor_2d_mixed_meshes_and_plain": (dtensor_2d_mixed, lambda w: w % 2 == 0),
@@ -142,6 +242,11 @@ LAYOUTS: dict[str, tuple[Callable[[int], Layout], Callable[[int], bool]]] = {
     "pipeline_mixed_tied": (pipeline_mixed, lambda w: w % 2 == 0),
     "mixed_dtypes": (mixed_dtypes, lambda w: True),
     "overflow_fp32": (overflow_fp32, lambda w: True),
+    "experts_ep_x_tp_composite_marks": (experts_ep_x_tp, lambda w: True),
+    "megatron_tp_inside_fsdp2_marked_dtensor": (megatron_tp_in_fsdp2, lambda w: True),
+    "complex_grads": (complex_grads, lambda w: True),
+    "underflow": (underflow, lambda w: True),
+    "partial_grads": (partial_grads, lambda w: True),
 }
 
 
@@ -149,7 +254,7 @@ LAYOUTS: dict[str, tuple[Callable[[int], Layout], Callable[[int], bool]]] = {
 
 
 def reference_norm(full: list[torch.Tensor], p: float) -> float:
-    flat = torch.cat([f.double().reshape(-1) for f in full] + [torch.zeros(0, dtype=torch.float64)])
+    flat = torch.cat([f64(f).abs().reshape(-1) for f in full] + [torch.zeros(0, dtype=torch.float64)])
     return float(torch.linalg.vector_norm(flat, p)) if flat.numel() else 0.0  # no elements: 0, like torch
 
 
@@ -179,10 +284,10 @@ def check_layout(name: str, layout: Layout, norms=NORMS) -> list[tuple[str, bool
             errors.append(f"norm {value!r} vs reference {ref!r} (rel {rel:.2e})")
         for p, s in zip(with_grad, saved):
             got = local_of(p.grad)
-            if not torch.allclose(got.double(), s.double() * coef, rtol=1e-3 if s.dtype in (torch.bfloat16, torch.float16) else 1e-5):
+            if not torch.allclose(f64(got), f64(s) * coef, rtol=1e-3 if s.dtype in (torch.bfloat16, torch.float16) else 1e-5):
                 errors.append(f"clipped grad mismatch for shape {tuple(s.shape)}")
-        if n_calls != 1:
-            errors.append(f"{n_calls} collectives in one call")
+        if n_calls != layout.collectives:
+            errors.append(f"{n_calls} collectives in one call (expected {layout.collectives})")
         if not same_on_every_rank((value, total.dtype)):
             errors.append("norm differs across ranks")
         records.append((f"{name} p={p_norm:g}", not errors, "; ".join(errors)))
@@ -246,15 +351,15 @@ def bad_input_same_error(world: int) -> list[tuple[str, bool, str]]:
     mesh = init_device_mesh("cpu", (world,))
     ok_param = dparam(full_grad((4, 2), 80), mesh, [Shard(0)])
     partial = nn.Parameter(distribute_tensor(torch.zeros(3), mesh, [Replicate()]))
-    partial.grad = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+    partial.grad = DTensor.from_local(torch.ones(3), mesh, [Partial("max")])  # sums/averages are measurable
     cases: dict[str, Callable[[], object]] = {
         "negative max_norm": lambda: distclip.clip_grad_norm_([ok_param], -1.0),
         "nan max_norm": lambda: distclip.clip_grad_norm_([ok_param], math.nan),
         "string max_norm": lambda: distclip.clip_grad_norm_([ok_param], "big"),
         "norm_type not a number": lambda: distclip.clip_grad_norm_([ok_param], 1.0, norm_type=[2]),
         "pp_group wrong type": lambda: distclip.clip_grad_norm_([ok_param], 1.0, pp_group=3),
-        "partial grad": lambda: distclip.clip_grad_norm_([ok_param, partial], 1.0),
-        "mark_sharded on DTensor": lambda: distclip.mark_sharded(ok_param, dist.group.WORLD),
+        "partial max grad": lambda: distclip.clip_grad_norm_([ok_param, partial], 1.0),
+        "mark_sharded with a 2-D mesh": lambda: distclip.mark_sharded(pparam(torch.ones(2)), init_device_mesh("cpu", (world, 1))),
         "mark_sharded non-group": lambda: distclip.mark_sharded(pparam(torch.ones(2)), "world"),
     }
     records = []
