@@ -23,7 +23,7 @@ import math
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -237,6 +237,15 @@ def current_stage(pp_group: object) -> Stage:
 GroupKey = tuple  # (device, dtype, weight)
 
 
+class Entry(NamedTuple):
+    """One local tensor of ``local_layout(..., track=True)``: which parameter it belongs to."""
+
+    index: int  # position of its parameter in the list passed to ``local_layout``
+    tensor: torch.Tensor  # the local tensor measured (FSDP1 padding removed); the DTensor if partial
+    weight: float
+    partial: bool = False  # a Partial DTensor grad: made whole before it is measured
+
+
 @dataclass
 class LocalLayout:
     """What this rank holds.
@@ -256,6 +265,7 @@ class LocalLayout:
     groups: dict[GroupKey, list[torch.Tensor]]
     kinds: frozenset = frozenset()
     partial: list[tuple["DTensor", float]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # only with ``track=True``
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -348,21 +358,27 @@ def _reject_bare_flat_parameter(param: torch.Tensor) -> None:
         )
 
 
-def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> LocalLayout:
+def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, track: bool = False) -> LocalLayout:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
 
     Raises (before any collective and before any gradient is touched) on layouts that cannot be
     counted: a FlatParameter passed without its FSDP module, a shard group that does not fit inside
     a pipeline stage, a mark lost by re-wrapping. This loop runs once per parameter per call, so it
     stays lean: a DTensor layout is worked out once per DTensorSpec seen in the call.
+
+    With ``track``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
+    each local tensor comes from, for per-parameter norms.
     """
     LostMarks.raise_if_any()
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
+    entries: list[Entry] = []
     if not stage.distributed:
-        for p in params:
+        for i, p in enumerate(params):
             if p.grad is not None:
                 groups[(p.grad.device, p.grad.dtype, 1.0)].append(p.grad)
-        return LocalLayout(groups)
+                if track:
+                    entries.append(Entry(i, p.grad, 1.0))
+        return LocalLayout(groups, entries=entries)
     fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
     # Per-call caches, so the work per parameter is a few dict lookups and an append: anything
     # costlier is done once per distinct DTensorSpec, (mesh, placement types, dtype) or plain
@@ -375,7 +391,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     partial: list[tuple[DTensor, float]] = []
     ranks_of: dict = {}
     plain_weight = element_weight(1, stage.size)
-    for param in params:
+    for index, param in enumerate(params):
         grad = param.grad
         annotation: Optional[Annotation] = param.__dict__.get(_ANNOTATION_ATTR)
         sharded = annotation is not None and bool(annotation.sharded_over)
@@ -412,6 +428,8 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                     partial.append((grad, weight))
                 else:
                     groups[(grad.device, grad.dtype, weight)].append(local)
+                if track:
+                    entries.append(Entry(index, grad if _is_partial(grad) else local, weight, _is_partial(grad)))
                 continue
             key = id(spec if spec is not None else grad)
             entry = by_spec.get(key)
@@ -430,6 +448,8 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 partial.append((grad, entry[1]))
             else:
                 entry[0].append(local)
+            if track:
+                entries.append(Entry(index, local if entry[0] is not None else grad, entry[1], entry[0] is None))
             continue
         if annotation is None and not fsdp1:
             _reject_bare_flat_parameter(param)
@@ -440,6 +460,8 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 bucket = plain[where] = groups[(grad.device, grad.dtype, plain_weight)]
                 kinds.add(("plain", str(param.dtype)))
             bucket.append(grad)
+            if track:
+                entries.append(Entry(index, grad, plain_weight))
             continue
         pieces, copies, tensor, kind = 1, 1, grad, "plain"
         if id(param) in fsdp1:
@@ -467,7 +489,9 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         elif kind:
             kinds.add((kind, str(param.dtype)))
         groups[(tensor.device, tensor.dtype, weight)].append(tensor)
-    return LocalLayout(groups, frozenset(kinds), partial)
+        if track:
+            entries.append(Entry(index, tensor, weight))
+    return LocalLayout(groups, frozenset(kinds), partial, entries)
 
 
 def _is_partial(grad: "DTensor") -> bool:
