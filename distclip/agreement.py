@@ -83,24 +83,50 @@ def raise_mismatch(sig: Signature) -> None:
 
 
 def _describe(sig: Signature) -> str:
-    """Error path only, on every rank together: gather every rank's signature, name the odd ones."""
+    """Error path only, on every rank together: gather every rank's signature, name the odd ones.
+
+    "Most ranks" is said only of a true majority; when no value is shared by more than half of the
+    ranks, every rank's value is listed."""
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (sig.call, sorted(map(repr, sig.kinds)), sig.stage.index))
     lines = []
-    usual_call, _ = Counter(call for call, _, _ in everyone).most_common(1)[0]
-    for rank, (call, _, _) in enumerate(everyone):
-        if call != usual_call:
-            lines.append(f"rank {rank} called {_call_str(call)}, most ranks {_call_str(usual_call)}")
+    calls = Counter(call for call, _, _ in everyone)
+    usual_call, count = calls.most_common(1)[0]
+    if len(calls) > 1:
+        if 2 * count > len(everyone):
+            for rank, (call, _, _) in enumerate(everyone):
+                if call != usual_call:
+                    lines.append(f"rank {rank} called {_call_str(call)}, most ranks {_call_str(usual_call)}")
+        else:
+            lines.append("no call is shared by most ranks: " + "; ".join(
+                f"rank {rank} called {_call_str(call)}" for rank, (call, _, _) in enumerate(everyone)))
     for stage in sorted({s for _, _, s in everyone}):
         members = [(rank, kinds) for rank, (_, kinds, s) in enumerate(everyone) if s == stage]
-        usual_kinds, _ = Counter(tuple(k) for _, k in members).most_common(1)[0]
+        layouts = Counter(tuple(k) for _, k in members)
+        usual_kinds, count = layouts.most_common(1)[0]
+        if len(layouts) == 1:
+            continue
+        majority = 2 * count > len(members)
+        census_differs = False
         for rank, kinds in members:
-            if tuple(kinds) != usual_kinds:
+            if tuple(kinds) != usual_kinds or not majority:
                 extra, missing = sorted(set(kinds) - set(usual_kinds)), sorted(set(usual_kinds) - set(kinds))
-                lines.append(
-                    f"rank {rank} (pipeline stage {stage}) holds a different layout than the other ranks of its "
-                    f"stage: extra {extra or 'none'}, missing {missing or 'none'}"
-                )
+                census_differs = census_differs or any("parameters held" in k for k in extra + missing)
+                if majority:
+                    lines.append(
+                        f"rank {rank} (pipeline stage {stage}) holds a different layout than most ranks of its "
+                        f"stage: extra {extra or 'none'}, missing {missing or 'none'}"
+                    )
+                else:
+                    lines.append(f"rank {rank} (pipeline stage {stage}) holds {kinds}")
+        if not majority:
+            lines.insert(len(lines) - len(members), f"no layout is shared by most ranks of pipeline stage {stage}:")
+        if census_differs:
+            lines.append(
+                "ranks of one stage hold different parameters: if they hold different pipeline stages, pass "
+                "pp_group; if they hold different experts (or other pieces of a split tensor), mark those "
+                "with mark_sharded"
+            )
     if not lines:  # hash collision in the other direction cannot happen; keep the message useful
         lines.append("the ranks' signatures differ")
     return "distclip: ranks disagree, so no norm was computed and no gradient was changed:\n  " + "\n  ".join(lines)

@@ -13,12 +13,25 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from distclip import agreement
-from distclip.layout import LocalLayout, ParamsLike, Stage, as_param_list, current_stage, local_grad_tensors, local_layout
+from distclip import agreement, rank_errors
+from distclip.host_reads import host_reads_allowed
+from distclip.layout import (
+    DTensor,
+    LocalLayout,
+    ParamsLike,
+    Stage,
+    as_param_list,
+    current_stage,
+    is_partial_sum,
+    local_grad_tensors,
+    local_layout,
+)
 from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.reduce import reduce_partial_grads, reduce_partials, reduction_device
 
@@ -53,12 +66,55 @@ def _check_max_norm(max_norm: object) -> float:
     return value
 
 
-def _local_layout(parameters: ParamsLike, stage: Stage) -> LocalLayout:
-    """Layout discovery, then adjacent views merged so each group needs few kernels."""
-    params, module = as_param_list(parameters)
-    layout = local_layout(params, module, stage)
-    layout.groups = {key: coalesce(tensors) for key, tensors in layout.groups.items()}
-    return layout
+@dataclass
+class Call:
+    """One call as this rank sees it, or the error that keeps this rank from computing a norm.
+
+    A rank with an ``error`` still takes part in every collective of the call (see
+    ``rank_errors``), so the other ranks learn of it at once instead of waiting for the timeout.
+    """
+
+    fn: str
+    norm_type: float
+    max_norm: Optional[float]
+    error_if_nonfinite: bool
+    stage: Stage
+    params: list[torch.Tensor]
+    layout: Optional[LocalLayout] = None
+    error: Optional[Exception] = None
+
+    @property
+    def signature(self) -> tuple:
+        return agreement.call_signature(self.fn, self.norm_type, self.max_norm, self.error_if_nonfinite, self.stage)
+
+
+def _prepare(
+    fn: str, parameters: ParamsLike, norm_type: object, error_if_nonfinite: bool, pp_group: object, max_norm: object = None
+) -> Call:
+    """Steps 1 and 2: validate every argument and discover the layout, all locally.
+
+    Without a process group the error is raised at once, as torch would. In a distributed job it
+    is kept: raising here would leave the other ranks waiting in this call's collectives.
+    """
+    params: list[torch.Tensor] = []
+    try:
+        params, module = as_param_list(parameters)
+        checked_max = _check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
+        p = _check_norm_type(norm_type)
+        stage = current_stage(pp_group)
+        layout = local_layout(params, module, stage)
+        # adjacent views merged so each group needs few kernels
+        layout.groups = {key: coalesce(tensors) for key, tensors in layout.groups.items()}
+        return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout)
+    except Exception as error:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        try:  # the reduction op the others most likely use, so the reduced flags stay meaningful
+            p = float(norm_type)  # type: ignore[arg-type]
+        except Exception:
+            p = 2.0
+        stage = Stage(True, dist.get_world_size())
+        return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, params, error=error)
 
 
 def _norm_groups(layout: LocalLayout) -> dict:
@@ -70,6 +126,17 @@ def _norm_groups(layout: LocalLayout) -> dict:
     for tensor, weight in reduce_partial_grads(layout.partial):
         groups.setdefault((tensor.device, tensor.dtype, weight), []).append(tensor)
     return groups
+
+
+def _join_partial_reductions(params: list[torch.Tensor]) -> None:
+    """A failed rank still issues the ``Partial``-grad collectives its mesh peers issue: which
+    ones depends on the grads alone, so it can tell even when its other input is bad."""
+    try:
+        partial = [(p.grad, 0.0) for p in params if isinstance(p.grad, DTensor) and is_partial_sum(p.grad)]
+        if partial:
+            reduce_partial_grads(partial)
+    except Exception:  # noqa: BLE001 - this rank raises its own error right after the main collective
+        pass
 
 
 def _scale_groups(layout: LocalLayout) -> dict:
@@ -84,47 +151,77 @@ def _scale_groups(layout: LocalLayout) -> dict:
     return groups
 
 
-def _total_norm(
-    layout: LocalLayout, norm_type: float, error_if_nonfinite: bool, foreach: Optional[bool], stage: Stage, call: tuple
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The total norm, and (on accelerators) a device-side flag set if the ranks disagreed."""
-    has_float64 = any(dtype in _FLOAT64 for _, dtype, _ in layout.groups) or any(
-        g.dtype in _FLOAT64 for g, _ in layout.partial
-    )
-    groups = _norm_groups(layout)
+def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torch.dtype, Optional[torch.Tensor]]:
+    """Steps 3 and 4: the total norm in float64 (identical on every rank), the dtype to return it
+    in, and, where host reads are not allowed, a device-side flag set if the norm is poisoned
+    (ranks disagreed or a rank failed: every grad must stay as it is)."""
+    norm_type, stage, layout = call.norm_type, call.stage, call.layout
+    if layout is not None:
+        has_float64 = any(dtype in _FLOAT64 for _, dtype, _ in layout.groups) or any(
+            g.dtype in _FLOAT64 for g, _ in layout.partial
+        )
+        groups = _norm_groups(layout)
+    else:
+        _join_partial_reductions(call.params)
+        has_float64, groups = False, {}
     grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
     partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
+    out_device = grad_device or device
+    if not stage.distributed:
+        total = reduce_partials(partial, has_elements, norm_type, stage)[0]
+        out_dtype = torch.float64 if has_float64 else torch.float32
+        _raise_if_nonfinite(call, total, torch.tensor(has_float64))
+        return total, out_dtype, None
     use_max = math.isinf(norm_type)
-    sig = agreement.Signature(call, layout.kinds, stage) if stage.distributed else None
-    riders = (agreement.slots(sig, use_max) if sig else []) + [float(has_float64)]
+    sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
+    riders = agreement.slots(sig, use_max) + [float(has_float64), float(call.error is not None)]
     total, reduced = reduce_partials(partial, has_elements, norm_type, stage, riders)
-    disagreed = None
-    if sig is not None:
-        disagreed = agreement.mismatch(reduced[:-1], sig, use_max)
-        if device.type == "cpu":
-            if bool(disagreed):  # reading a CPU tensor is free; every rank sees the same value
-                agreement.raise_mismatch(sig)
-            disagreed = None
-            # float64 if any rank holds a float64 grad (an fp64 expert on one rank, say), so every
-            # rank returns the same dtype. On accelerators reading this would be a host sync, so
-            # there the dtype follows this rank's own grads.
-            has_float64 = bool(reduced[-1] > 0)
-        else:  # no host sync: a disagreement poisons the norm and leaves the grads alone
-            total = torch.where(disagreed, math.nan, total)
-    out_dtype = torch.float64 if has_float64 else torch.float32
-    # The returned value is the same on every rank (on CPU its dtype is agreed too), so every rank
-    # raises together. A host sync, as in torch.
-    if error_if_nonfinite and not bool(torch.isfinite(total.to(out_dtype))):
-        if disagreed is not None and bool(disagreed):
+    failed, has64 = reduced[-1] > 0, reduced[-2] > 0
+    disagreed = agreement.mismatch(reduced[:-2], sig, use_max)
+    poisoned = None
+    if host_reads_allowed(device):  # every rank reads the same reduced values: they act together
+        if bool(failed):
+            rank_errors.raise_everywhere(call.error, device)
+        if bool(disagreed):
             agreement.raise_mismatch(sig)
+        # float64 if any rank holds a float64 grad (an fp64 expert on one rank, say), so every
+        # rank returns the same dtype.
+        out_dtype = torch.float64 if bool(has64) else torch.float32
+    else:  # no host sync: a failure or disagreement poisons the norm and leaves the grads alone
+        if call.error is not None:
+            raise call.error
+        poisoned = failed | disagreed
+        total = torch.where(poisoned, math.nan, total)
+        # The dtype follows this rank's own grads (agreeing would be a host sync); every decision
+        # that must agree is taken from the float64 total, identical on every rank.
+        out_dtype = torch.float64 if has_float64 else torch.float32
+    if call.error_if_nonfinite and poisoned is not None and not bool(torch.isfinite(total)):
+        if bool(failed):
+            raise rank_errors.RankInputError(
+                "distclip: another rank could not take part (bad input there), so no norm was computed and no "
+                "gradient was changed; that rank raised its own error (details are not gathered on accelerators)"
+            )
+        if bool(disagreed):
+            agreement.raise_mismatch(sig)
+    _raise_if_nonfinite(call, total, has64)
+    return total.to(out_device), out_dtype, poisoned
+
+
+def _raise_if_nonfinite(call: Call, total: torch.Tensor, has64: torch.Tensor) -> None:
+    """``error_if_nonfinite``: the verdict on the norm as returned (float32 unless some rank holds
+    float64 grads), computed from values identical on every rank, so every rank raises together.
+    A host sync, as in torch."""
+    if not call.error_if_nonfinite:
+        return
+    finite = torch.where(has64.to(total.device), torch.isfinite(total), torch.isfinite(total.float()))
+    if not bool(finite):
         raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            f"The total norm of order {call.norm_type} for gradients from `parameters` is non-finite, so it "
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
             "anyway, set `error_if_nonfinite=False`"
         )
-    return total.to(device=grad_device or device, dtype=out_dtype), disagreed
 
 
 @torch.no_grad()
@@ -154,10 +251,9 @@ def get_total_norm(
         Total norm as a plain tensor: float32 (float64 if a local grad is float64), on the
         gradients' device.
     """
-    p = _check_norm_type(norm_type)
-    stage = current_stage(pp_group)
-    call = agreement.call_signature("get_total_norm", p, None, error_if_nonfinite, stage)
-    return _total_norm(_local_layout(parameters, stage), p, error_if_nonfinite, foreach, stage, call)[0]
+    call = _prepare("get_total_norm", parameters, norm_type, error_if_nonfinite, pp_group)
+    total, out_dtype, _ = _total_norm(call, foreach)
+    return total.to(out_dtype)
 
 
 @torch.no_grad()
@@ -188,17 +284,15 @@ def clip_grad_norm_(
     Returns:
         Total norm of the gradients before clipping (a plain tensor, identical on every rank).
     """
-    max_norm = _check_max_norm(max_norm)
-    p = _check_norm_type(norm_type)
-    stage = current_stage(pp_group)
-    layout = _local_layout(parameters, stage)
-    call = agreement.call_signature("clip_grad_norm_", p, max_norm, error_if_nonfinite, stage)
-    total, disagreed = _total_norm(layout, p, error_if_nonfinite, foreach, stage, call)
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    if disagreed is not None:
-        coef = torch.where(disagreed.to(coef.device), 1.0, coef)
-    scale_(_scale_groups(layout), coef, foreach)
-    return total
+    call = _prepare("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm)
+    total, out_dtype, poisoned = _total_norm(call, foreach)
+    assert call.layout is not None and call.max_norm is not None  # a failed call has raised
+    # From the float64 total, identical on every rank: so is every coefficient, bit for bit.
+    coef = (call.max_norm / (total + 1e-6)).clamp(max=1.0)
+    if poisoned is not None:
+        coef = torch.where(poisoned, 1.0, coef)
+    scale_(_scale_groups(call.layout), coef, foreach)
+    return total.to(out_dtype)
 
 
 @torch.no_grad()

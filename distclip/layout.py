@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import weakref
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional, Union
@@ -45,6 +46,7 @@ GroupLike = Union["dist.ProcessGroup", "DeviceMesh"]
 ParamsLike = Union[torch.Tensor, Iterable[torch.Tensor], nn.Module]
 
 _ANNOTATION_ATTR = "_distclip_annotation"
+_MASK = (1 << 61) - 1
 
 
 @dataclass(frozen=True)
@@ -391,10 +393,24 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     partial: list[tuple[DTensor, float]] = []
     ranks_of: dict = {}
     plain_weight = element_weight(1, stage.size)
+    # A census of the parameters every rank of the stage must hold alike: their number and a
+    # digest of (dtype, DTensor or not, global shape). A forgotten pp_group (stages hold different
+    # parameters) or forgotten mark_sharded on experts (ranks hold different numbers of
+    # "replicated" tensors) shows here. Left out: marked-sharded tensors (any number per rank) and
+    # FSDP1's (their local views differ per rank). ``hash`` of ints and tuples of ints does not
+    # depend on the process, unlike ``hash`` of strings, hence the crc32 codes for dtypes.
+    census_count = census_digest = 0
+    dtype_code: dict[torch.dtype, int] = {}
     for index, param in enumerate(params):
         grad = param.grad
         annotation: Optional[Annotation] = param.__dict__.get(_ANNOTATION_ATTR)
         sharded = annotation is not None and bool(annotation.sharded_over)
+        if not sharded and id(param) not in fsdp1:
+            code = dtype_code.get(param.dtype)
+            if code is None:
+                code = dtype_code[param.dtype] = zlib.crc32(str(param.dtype).encode())
+            census_count += 1
+            census_digest = (census_digest + hash((code, isinstance(param, DTensor), *param.shape))) & _MASK
         if isinstance(param, DTensor):
             # The agreement compares what ranks hold as *parameters*: a frozen parameter, or one
             # whose grad is None on this rank only, is no disagreement.
@@ -491,6 +507,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         groups[(tensor.device, tensor.dtype, weight)].append(tensor)
         if track:
             entries.append(Entry(index, tensor, weight))
+    kinds.add(("parameters held (count, digest of dtypes and shapes)", census_count, census_digest))
     return LocalLayout(groups, frozenset(kinds), partial, entries)
 
 
@@ -503,3 +520,8 @@ def _is_partial(grad: "DTensor") -> bool:
                 "can be measured (redistribute it to Shard/Replicate first)"
             )
     return bool(partial)
+
+
+def is_partial_sum(grad: "DTensor") -> bool:
+    """Whether ``grad`` is a ``Partial`` sum/average DTensor (never raises)."""
+    return any(isinstance(p, Partial) and p.reduce_op in ("sum", "avg") for p in grad._spec.placements)

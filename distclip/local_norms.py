@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from distclip.host_reads import host_reads_allowed
 from distclip.layout import GroupKey
 
 # Large contiguous gradients are reduced as rows, then the row norms are combined in float64. On
@@ -37,14 +38,16 @@ def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: floa
     - float64 grads, and p-norms other than 2 on CPU: float64. torch's CPU kernels accumulate
       |g|^p naively for p != 2 (p=1 over 10k fp32 elements: relative error 1.5e-6); p=2, the
       default, keeps its fast float32 path.
-    - CPU otherwise: float32; an overflow is detected and repaired without any device sync.
-    - Accelerators: no host check is allowed on the default path, so finite p-norms of grads
-      whose |g|^p can overflow float32 (bf16 and fp32 share its range) accumulate in float64.
+    - CPU otherwise: float32; an overflow or underflow is detected and repaired without any
+      device sync.
+    - Accelerators (wherever ``host_reads_allowed`` says no): no host check is allowed, so finite
+      p-norms of grads whose |g|^p can overflow or underflow float32 (bf16 and fp32 share its
+      range) accumulate in float64.
     """
     finite_p = norm_type != 0 and not math.isinf(norm_type)
     if dtype == torch.float64 or (device.type == "cpu" and finite_p and norm_type != 2):
         return torch.float64
-    if device.type == "cpu" or not finite_p:
+    if host_reads_allowed(device) or not finite_p:  # float32 with a cheap check and repair
         return torch.float32
     if dtype == torch.float16 and abs(norm_type) <= 2:  # 65504^2 * 2^31 elements still fits float32
         return torch.float32
@@ -187,7 +190,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     acc = accumulation_dtype(dtype, device, norm_type)
     norms = piece_norms(tensors, norm_type, acc, foreach)
     # CPU only: reading a CPU tensor is not a device sync.
-    if 0 < norm_type < math.inf and acc == torch.float32 and device.type == "cpu" and norms.numel():
+    if 0 < norm_type < math.inf and acc == torch.float32 and norms.numel() and host_reads_allowed(device):
         if bool((torch.isinf(norms) | (norms < TINY)).any()):
             norms = _repair(tensors, norms, norm_type)
     norms = norms.double()

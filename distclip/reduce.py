@@ -42,8 +42,8 @@ def packed_length(n_extra: int) -> int:
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
     """Host numbers to ``device`` without a sync (pinned memory, non-blocking copy)."""
     host = torch.tensor(values, dtype=torch.float64)
-    if device.type == "cpu":
-        return host
+    if device.type != "cuda":
+        return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
 
 

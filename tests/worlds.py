@@ -347,7 +347,7 @@ def nonfinite_everywhere(world: int) -> list[tuple[str, bool, str]]:
 
 
 def bad_input_same_error(world: int) -> list[tuple[str, bool, str]]:
-    """Bad input raises the same exception on every rank, before any collective, grads intact."""
+    """Bad input raises the same exception on every rank, grads intact."""
     mesh = init_device_mesh("cpu", (world,))
     ok_param = dparam(full_grad((4, 2), 80), mesh, [Shard(0)])
     partial = nn.Parameter(distribute_tensor(torch.zeros(3), mesh, [Replicate()]))
@@ -372,7 +372,10 @@ def bad_input_same_error(world: int) -> list[tuple[str, bool, str]]:
         except Exception as e:  # noqa: BLE001
             err = f"{type(e).__name__}: {e}"
         n_calls = calls.stop()
-        ok = err != "no exception" and n_calls == 0 and torch.equal(local_of(ok_param.grad), before)
+        # Every rank got the same bad input: each raises its own error after the call's collective
+        # (which tells every rank that some rank failed) and, where host reads are free, one gather
+        # of the ranks' messages.
+        ok = err != "no exception" and n_calls <= 2 and torch.equal(local_of(ok_param.grad), before)
         records.append((f"bad input: {name}", ok and same_on_every_rank(err), err[:100]))
     return records
 

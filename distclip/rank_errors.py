@@ -1,0 +1,85 @@
+"""One rank's bad input reaches every rank within the call.
+
+A rank that gets bad input (a NaN ``max_norm`` from its own schedule, a wrongly built
+``pp_group``, a layout it cannot count) cannot compute a partial norm. If it raised at once, the
+other ranks would wait in the all-reduce until the process-group timeout (minutes; forever with
+NCCL and no watchdog). Instead it still takes part in every collective of the call, with a flag
+set in the reduced vector; every rank then sees the flag and raises: the failing rank its own
+exception, the others the same exception class with a message naming the failing rank and its
+problem. No gradient is changed on any rank.
+
+Only the error path gathers messages (one ``all_gather`` of fixed-size byte buffers, no pickling),
+and only where reading the flag costs no host sync (see ``host_reads``); on accelerators the flag
+poisons the norm on the device instead, and the failing rank raises its own exception.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+MESSAGE_BYTES = 1024
+
+
+class RankInputError(RuntimeError):
+    """Another rank failed before the norm could be computed (its exception was not a built-in)."""
+
+
+def _encode(error: Optional[BaseException]) -> bytes:
+    if error is None:
+        return b""
+    return f"{type(error).__name__}\0{error}".encode("utf-8", "replace")[: MESSAGE_BYTES - 1]
+
+
+def gather(error: Optional[BaseException], device: torch.device) -> list[Optional[tuple[str, str]]]:
+    """Error path only, all ranks together: every rank's (exception class name, message) or None."""
+    payload = _encode(error)
+    mine = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+    mine[0] = 1 if error is not None else 0
+    if payload:
+        mine[1 : 1 + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    mine = mine.to(device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    out: list[Optional[tuple[str, str]]] = []
+    for buf in everyone:
+        raw = bytes(buf.cpu().tolist())
+        if raw[0] == 0:
+            out.append(None)
+            continue
+        name, _, message = raw[1:].rstrip(b"\0").decode("utf-8", "replace").partition("\0")
+        out.append((name, message))
+    return out
+
+
+def _exception_class(name: str) -> type[Exception]:
+    from distclip.agreement import LayoutMismatchError
+
+    known = {"LayoutMismatchError": LayoutMismatchError}
+    cls = known.get(name, getattr(builtins, name, None))
+    if isinstance(cls, type) and issubclass(cls, Exception) and cls.__init__ is not None:
+        return cls
+    return RankInputError
+
+
+def raise_everywhere(error: Optional[BaseException], device: torch.device) -> None:
+    """Called by every rank once the reduced flag says some rank failed: raise on every rank."""
+    failures = gather(error, device)
+    if error is not None:
+        raise error
+    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    rank, (name, message) = bad[0]
+    others = f" (and {len(bad) - 1} more rank(s): {', '.join(str(r) for r, _ in bad[1:])})" if len(bad) > 1 else ""
+    cls = _exception_class(name)
+    text = (
+        f"distclip: rank {rank} could not take part, so no rank computed a norm or changed a gradient{others}. "
+        f"Rank {rank} raised {name}: {message}"
+    )
+    try:
+        exc = cls(text)
+    except Exception:  # an exception class whose constructor wants other arguments
+        exc = RankInputError(text)
+    raise exc
