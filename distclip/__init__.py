@@ -6,8 +6,10 @@ tensor parallelism, HSDP, pipeline stages, MoE experts and tied weights, alone o
 """
 
 from distclip.agreement import LayoutMismatchError
+from distclip.audit import AuditReport, audit
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from distclip.layout import mark_replicated, mark_sharded
+from distclip.norms import describe, describe_rows, grad_norms
 
 __all__ = [
     "clip_grad_norm_",
@@ -17,5 +19,10 @@ __all__ = [
     "mark_sharded",
     "mark_replicated",
     "LayoutMismatchError",
+    "grad_norms",
+    "describe",
+    "describe_rows",
+    "audit",
+    "AuditReport",
 ]
 __version__ = "0.1.0"

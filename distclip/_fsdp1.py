@@ -85,3 +85,57 @@ def full_flat_grads(module: nn.Module) -> dict[str, torch.Tensor]:
             out[f"{prefix}.{fqn}" if prefix else fqn] = shard[offset : offset + numel].view(shape)
             offset += numel
     return out
+
+
+class Fsdp1Shard(NamedTuple):
+    """Where one FSDP1-managed parameter's local shard sits (for ``distclip.norms`` / ``audit``)."""
+
+    rank: int  # this rank's index in the parameter's sharding group (0 when not sharded)
+    size: int  # ranks of the sharding group (1 when not sharded)
+    flat: bool  # a FlatParameter (``use_orig_params=False``)
+    shape: torch.Size | None  # the original parameter's full shape (None for a FlatParameter)
+
+
+class FlatSegment(NamedTuple):
+    """One original parameter inside a FlatParameter's local shard."""
+
+    fqn: str  # relative to the FSDP module that owns the FlatParameter
+    offset: int  # start in the local shard (0 when not in it)
+    numel: int  # elements of the original parameter in this rank's shard (0 when none)
+    shape: torch.Size  # the original parameter's full shape
+
+
+def shard_info(module: nn.Module) -> dict[int, Fsdp1Shard]:
+    """Map ``id(param)`` to its FSDP1 shard position, for every parameter FSDP1 manages in
+    ``module`` (FlatParameters with ``use_orig_params=False``, the original parameters otherwise)."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return {}
+    found: dict[int, Fsdp1Shard] = {}
+    for handle in _handles(module, FullyShardedDataParallel):
+        flat_param = handle.flat_param
+        if handle.uses_sharded_strategy:
+            rank, size = dist.get_rank(handle.process_group), handle.process_group.size()
+        else:
+            rank, size = 0, 1
+        if handle._use_orig_params:
+            for param, shape in zip(flat_param._params or (), flat_param._shapes):
+                found[id(param)] = Fsdp1Shard(rank, size, False, shape)
+        else:
+            found[id(flat_param)] = Fsdp1Shard(rank, size, True, None)
+    return found
+
+
+def flat_segments(flat_param: torch.Tensor) -> list[FlatSegment]:
+    """The original parameters of a FlatParameter (``use_orig_params=False``) and the part of each
+    that lies in this rank's local shard, from FSDP1's ``_fqns``, ``_shapes`` and
+    ``_shard_param_infos`` (offsets into the local shard, which ends in padding)."""
+    out = []
+    for fqn, shape, info in zip(flat_param._fqns, flat_param._shapes, flat_param._shard_param_infos):
+        if info.in_shard:
+            out.append(FlatSegment(fqn, int(info.offset_in_shard), int(info.numel_in_shard), shape))
+        else:
+            out.append(FlatSegment(fqn, 0, 0, shape))
+    return out

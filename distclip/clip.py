@@ -24,6 +24,7 @@ from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     DTensor,
     LocalLayout,
+    LostMarks,
     ParamsLike,
     Stage,
     as_param_list,
@@ -33,12 +34,17 @@ from distclip.layout import (
     local_layout,
 )
 from distclip.local_norms import coalesce, local_partial, scale_
+from distclip.plan import PlanCache
 from distclip.reduce import reduce_partial_grads, reduce_partials, reduction_device
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 
 # Grads whose norm is returned as float64, as torch does (complex128's magnitudes are float64).
 _FLOAT64 = (torch.float64, torch.complex128)
+
+# Layout plans of the parameter lists seen recently (see ``plan``): the only state kept across
+# calls, checked on every call and dropped with the parameters it names.
+PLANS = PlanCache()
 
 
 def _as_float(value: object, name: str) -> float:
@@ -102,7 +108,8 @@ def _prepare(
         checked_max = _check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
         p = _check_norm_type(norm_type)
         stage = current_stage(pp_group)
-        layout = local_layout(params, module, stage)
+        LostMarks.raise_if_any()
+        layout = PLANS.layout(params, module, stage)
         # adjacent views merged so each group needs few kernels
         layout.groups = {key: coalesce(tensors) for key, tensors in layout.groups.items()}
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout)
@@ -291,7 +298,10 @@ def clip_grad_norm_(
     coef = (call.max_norm / (total + 1e-6)).clamp(max=1.0)
     if poisoned is not None:
         coef = torch.where(poisoned, 1.0, coef)
-    scale_(_scale_groups(call.layout), coef, foreach)
+    # Multiplying by exactly 1.0 changes nothing; on CPU, where reading the coefficient is free,
+    # that pass over every grad (~1 us per tensor) is skipped. Never on accelerators: a host sync.
+    if not (host_reads_allowed(coef.device) and bool(coef == 1.0)):
+        scale_(_scale_groups(call.layout), coef, foreach)
     return total.to(out_dtype)
 
 

@@ -117,6 +117,13 @@ def group_info(group: object, what: str) -> GroupInfo:
     return GroupInfo(pg, frozenset(dist.get_process_group_ranks(pg)))
 
 
+class Marks:
+    """How many marks have been made in this process: a cached layout plan (``plan``) made before
+    a new ``mark_sharded``/``mark_replicated`` is not trusted after it."""
+
+    version = 0
+
+
 class LostMarks:
     """Marks dropped by re-wrapping, reported at the next clip call.
 
@@ -171,6 +178,7 @@ def _annotate(param: object, fn: str, group: object, field_name: str) -> None:
     else:
         new = Annotation(current.sharded_over, info)
     setattr(param, _ANNOTATION_ATTR, new)
+    Marks.version += 1
     if not isinstance(param, DTensor):
         LostMarks.watch(param)
 

@@ -8,6 +8,7 @@ holds (no early return for a rank without gradients: that is a hang, AReaL #1139
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -19,13 +20,27 @@ from distclip.layout import DTensor, Stage
 def reduction_device(stage: Stage) -> torch.device:
     """The device the partial is reduced on, chosen from facts every rank shares (the backend and
     the accelerator), never from this rank's grads: a rank without grads, or with CPU-offloaded
-    ones, must still use the same backend as the others, or the collective hangs."""
+    ones, must still use the same backend as the others, or the collective hangs.
+
+    On NCCL: the device the default process group is bound to (``init_process_group(device_id=...)``),
+    else the current CUDA device, unless that is still the default ``cuda:0`` while ``LOCAL_RANK``
+    names another GPU (a job that moved its model to ``cuda:{local_rank}`` but never called
+    ``torch.cuda.set_device``): then ``cuda:{LOCAL_RANK}``, since every rank reducing on cuda:0
+    makes NCCL fail or hang.
+    """
     if not stage.distributed:
         return torch.device("cpu")
     backend = str(dist.get_backend()).lower()
-    if torch.cuda.is_available() and ("nccl" in backend or "cuda" in backend or backend == "undefined"):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if not (torch.cuda.is_available() and ("nccl" in backend or "cuda" in backend or backend == "undefined")):
+        return torch.device("cpu")
+    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    if bound is not None:
+        return torch.device(bound)
+    current = torch.cuda.current_device()
+    local_rank = os.environ.get("LOCAL_RANK", "")
+    if current == 0 and local_rank.isdigit() and 0 < int(local_rank) < torch.cuda.device_count():
+        return torch.device("cuda", int(local_rank))
+    return torch.device("cuda", current)
 
 
 def reduction_op(norm_type: float) -> "dist.ReduceOp":

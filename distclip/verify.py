@@ -1,6 +1,8 @@
 """The main job: prove distclip against a single-process float64 reference in real layouts.
 
     torchrun --standalone --nproc_per_node=4 -m distclip.verify
+    python -m distclip.verify            # no torchrun: starts 4 local ranks itself (--nproc N)
+    python -m distclip.verify --list     # the layouts
 
 Builds a small real model in every layout the world size allows, runs a real forward/backward,
 clips with distclip, and compares the returned norm and the clipped gradients (gathered to full
@@ -8,16 +10,32 @@ tensors) with a float64 reference computed on one process over the full gradient
 table and a one-line summary; exits non-zero on any failure. CPU/gloo by default, GPU/NCCL when
 launched on GPUs. ``--impl torch`` runs the same checks against ``torch.nn.utils.clip_grad_norm_``
 to show where today's tool is wrong.
+
+Every layout's outcome is agreed by all ranks through the rendezvous store (not through the process
+group, which a failing layout may leave stuck or out of step) before the next layout starts. The
+process group has a short timeout (``--timeout``, 60 s): a layout where some ranks wait in a
+collective that others never enter (torch's own function raising on some ranks only) is reported
+as ``FAIL (hang/timeout)``, the process group is rebuilt and the job goes on; it always ends with
+the table, a summary line and a non-zero exit code on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import datetime
+import logging
 import math
 import os
+import pickle
+import re
+import socket
+import subprocess
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,8 +45,9 @@ from torch import nn
 import distclip
 from distclip import _fsdp1
 
-NORM_TYPES = (1.0, 2.0, 3.0, math.inf)
+NORM_TYPES = (1.0, 2.0, 3.0, math.inf, 0.5, 0.0, -math.inf, -2.0)  # every grad is non-zero, so p <= 0 means something
 VOCAB, DIM, HIDDEN, OUT = 16, 8, 24, 2  # OUT=2 rows: at 4 ranks, some FSDP shards are empty
+BATCH, SEQ = 4, 8  # SEQ divisible by 4: sequence parallelism shards it evenly
 
 
 class Block(nn.Module):
@@ -58,8 +77,12 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
 
 
 def batch(device: torch.device) -> torch.Tensor:
+    """Random tokens in which every vocabulary row occurs: no embedding row gets an exact-zero
+    gradient, so the p <= 0 references (min |g|, count of non-zeros, negative p) are not trivial."""
     g = torch.Generator().manual_seed(1234)
-    return torch.randint(0, VOCAB, (4, 6), generator=g).to(device)
+    tokens = torch.randint(0, VOCAB, (BATCH * SEQ,), generator=g)
+    tokens[torch.randperm(BATCH * SEQ, generator=g)[:VOCAB]] = torch.arange(VOCAB)
+    return tokens.view(BATCH, SEQ).to(device)
 
 
 def new_model(device: torch.device) -> Block:
@@ -87,16 +110,8 @@ class Built:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    build: Callable[["Ctx"], Built]
+    build: Callable[[Ctx], Built]
     allowed: Callable[[int], bool]
-
-
-@dataclass
-class Ctx:
-    rank: int
-    world: int
-    device: torch.device
-    impl: str
 
 
 def single_process_grads(device: torch.device, tied: bool = False) -> dict[str, torch.Tensor]:
@@ -195,7 +210,11 @@ def build_fsdp2(ctx: Ctx, hsdp: bool = False) -> Built:
 def build_tp(ctx: Ctx) -> Built:
     """Tensor parallel MLP; embedding, norm and head stay plain replicated tensors (a DTensor +
     plain mix, which torch's own function rejects)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     tp_mesh = mesh(ctx, (ctx.world,), ("tp",))
     model = new_model(ctx.device)
@@ -208,7 +227,11 @@ def build_2d(ctx: Ctx) -> Built:
     """TP inside FSDP2 on a (dp, tp) mesh; embedding, norm and head live on the dp-only mesh
     (torch's own function raises on this mix, pytorch #180346)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     tp = 2 if ctx.world % 2 == 0 else 1
     mesh_2d = mesh(ctx, (ctx.world // tp, tp), ("dp", "tp"))
@@ -221,7 +244,7 @@ def build_2d(ctx: Ctx) -> Built:
     return Built(model, plain_full(model), local_grad_tensors(model))
 
 
-def _pipeline_groups(ctx: Ctx) -> tuple[int, int, "dist.ProcessGroup", Optional[object]]:
+def _pipeline_groups(ctx: Ctx) -> tuple[int, int, dist.ProcessGroup, object | None]:
     """pp=2: ranks [0, W/2) hold stage 0, [W/2, W) stage 1; rank r pairs with r +- W/2."""
     pp_mesh = mesh(ctx, (2, ctx.world // 2), ("pp", "dp"))
     stage = pp_mesh.get_local_rank("pp")
@@ -238,7 +261,7 @@ def _run_pipeline(stage: int, peer: int, stage0: Callable, stage1: Callable, dev
         dist.recv(grad, peer)
         act.backward(grad)
     else:
-        act = torch.empty(4, 6, DIM, device=device)
+        act = torch.empty(BATCH, SEQ, DIM, device=device)
         dist.recv(act, peer)
         act.requires_grad_(True)
         loss_of(stage1(act)).backward()
@@ -249,7 +272,7 @@ def build_pp_fsdp(ctx: Ctx) -> Built:
     """Two pipeline stages, each FSDP2-sharded over its own dp mesh."""
     from torch.distributed.fsdp import fully_shard
 
-    stage, peer, pp_group, pp_mesh = _pipeline_groups(ctx)
+    stage, peer, _, pp_mesh = _pipeline_groups(ctx)
     full_model = new_model(ctx.device)
     keep = ("embed", "fc1", "fc2") if stage == 0 else ("norm", "head")
     part = nn.ModuleDict({k: getattr(full_model, k) for k in keep})
@@ -311,7 +334,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): experts[e] for e in owned})
         self.embed = nn.Embedding(VOCAB, DIM).to(device)
 
-    def forward(self, tokens: torch.Tensor, group: Optional["dist.ProcessGroup"]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         x = self.dense(self.embed(tokens))
         route, routed = tokens % self.NUM_EXPERTS, x.detach()  # experts do not backprop into the trunk
         y = torch.zeros_like(x)
@@ -341,6 +364,114 @@ def build_ep(ctx: Ctx) -> Built:
     return Built(model, plain_full(model), local_grad_tensors(model), reference_grads=ref)
 
 
+class LoRABlock(nn.Module):
+    """A frozen Linear(16, 16) plus a trainable rank-2 adapter Linear(16, 2): in one FSDP1 flat
+    parameter of 304 elements the 32 trainable ones come last, so at 4 ranks only the last rank's
+    shard holds any of them."""
+
+    WIDTH, RANK = 16, 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(self.WIDTH, self.WIDTH)
+        self.frozen.requires_grad_(False)
+        self.adapter = nn.Linear(self.WIDTH, self.RANK, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.adapter(x).repeat_interleave(self.WIDTH // self.RANK, dim=-1)
+        return x + torch.tanh(self.frozen(x) + up)
+
+
+class LoRA(nn.Module):
+    def __init__(self, blocks: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(LoRABlock() for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def lora_input(device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4321)
+    return torch.randn(BATCH, SEQ, LoRABlock.WIDTH, generator=g).to(device)
+
+
+def build_fsdp1_lora(ctx: Ctx) -> Built:
+    """FSDP1 FULL_SHARD, use_orig_params=True, one unit per block, frozen base weights: most ranks
+    hold no trainable element in their shard (FSDP1's own ``model.clip_grad_norm_`` is right here)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    reference = LoRA().to(ctx.device)
+    loss_of(reference(lora_input(ctx.device))).backward()
+    ref = {n: p.grad.detach().double().cpu() for n, p in reference.named_parameters() if p.grad is not None}
+    model = FSDP(
+        LoRA().to(ctx.device),
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        use_orig_params=True,
+        auto_wrap_policy=ModuleWrapPolicy({LoRABlock}),
+        device_id=ctx.device,
+    )
+    loss_of(model(lora_input(ctx.device))).backward()
+
+    def full() -> dict[str, torch.Tensor]:
+        # summon_full_params(with_grads=True) fills zeros for the frozen weights: leave them out
+        with FSDP.summon_full_params(model, with_grads=True):
+            return {
+                clean_name(n): p.grad.detach().clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None and p.requires_grad
+            }
+
+    return Built(model, full, local_grad_tensors(model), reference_grads=ref)
+
+
+class PreNormBlock(Block):
+    """The same parameters as Block in the pre-norm order sequence parallelism needs:
+    embed -> x + fc2(gelu(fc1(norm(x)))) -> head."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.head(x)
+
+
+def build_tp_sp(ctx: Ctx) -> Built:
+    """Tensor + sequence parallel (Megatron-SP / torchtitan style): the embedding reduce-scatters
+    onto sequence shards, LayerNorm runs on its sequence shard (SequenceParallel), fc1 all-gathers
+    the sequence, fc2 reduce-scatters back onto it; the head stays a plain replicated Linear. The
+    LayerNorm's weight and bias grads are ``Partial`` DTensors (sums over the sequence shards)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    reference = PreNormBlock().to(ctx.device)
+    loss_of(reference(batch(ctx.device))).backward()
+    ref = {n: p.grad.detach().double().cpu() for n, p in reference.named_parameters()}
+    tp_mesh = mesh(ctx, (ctx.world,), ("tp",))
+    torch.manual_seed(0)
+    model = PreNormBlock().to(ctx.device)
+    parallelize_module(model, tp_mesh, {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "fc1": ColwiseParallel(input_layouts=Shard(1)),
+        "fc2": RowwiseParallel(output_layouts=Shard(1)),
+        "head": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
+    })
+    loss_of(model(batch(ctx.device))).backward()
+    return Built(model, plain_full(model), local_grad_tensors(model), reference_grads=ref)
+
+
 SCENARIOS = (
     Scenario("DDP", build_ddp, lambda w: True),
     Scenario("FSDP1 FULL_SHARD flat", build_fsdp1("FULL_SHARD", False), lambda w: True),
@@ -354,7 +485,10 @@ SCENARIOS = (
     Scenario("PP x FSDP", build_pp_fsdp, lambda w: w % 2 == 0),
     Scenario("EP uneven experts", build_ep, lambda w: True),
     Scenario("tied embed PP", build_tied_pp, lambda w: w % 2 == 0),
+    Scenario("FSDP1 LoRA", build_fsdp1_lora, lambda w: True),
+    Scenario("TP + SP", build_tp_sp, lambda w: SEQ % w == 0),
 )
+LAYOUT_NAMES = tuple(s.name for s in SCENARIOS)
 
 # ----------------------------------------------------------------------------- checking
 
@@ -393,48 +527,252 @@ def clip(ctx: Ctx, built: Built, max_norm: float, norm_type: float) -> torch.Ten
     return distclip.clip_grad_norm_(built.parameters, max_norm, norm_type, pp_group=built.pp_group)
 
 
-def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> list[Row]:
-    built = scenario.build(ctx)
-    saved = [g.detach().clone() for g in built.local_grads()]
-    rows = []
-    sanity = ""
-    for norm_type in norm_types:
-        for g, s in zip(built.local_grads(), saved):
-            g.copy_(s)
-        before = _world_full(built.local_full())
-        if not sanity:
+# ----------------------------------------------------------------------------- agreement
+
+
+class RanksLost(RuntimeError):
+    """Some rank did not report an outcome in time: it is stuck (or dead); the job cannot go on."""
+
+
+class Agreement:
+    """Every rank's outcome of a step, exchanged through the rendezvous store.
+
+    The store, unlike the process group, works whatever state the collectives are in: a rank that
+    raised before a collective and a rank stuck in it until the process group's timeout both end up
+    here, and nobody issues a collective the others do not. Ranks call it in the same order, so a
+    counter names each round.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world: int, wait_s: float) -> None:
+        self.store = dist.PrefixStore("distclip-verify/", store)
+        self.rank, self.world, self.wait_s, self.round = rank, world, wait_s, 0
+
+    def __call__(self, value: object) -> list:
+        self.round += 1
+        keys = [f"{self.round}/{r}" for r in range(self.world)]
+        self.store.set(keys[self.rank], base64.b64encode(pickle.dumps(value)).decode())
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=self.wait_s))
+        except Exception as e:
+            missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+            raise RanksLost(f"rank(s) {missing} did not report within {self.wait_s:.0f} s (hung or died)") from e
+        return [pickle.loads(base64.b64decode(self.store.get(k))) for k in keys]
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    device: torch.device
+    impl: str
+    timeout_s: float = 60.0  # the process group's timeout (used when it is rebuilt)
+    agree: Agreement | None = None  # made from the default group's store on first use
+    base_store: object = None
+    epoch: int = 0
+
+    def agreement(self) -> Agreement:
+        if self.agree is None:
+            self.base_store = dist.distributed_c10d._get_default_store()
+            self.agree = Agreement(self.base_store, self.rank, self.world, wait_s=2 * self.timeout_s + 30)
+        return self.agree
+
+
+def _error(e: BaseException) -> str:
+    message = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", " ".join(str(e).split()))  # gloo's source location
+    return f"{type(e).__name__}: {message[:240]}"
+
+
+def _is_timeout(message: str) -> bool:
+    text = message.lower()
+    return any(s in text for s in ("timed out", "timeout", "time out", "distbackenderror", "connection closed", "connection reset"))
+
+
+def _attempt(fn: Callable[[], object]) -> tuple[object, str | None]:
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row, on every rank
+        return None, _error(e)
+
+
+def _describe(errors: list[str | None]) -> str:
+    """'ranks 2,3: RuntimeError: ...; ranks 0,1: DistBackendError: ...timed out...'"""
+    by_message: dict[str, list[int]] = {}
+    for rank, message in enumerate(errors):
+        if message is not None:
+            by_message.setdefault(message, []).append(rank)
+    parts = [f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))}: {m}" for m, r in by_message.items()]
+    return "; ".join(parts)
+
+
+def _failure(errors: list[str | None]) -> tuple[str, bool]:
+    """(detail, hung): hung when some rank timed out in a collective or did not raise at all while
+    others did (it was left waiting): the process group must be rebuilt."""
+    raised = [e for e in errors if e is not None]
+    hung = any(_is_timeout(e) for e in raised)
+    detail = _describe(errors)
+    return (f"hang/timeout: {detail}" if hung else detail), hung
+
+
+def reset_process_group(ctx: Ctx) -> None:
+    """A fresh default process group on a fresh store prefix: after a timed-out collective the old
+    one is out of step (ranks disagree on which collective comes next)."""
+    backend = dist.get_backend()
+    dist.destroy_process_group()
+    ctx.epoch += 1
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"distclip-verify-epoch{ctx.epoch}/", ctx.base_store),
+        rank=ctx.rank, world_size=ctx.world, timeout=datetime.timedelta(seconds=ctx.timeout_s),
+    )
+
+
+def _save_grads(built: Built) -> list[tuple[object, torch.Tensor]]:
+    return [(g, g.detach().clone()) for g in built.local_grads()]
+
+
+def _restore_grads(built: Built, saved: list[tuple[object, torch.Tensor]]) -> None:
+    current = built.local_grads()
+    if len(current) != len(saved) or any(c.data_ptr() != s[0].data_ptr() for c, s in zip(current, saved)):
+        raise RuntimeError("the gradients were replaced (not scaled in place) by the clip call; cannot restore them")
+    for g, (_, copy) in zip(current, saved):
+        g.copy_(copy)
+
+
+def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[list[Row], bool]:
+    """One layout, every norm type. Returns (rows, reset): rows are the same on every rank; reset
+    says the process group may be out of step (a timeout, or a step that failed part-way).
+
+    Each step (build, reference, clip, comparison) runs under try/except on every rank and its
+    outcome is agreed before the next step, so a rank that raised never skips a collective that
+    the others make.
+    """
+    agree = ctx.agreement()
+    rows: list[Row] = []
+
+    def not_run(from_index: int, why: str) -> None:
+        for p in norm_types[from_index:]:
+            rows.append(Row(scenario.name, p, math.nan, math.nan, math.nan, False, why))
+
+    built, err = _attempt(lambda: scenario.build(ctx))
+    errors = agree(err)
+    if any(errors):
+        detail, hung = _failure(errors)
+        not_run(0, f"build failed: {detail}")
+        return rows, True  # a failed build leaves the process group in an unknown state
+
+    state: dict = {}
+
+    def prepare() -> tuple[str, float]:
+        if "saved" not in state:
+            state["saved"] = _save_grads(built)
+        else:
+            _restore_grads(built, state["saved"])
+        state["before"] = before = _world_full(built.local_full())
+        if "sanity" not in state:
             expected = built.reference_grads or single_process_grads(ctx.device)
             bad = [n for n in expected if n not in before or not torch.allclose(before[n], expected[n], rtol=1e-4, atol=1e-6)]
-            sanity = f"grads differ from single-process model: {bad}" if bad else "ok"
-        ref = reference_norm(before, norm_type)
+            extra = [n for n in before if n not in expected]
+            state["sanity"] = f"grads differ from single-process model: {bad + extra}" if bad or extra else ""
+        return state["sanity"]
+
+    for i, norm_type in enumerate(norm_types):
+        _, err = _attempt(prepare)
+        errors = agree(err)
+        if any(errors):
+            detail, hung = _failure(errors)
+            not_run(i, f"reference failed: {detail}")
+            return rows, True
+        ref = reference_norm(state["before"], norm_type)
         max_norm = ref * 0.5
-        try:
-            total = clip(ctx, built, max_norm, norm_type)
-            result, detail = float(total.detach().double().cpu()), ""
-        except Exception as e:  # the torch baseline raises on several layouts
-            result, detail = math.nan, f"{type(e).__name__}: {str(e)[:60]}"
-        after = _world_full(built.local_full())
-        coef = min(1.0, max_norm / (ref + 1e-6))
+
+        total, err = _attempt(lambda m=max_norm, p=norm_type: float(clip(ctx, built, m, p).detach().double().cpu()))
+        outcomes = agree((total, err))
+        errors = [e for _, e in outcomes]
+        results = [t for t, _ in outcomes]
+        if any(errors):
+            detail, hung = _failure(errors)
+            rows.append(Row(scenario.name, norm_type, ref, math.nan, math.nan, False, detail))
+            if hung:
+                not_run(i + 1, "not run: the process group was rebuilt after the timeout above")
+                return rows, True
+            continue
+
+        def compare(results: list = results, ref: float = ref, max_norm: float = max_norm) -> tuple[bool, str]:
+            result = results[ctx.rank]
+            before = state["before"]
+            after = _world_full(built.local_full())
+            coef = min(1.0, max_norm / (ref + 1e-6))
+            rel = abs(result - ref) / ref if ref else abs(result)
+            if not rel <= 1e-6:
+                return False, "norm differs from reference"
+            if not all(torch.allclose(after[n], before[n] * coef, rtol=1e-5, atol=1e-8) for n in before):
+                return False, "clipped grads differ from reference"
+            if len({repr(v) for v in results}) != 1:
+                return False, f"norm differs across ranks: {results}"
+            if state["sanity"]:
+                return False, state["sanity"]
+            return True, ""
+
+        verdict, err = _attempt(compare)
+        verdicts = agree((verdict, err))  # verdict: (ok, detail), or None when compare raised
+        errors = [e for _, e in verdicts]
+        result = results[0]
         rel = abs(result - ref) / ref if ref else abs(result)
-        ok = rel <= 1e-6 and not detail
-        if ok and not all(torch.allclose(after[n], before[n] * coef, rtol=1e-5, atol=1e-8) for n in before):
-            ok, detail = False, "clipped grads differ from reference"
-        everyone: list = [None] * ctx.world
-        dist.all_gather_object(everyone, result)
-        if ok and len({repr(v) for v in everyone}) != 1:
-            ok, detail = False, f"norm differs across ranks: {everyone}"
-        if ok and sanity != "ok":
-            ok, detail = False, sanity
+        if any(errors):
+            detail, hung = _failure(errors)
+            rows.append(Row(scenario.name, norm_type, ref, result, rel, False, f"comparison failed: {detail}"))
+            not_run(i + 1, "not run: comparison failed above")
+            return rows, True
+        ok = all(v[0] for v, _ in verdicts)
+        detail = next((v[1] for v, _ in verdicts if not v[0] and v[1]), "")
         rows.append(Row(scenario.name, norm_type, ref, result, rel, ok, detail))
-    return rows
+    return rows, False
 
 
-def run(ctx: Ctx, names: Optional[list[str]] = None, norm_types: tuple[float, ...] = NORM_TYPES) -> list[Row]:
+def select(world: int, names: list[str] | None = None) -> list[Scenario]:
+    unknown = sorted(set(names or ()) - set(LAYOUT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown layout(s) {unknown}; valid names: {', '.join(LAYOUT_NAMES)}")
+    return [s for s in SCENARIOS if s.allowed(world) and (names is None or s.name in names)]
+
+
+def run(
+    ctx: Ctx,
+    names: list[str] | None = None,
+    norm_types: tuple[float, ...] = NORM_TYPES,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Every selected layout allowed at this world size; rows are identical on every rank. A
+    layout that hangs is reported and the process group rebuilt; a rank that stops reporting ends
+    the run (its layout and the rest are reported as not run)."""
+    scenarios = select(ctx.world, names)
     rows: list[Row] = []
-    for scenario in SCENARIOS:
-        if scenario.allowed(ctx.world) and (names is None or scenario.name in names):
-            rows.extend(check(ctx, scenario, norm_types))
+    for n, scenario in enumerate(scenarios, 1):
+        start = time.perf_counter()
+        try:
+            layout_rows, hung = check(ctx, scenario, norm_types)
+        except RanksLost as e:
+            for s in scenarios[n - 1:]:
+                why = f"hang: {e}" if s is scenario else "not run: an earlier layout hung"
+                rows.extend(Row(s.name, p, math.nan, math.nan, math.nan, False, why) for p in norm_types)
+            if progress:
+                progress(f"[{n}/{len(scenarios)}] {scenario.name:24s} FAIL (hang): {e}; stopping")
+            raise RunAborted(rows) from e
+        rows.extend(layout_rows)
+        if progress:
+            passed = sum(r.ok for r in layout_rows)
+            timed_out = any("hang/timeout" in r.detail for r in layout_rows)
+            verdict = "PASS" if passed == len(layout_rows) else "FAIL (hang/timeout)" if timed_out else "FAIL"
+            progress(f"[{n}/{len(scenarios)}] {scenario.name:24s} {verdict} {passed}/{len(layout_rows)}  "
+                     f"({time.perf_counter() - start:.1f} s)")
+        if hung:  # the process group may be out of step: a fresh one for the next layout
+            reset_process_group(ctx)
     return rows
+
+
+class RunAborted(RuntimeError):
+    def __init__(self, rows: list[Row]) -> None:
+        super().__init__("a rank stopped reporting")
+        self.rows = rows
 
 
 def format_table(rows: list[Row], world: int, impl: str) -> str:
@@ -445,36 +783,184 @@ def format_table(rows: list[Row], world: int, impl: str) -> str:
             f"{r.layout:24s} {r.norm_type:>5g} {r.reference:14.8g} {r.result:14.8g} {r.rel_err:9.1e}  "
             f"{'PASS' if r.ok else 'FAIL'}{'  ' + r.detail if r.detail else ''}"
         )
-    passed = sum(r.ok for r in rows)
-    layouts = len({r.layout for r in rows})
-    lines.append(
-        f"{'ALL PASS' if passed == len(rows) else 'FAILED'}: {passed}/{len(rows)} checks passed "
-        f"({layouts} layouts x {len(rows) // max(layouts, 1)} norm types, world size {world}, {impl})"
-    )
+    lines.append(summary(rows, world, impl))
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impl", choices=("distclip", "torch"), default="distclip")
-    parser.add_argument("--layouts", nargs="*", help="subset of layout names (default: all allowed)")
+def summary(rows: list[Row], world: int, impl: str) -> str:
+    passed = sum(r.ok for r in rows)
+    layouts = list(dict.fromkeys(r.layout for r in rows))
+    failed = [name for name in layouts if not all(r.ok for r in rows if r.layout == name)]
+    line = (
+        f"{'ALL PASS' if rows and passed == len(rows) else 'FAILED'}: {passed}/{len(rows)} checks passed "
+        f"({len(layouts)} layouts x {len(rows) // max(len(layouts), 1)} norm types, world size {world}, {impl})"
+    )
+    return line + (f"; failing layouts: {', '.join(failed)}" if failed else "")
+
+
+# ----------------------------------------------------------------------------- command line
+
+# torch's warnings about its own demo wrappers (deprecations, FSDP2 view outputs, DTensor
+# redistribution plans) say nothing about clipping; --verbose shows them.
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _quiet_torch_warnings() -> None:
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        # raised inside torch, or attributed (stacklevel) to this file's demo models; distclip's
+        # own warnings come from its other modules and are shown
+        if str(filename).startswith(_TORCH_DIR) or os.path.abspath(str(filename)) == os.path.abspath(__file__):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    for name in ("torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distclip.verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=("distclip", "torch"), default="distclip",
+                        help="clip with distclip (default) or torch.nn.utils.clip_grad_norm_ (negative control)")
+    parser.add_argument("--layouts", nargs="+", metavar="NAME", help="subset of layout names (default: all allowed; see --list)")
+    parser.add_argument("--norm-types", nargs="+", type=float, default=list(NORM_TYPES), metavar="P",
+                        help=f"norm types (default: {' '.join(f'{p:g}' for p in NORM_TYPES)})")
+    parser.add_argument("--list", action="store_true", help="list the layouts and exit")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="process-group timeout in seconds: a layout that hangs fails after this (default 60)")
+    parser.add_argument("--nproc", type=int, default=4,
+                        help="ranks to start when not launched by torchrun (default 4; ignored under torchrun)")
+    parser.add_argument("--verbose", action="store_true", help="show torch's own warnings about the demo wrappers")
+    return parser
+
+
+def _world_note(scenario: Scenario) -> str:
+    sizes = [w for w in (1, 2, 3, 4, 8) if scenario.allowed(w)]
+    return "any world size" if sizes == [1, 2, 3, 4, 8] else "world sizes " + ", ".join(map(str, sizes)) + ", ..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     args = parser.parse_args(argv)
+    launched = "RANK" in os.environ
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    if args.list:
+        if is_rank0:
+            for s in SCENARIOS:
+                print(f"{s.name:24s} ({_world_note(s)})")
+        return 0
+    unknown = sorted(set(args.layouts or ()) - set(LAYOUT_NAMES))
+    if unknown:
+        if is_rank0:
+            parser.print_usage(sys.stderr)
+            print(f"{parser.prog}: error: unknown layout(s): {', '.join(map(repr, unknown))}\n"
+                  f"valid layouts: {', '.join(repr(n) for n in LAYOUT_NAMES)}", file=sys.stderr, flush=True)
+        return 2
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    if not launched:
+        return launch_local(args.nproc, argv, args.timeout)
+    return _worker(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        _quiet_torch_warnings()
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    ctx = Ctx(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), args.impl)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    ctx = Ctx(dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+              args.impl, timeout_s=args.timeout)
     if not use_cuda and ctx.world > 1:
         torch.set_num_threads(1)  # several ranks share the CPU cores
+
+    def progress(line: str) -> None:
+        if ctx.rank == 0:
+            print(line, flush=True)
+
+    scenarios = select(ctx.world, args.layouts)
+    skipped = [s.name for s in SCENARIOS if (args.layouts is None or s.name in args.layouts) and s not in scenarios]
+    progress(f"distclip.verify: {len(scenarios)} layouts x {len(args.norm_types)} norm types on {ctx.world} ranks "
+             f"({'nccl' if use_cuda else 'gloo'}), clipping with {args.impl}; process-group timeout {args.timeout:g} s")
+    if skipped:
+        progress(f"not applicable at world size {ctx.world}: {', '.join(skipped)}")
+    aborted = False
     try:
-        rows = run(ctx, args.layouts)
-    finally:
-        dist.barrier()
-    if ctx.rank == 0:
-        print(format_table(rows, ctx.world, args.impl), flush=True)
+        rows = run(ctx, args.layouts, tuple(args.norm_types), progress)
+    except RunAborted as e:
+        rows, aborted = e.rows, True
+    progress("")
+    progress(format_table(rows, ctx.world, args.impl) if rows else f"FAILED: no layout to run at world size {ctx.world}")
+    code = 0 if rows and all(r.ok for r in rows) else 1
+    if aborted:  # a rank is stuck in a collective: tearing the group down could block too
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    ctx.agreement()("done")  # nobody exits before rank 0 has printed: torchrun stops all ranks once one fails
     dist.destroy_process_group()
-    return 0 if all(r.ok for r in rows) else 1
+    return code
+
+
+# ----------------------------------------------------------------------------- no torchrun
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(nproc: int, argv: list[str], timeout_s: float) -> int:
+    """``python -m distclip.verify`` without torchrun: start ``nproc`` local ranks (this module,
+    with RANK etc. set), wait for them, and return the job's exit code (no launcher traceback)."""
+    if nproc < 1:
+        print("distclip.verify: --nproc must be at least 1", file=sys.stderr)
+        return 2
+    shown = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=") or (i and argv[i - 1] == "--nproc"))]
+    shown = [f"'{a}'" if " " in a else a for a in shown]
+    print(f"distclip.verify: not launched by torchrun (RANK unset), starting {nproc} local ranks myself (--nproc); "
+          f"same as: torchrun --standalone --nproc_per_node={nproc} -m distclip.verify {' '.join(shown)}".rstrip(), flush=True)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "distclip.verify", *argv], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(nproc)
+    ]
+    grace = 2 * timeout_s + 60  # after one rank fails, how long the others may take to finish
+    failed_at: float | None = None
+    try:
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace:
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    if all(c == 0 for c in codes):
+        return 0
+    if codes[0] not in (0, 1):  # rank 0 did not get to print the summary
+        print(f"distclip.verify: FAILED: rank exit codes {codes}", file=sys.stderr, flush=True)
+    return codes[0] if codes[0] not in (0, None) else 1
 
 
 if __name__ == "__main__":

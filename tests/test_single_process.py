@@ -203,3 +203,30 @@ def test_large_non_contiguous_grad_is_accurate():
     assert not p.grad.is_contiguous()
     ref = float(p.grad.double().norm())
     assert abs(float(distclip.get_total_norm([p])) - ref) <= 1e-6 * ref
+
+
+@pytest.mark.parametrize(
+    "bound,current,local_rank,expected",
+    [("cuda:3", 0, "1", "cuda:3"), (None, 2, "2", "cuda:2"), (None, 0, "3", "cuda:3"), (None, 0, None, "cuda:0"), (None, 1, "3", "cuda:1")],
+)
+def test_reduction_device_on_nccl(monkeypatch, bound, current, local_rank, expected):
+    """The NCCL device choice (no GPU here, so the facts are faked): the group's bound device, else
+    the current device, else LOCAL_RANK when the current device was never set."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from distclip import reduce
+    from distclip.layout import Stage
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    group = SimpleNamespace(bound_device_id=torch.device(bound) if bound else None)
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_group", lambda: group)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert reduce.reduction_device(Stage(True, 4)) == torch.device(expected)

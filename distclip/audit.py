@@ -1,0 +1,243 @@
+"""Audit a layout: does distclip count this model's gradients the way they really lie?
+
+``distclip.audit(model)`` is slow by design (one ``all_gather_object`` of every local gradient's
+hash and float64 statistics, plus a few norm calls): run it once after setting a model up, not
+every step. It checks, from the *values* every rank holds, what distclip otherwise takes on
+trust:
+
+- every piece distclip treats as copies (a plain tensor across its pipeline stage, a DTensor
+  across its mesh's non-sharded dims, an FSDP1 shard across the replicate group, a
+  ``mark_sharded`` piece across the ranks at the same position of its groups, a
+  ``mark_replicated`` tensor across its group) is bit-identical on the ranks that hold it; a plain
+  tensor that is really a tensor-parallel shard (a forgotten ``mark_sharded``) differs here;
+- the pieces of a ``mark_sharded`` tensor are not identical non-zero copies across its group (a
+  ``mark_sharded`` over the data-parallel group instead of the tensor-parallel one);
+- ``get_total_norm`` and ``grad_norms`` (p = 1, 2, inf) match a float64 reference computed on every
+  rank from one copy of every distinct piece, found from the placements, not from distclip's
+  weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from distclip.clip import get_total_norm
+from distclip.layout import _ANNOTATION_ATTR, _SHARD_PLACEMENTS, DTensor, current_stage
+from distclip.norms import NamedParams, collect, grad_norms
+
+__all__ = ["AuditReport", "audit"]
+
+NORM_TYPES = (1.0, 2.0, math.inf)
+
+
+@dataclass
+class AuditReport:
+    """The verdict of :func:`audit` (the same on every rank)."""
+
+    ok: bool
+    problems: list[str]
+    norm: float  # distclip's total 2-norm (get_total_norm)
+    reference_norm: float  # the float64 reference from the gathered pieces
+    details: dict = field(default_factory=dict)  # per norm type: (distclip, reference)
+
+    def __str__(self) -> str:
+        head = "distclip audit: OK" if self.ok else f"distclip audit: {len(self.problems)} problem(s)"
+        lines = [f"{head} (2-norm {self.norm:.9g}, float64 reference {self.reference_norm:.9g})"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _hash(t: torch.Tensor) -> str:
+    data = t.detach().reshape(-1).contiguous().cpu()
+    if data.is_complex():
+        data = torch.view_as_real(data).reshape(-1)
+    return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=12).hexdigest()
+
+
+def _stats(t: torch.Tensor) -> dict[float, float]:
+    x = t.detach().reshape(-1).cpu()
+    x = x.abs().double() if x.is_complex() else x.double().abs()
+    out = {p: float(x.pow(p).sum()) for p in NORM_TYPES if not math.isinf(p)}
+    out[math.inf] = float(x.max()) if x.numel() else -math.inf
+    if x.numel() and bool(torch.isnan(x).any()):
+        out[math.inf] = math.nan
+    return out
+
+
+def _positions(annotation, rank: int) -> tuple:
+    return tuple(sorted(info.ranks).index(rank) for info in annotation.sharded_over) if annotation else ()
+
+
+def _whole(unit) -> torch.Tensor:
+    """A ``Partial`` grad made whole with DTensor's own redistribute (collective over its mesh)."""
+    from torch.distributed.tensor import Replicate
+
+    grad = unit.tensor
+    placements = [Replicate() if pl.is_partial() else pl for pl in grad.placements]
+    return grad.redistribute(grad.device_mesh, placements).to_local()
+
+
+@torch.no_grad()
+def audit(parameters: NamedParams, *, pp_group: object = None, rtol: float = 1e-5) -> AuditReport:
+    """Check that distclip's view of ``parameters`` matches the gradients every rank holds.
+
+    Slow by design: gathers a hash and float64 statistics of every local gradient piece from every
+    rank (``all_gather_object``), makes ``Partial`` grads whole, and calls ``get_total_norm`` and
+    ``grad_norms`` for p = 1, 2 and inf. Every rank must call it; no gradient is changed; every
+    rank returns the same report.
+
+    Args:
+        parameters (nn.Module or Iterable[(str, Tensor)]): as for :func:`distclip.grad_norms`.
+        pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group.
+        rtol (float): relative tolerance of the norm comparisons.
+
+    Returns:
+        :class:`AuditReport` with ``ok``, ``problems`` (readable, naming parameters and ranks),
+        ``norm`` (distclip's 2-norm), ``reference_norm`` and ``details``.
+    """
+    stage = current_stage(pp_group)
+    if isinstance(parameters, torch.nn.Module):
+        items = parameters
+    else:
+        items = list(parameters)  # used three times
+    local = collect(items, stage)
+    rank = dist.get_rank() if stage.distributed else 0
+    from distclip import _fsdp1
+
+    fsdp1 = _fsdp1.shard_info(local.module) if local.module is not None else {}
+    tied_seen: dict[int, int] = defaultdict(int)
+    tied_key: dict[tuple, tuple] = {}
+    for p, pnames in zip(local.params, local.param_names):
+        annotation = p.__dict__.get(_ANNOTATION_ATTR)
+        if annotation is not None and annotation.replicated_over is not None:
+            # the k-th tied tensor of every rank is one tensor: its copies on the other stages and
+            # on the other data-parallel replicas (each with its own group) are all copies
+            size = len(annotation.replicated_over.ranks)
+            for n in pnames:
+                tied_key[(id(p), n)] = ("tied", size, tied_seen[size])
+                tied_seen[size] += 1
+    records = []
+    for u in local.units:
+        tensor = _whole(u) if u.partial else u.tensor
+        annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
+        marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
+        key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
+        if isinstance(u.param, DTensor):
+            grad = u.param.grad
+            mesh = grad.device_mesh
+            coord = mesh.get_coordinate() or []
+            sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, _SHARD_PLACEMENTS))
+            # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
+            piece = ("dtensor", tuple(mesh.shape), sharded)
+            kind = f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
+        elif id(u.param) in fsdp1:
+            piece = ("fsdp1", fsdp1[id(u.param)].rank)
+            kind = "FSDP1 shard"
+        else:
+            piece = ("plain",)
+            kind = "plain tensor (replicated across the stage)" if not marks else "mark_sharded tensor"
+        if key[0] == "tied":
+            kind = "mark_replicated tensor"
+        piece = piece + _positions(annotation, rank)
+        zero = tensor.numel() == 0 or not bool(tensor.detach().ne(0).any())
+        records.append((key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
+    everyone: list = [records]
+    if stage.distributed:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, records)
+    problems = _copy_problems(everyone)
+    reference_total, reference_by_name = _reference(everyone)
+    details = {}
+    for p in NORM_TYPES:
+        mine = float(get_total_norm(items if local.module is not None else local.params, p, pp_group=pp_group))
+        by_name = grad_norms(items, p, pp_group=pp_group)
+        ref = reference_total[p]
+        details[p] = (mine, ref)
+        if not _close(mine, ref, rtol):
+            problems.append(f"distclip's total {p:g}-norm {mine:.9g} differs from the float64 reference {ref:.9g} "
+                            f"(relative error {_rel(mine, ref):.2e})")
+        if not _close(float(by_name["total"]), ref, rtol):
+            problems.append(f"grad_norms' total {p:g}-norm {float(by_name['total']):.9g} differs from the reference {ref:.9g}")
+        for name, ref_n in reference_by_name[p].items():
+            got = by_name.get(name)
+            if got is None:
+                problems.append(f"{name}: missing from grad_norms")
+            elif not _close(float(got), ref_n, rtol):
+                problems.append(f"{name}: grad_norms {p:g}-norm {float(got):.9g} vs float64 reference {ref_n:.9g}")
+    return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
+
+
+def _copy_problems(everyone: list) -> list[str]:
+    problems = []
+    holders: dict[tuple, list] = defaultdict(list)
+    by_key: dict[tuple, list] = defaultdict(list)
+    for records in everyone:
+        for r in records:
+            holders[(r[0], r[1])].append(r)
+            by_key[r[0]].append(r)
+    for rs in holders.values():
+        hashes = defaultdict(list)
+        for r in rs:
+            hashes[r[5]].append(r[2])
+        if len(hashes) > 1:
+            groups = sorted(hashes.values(), key=len, reverse=True)
+            names = sorted({r[3] for r in rs})
+            problems.append(
+                f"{', '.join(names)}: a {rs[0][4]} that distclip counts as identical copies differs across ranks: "
+                + " vs ".join(f"ranks {sorted(g)}" for g in groups)
+                + (" (a tensor-parallel shard without mark_sharded, or replicas out of sync?)" if rs[0][4].startswith("plain") else "")
+            )
+    for rs in by_key.values():
+        for r in rs:
+            for group in r[8]:
+                same = [q[2] for q in rs if q[2] in group and q[2] != r[2] and q[5] == r[5] and q[1] != r[1] and not r[7]]
+                if same and r[2] < min(same):
+                    problems.append(
+                        f"{r[3]}: marked sharded over ranks {list(group)}, but ranks {[r[2], *same]} hold identical non-zero "
+                        "gradients: these look like replicas, not pieces (mark_sharded over the wrong group?)"
+                    )
+    return problems
+
+
+def _reference(everyone: list) -> tuple[dict, dict]:
+    """Float64 norms from one copy (the lowest rank's) of every distinct piece: total and per name."""
+    first: dict[tuple, tuple] = {}
+    for records in everyone:
+        for r in records:
+            first.setdefault((r[0], r[1]), r)
+    by_name_pieces: dict[str, dict] = defaultdict(dict)
+    for records in everyone:
+        for r in records:
+            by_name_pieces[r[3]].setdefault((r[0][0] == "tied", r[0][2] if r[0][0] == "name" else r[0], r[1]), r)
+    total, per_name = {}, {}
+    for p in NORM_TYPES:
+        total[p] = _combine([r[9][p] for r in first.values()], [r[6] for r in first.values()], p)
+        per_name[p] = {n: _combine([r[9][p] for r in pieces.values()], [r[6] for r in pieces.values()], p)
+                       for n, pieces in by_name_pieces.items()}
+    return total, per_name
+
+
+def _combine(values: list[float], numels: list[int], p: float) -> float:
+    if not any(numels):
+        return 0.0
+    if math.isinf(p):
+        return math.nan if any(math.isnan(v) for v in values) else max(values)
+    return math.fsum(values) ** (1.0 / p)
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if b else abs(a)
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return _rel(a, b) <= rtol

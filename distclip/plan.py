@@ -1,0 +1,145 @@
+"""Layout plans: what layout discovery found for one parameter list, reused across calls.
+
+Discovering a layout costs a few microseconds of Python per parameter (which wrapper, which mesh,
+which weight, which kinds for the agreement check); with thousands of parameters that is more
+than the math. Between two training steps almost nothing changes, so the answer is kept as a
+:class:`LayoutPlan` and each call only *checks* it, parameter by parameter, with the cheapest
+tests that can tell it is stale:
+
+- the same parameter objects in the same order (their ids; a parameter that dies invalidates
+  every plan that names it, through a weakref callback, so a recycled id is never trusted);
+- for each parameter, a grad exactly where there was one, of the same class; for plain grads the
+  same dtype and device; for DTensor grads the same ``DTensorSpec`` object (FSDP2 reuses one per
+  parameter) or, failing that, the same mesh, placement types and dtype;
+- no ``mark_sharded``/``mark_replicated`` made since (a version counter in ``layout.Marks``).
+
+Anything else (grads set to None, parameters added, frozen or re-wrapped, another mesh, dtype or
+device) fails the check and the layout is discovered anew. The plan holds no strong reference to
+a parameter or a gradient, so it never keeps a model alive.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distclip.layout import DTensor, LocalLayout, Marks, Stage, local_layout
+
+_PLAIN, _DTENSOR, _PARTIAL, _PADDED = range(4)
+
+
+class LayoutPlan:
+    """One parameter list's layout: per parameter, how to get its local tensor and which group
+    it joins, plus the agreement kinds (computed once per plan, not per call)."""
+
+    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: "PlanCache") -> None:
+        layout = local_layout(params, module, stage, track=True)
+        self.kinds = layout.kinds
+        self.keys: list[tuple] = list(layout.groups)
+        slot = {key: i for i, key in enumerate(self.keys)}
+        self.routes: list[Optional[tuple]] = [None] * len(params)
+        for entry in layout.entries:
+            grad = params[entry.index].grad
+            if entry.partial:
+                spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
+                self.routes[entry.index] = (_PARTIAL, entry.weight, spec, _structure(spec, grad))
+            elif isinstance(grad, DTensor):
+                key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
+                spec = grad._spec
+                self.routes[entry.index] = (_DTENSOR, slot[key], spec, _structure(spec, grad))
+            else:
+                key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
+                kind = _PLAIN if entry.tensor is grad else _PADDED
+                self.routes[entry.index] = (kind, slot[key], type(grad), grad.dtype, grad.device, grad.numel() - entry.tensor.numel())
+        self.first = layout  # the discovery's own result serves the call that built the plan
+        self.marks_version = Marks.version
+        self.valid = True
+        key = cache.key(params, stage)
+        self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
+        self._refs = [weakref.ref(p, self._forget) for p in params]
+
+    def apply(self, params: list[torch.Tensor]) -> Optional[LocalLayout]:
+        """This call's layout if the plan still holds, else None (discover it anew)."""
+        if not self.valid or Marks.version != self.marks_version:
+            return None
+        if self.first is not None:
+            layout, self.first = self.first, None
+            return layout
+        lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
+        partial: list[tuple[DTensor, float]] = []
+        for p, route in zip(params, self.routes):
+            grad = p.grad
+            if route is None:
+                if grad is not None:
+                    return None
+                continue
+            if grad is None:
+                return None
+            kind = route[0]
+            if kind == _PLAIN:
+                if grad.__class__ is not route[2] or grad.dtype != route[3] or grad.device != route[4]:
+                    return None
+                lists[route[1]].append(grad)
+            elif kind == _DTENSOR:
+                spec = getattr(grad, "_spec", None)
+                if spec is not route[2] and (spec is None or _structure(spec, grad) != route[3]):
+                    return None
+                lists[route[1]].append(grad._local_tensor)
+            elif kind == _PARTIAL:
+                spec = getattr(grad, "_spec", None)
+                if spec is not route[2] and (spec is None or _structure(spec, grad) != route[3]):
+                    return None
+                partial.append((grad, route[1]))
+            else:  # a padded FSDP1 flat shard: the padding is static
+                if grad.__class__ is not route[2] or grad.dtype != route[3] or grad.device != route[4]:
+                    return None
+                lists[route[1]].append(grad[: grad.numel() - route[5]] if route[5] else grad)
+        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
+
+
+def _structure(spec, grad: "DTensor") -> tuple:
+    return (spec.mesh, tuple(map(type, spec.placements)), tuple(spec.placements), grad.dtype, grad._local_tensor.device)
+
+
+class PlanCache:
+    """The plans of the parameter lists seen recently (at most ``size``), by (stage, parameter ids).
+
+    One instance lives in ``distclip.clip``; entries leave when any of their parameters dies, or
+    when more recent lists push them out.
+    """
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self.plans: OrderedDict[tuple, LayoutPlan] = OrderedDict()
+
+    @staticmethod
+    def key(params: list[torch.Tensor], stage: Stage) -> tuple:
+        return (stage, tuple(map(id, params)))
+
+    def drop(self, key: tuple) -> None:
+        plan = self.plans.pop(key, None)
+        if plan is not None:
+            plan.valid = False
+
+    def layout(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> LocalLayout:
+        """This call's layout: from the plan of ``params`` when it still holds, else discovered
+        (and planned) anew."""
+        key = self.key(params, stage)
+        plan = self.plans.get(key)
+        if plan is not None:
+            found = plan.apply(params)
+            if found is not None:
+                self.plans.move_to_end(key)
+                return found
+            self.drop(key)
+        plan = LayoutPlan(params, module, stage, self)
+        self.plans[key] = plan
+        while len(self.plans) > self.size:
+            self.drop(next(iter(self.plans)))
+        found = plan.apply(params)
+        assert found is not None
+        return found

@@ -1,0 +1,99 @@
+"""audit: OK on correct real layouts; catches a replica that differs on one rank, an unmarked TP
+shard and a mark_sharded over the wrong group; the same verdict on every rank; grads untouched."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import distclip
+from distclip import verify
+from tests.harness import run_world
+from tests.test_grad_norms import _tied_pp
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _grads(params) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            out.append(g.detach().clone())
+    return out
+
+
+def _megatron(rank: int, group_for_mark) -> list[tuple[str, nn.Parameter]]:
+    """A (8, 6) weight split by rows over tp groups {0,1}, {2,3} (replicated across dp), plus a
+    replicated bias; the weight is marked over ``group_for_mark`` (None: not marked)."""
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    tp = tp_groups[rank // 2]
+    full = torch.randn(8, 6, generator=torch.Generator().manual_seed(5))
+    w = nn.Parameter(torch.zeros(4, 6))
+    w.grad = full.tensor_split(2)[dist.get_rank(tp)].clone()
+    b = nn.Parameter(torch.zeros(6))
+    b.grad = torch.arange(6.0) + 1
+    mark = {"tp": tp, "dp": dp_groups[rank % 2]}.get(group_for_mark)
+    if mark is not None:
+        distclip.mark_sharded(w, mark)
+    return [("w", w), ("b", b)]
+
+
+def world_audit(rank: int, world: int) -> list[str]:
+    verify._quiet_torch_warnings()
+    ctx = verify.Ctx(rank, world, torch.device("cpu"), "distclip")
+    errors: list[str] = []
+
+    def run(label, parameters, expect_ok, must_mention=(), pp_group=None):
+        params = [p for _, p in parameters] if isinstance(parameters, list) else list(parameters.parameters())
+        before = _grads(params)
+        report = distclip.audit(parameters, pp_group=pp_group)
+        after = _grads(params)
+        if any(not torch.equal(a, b) for a, b in zip(before, after)) or len(before) != len(after):
+            errors.append(f"{label}: audit changed a gradient")
+        everyone = [None] * world
+        dist.all_gather_object(everyone, str(report))
+        if len(set(everyone)) != 1:
+            errors.append(f"{label}: reports differ across ranks")
+        if report.ok != expect_ok:
+            errors.append(f"{label}: ok={report.ok}, expected {expect_ok}:\n{report}")
+        for word in must_mention:
+            if word not in str(report):
+                errors.append(f"{label}: report does not mention {word!r}:\n{report}")
+        if expect_ok and not abs(report.norm - report.reference_norm) <= 1e-5 * report.reference_norm:
+            errors.append(f"{label}: norm {report.norm} vs reference {report.reference_norm}")
+        return report
+
+    for label, build in (
+        ("DDP", lambda: verify.build_ddp(ctx)),
+        ("FSDP1 flat", lambda: verify.build_fsdp1("FULL_SHARD", False)(ctx)),
+        ("FSDP1 HYBRID orig", lambda: verify.build_fsdp1("HYBRID_SHARD", True)(ctx)),
+        ("HSDP", lambda: verify.build_fsdp2(ctx, hsdp=True)),
+        ("2D TP+FSDP2", lambda: verify.build_2d(ctx)),
+        ("EP uneven", lambda: verify.build_ep(ctx)),
+        ("TP+SP Partial", lambda: verify.build_tp_sp(ctx)),
+    ):
+        run(label, build().parameters, True)
+    part, pp_group, _ = _tied_pp(ctx)
+    run("tied PP", part, True, pp_group=pp_group)
+
+    # a replica out of sync on rank 2 only: named, with the odd rank
+    ddp = verify.build_ddp(ctx).parameters
+    if rank == 2:
+        ddp.module.fc1.weight.grad[0, 0] += 1.0
+    run("replica differs", ddp, False, must_mention=("fc1.weight", "ranks [2]"))
+
+    run("Megatron TP marked right", _megatron(rank, "tp"), True)
+    run("unmarked TP shard", _megatron(rank, None), False, must_mention=("w:", "without mark_sharded"))
+    run("mark_sharded over the dp group", _megatron(rank, "dp"), False, must_mention=("w:", "wrong group"))
+    return errors
+
+
+def test_audit_world4():
+    results = run_world(world_audit, 4, timeout=540)
+    errors = [f"rank {r}: {e}" for r, errs in enumerate(results) for e in errs]
+    assert not errors, "\n".join(errors[:30])

@@ -1,0 +1,244 @@
+"""grad_norms: per-parameter and per-group global norms on real layouts, against float64 references
+built from the full gradients, identical on every rank, one collective per call after the first."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import distclip
+from distclip import norms as norms_mod
+from distclip import verify
+from tests.harness import run_world
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+P_MAIN = (1.0, 2.0, math.inf)
+P_EXTRA = (0.0, -math.inf, 0.5, -2.0)
+
+
+class Counter:
+    """Collectives issued while active (all_reduce, all_gather_object, ... through ``dist``)."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor")
+
+    def __enter__(self):
+        self.count, self.saved = 0, {n: getattr(dist, n) for n in self.NAMES}
+        for n, f in self.saved.items():
+            def wrapper(*a, _f=f, **k):
+                self.count += 1
+                return _f(*a, **k)
+            setattr(dist, n, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(dist, n, f)
+
+
+def _ref_norm(tensors: list[torch.Tensor], p: float) -> float:
+    flat = torch.cat([t.double().reshape(-1) for t in tensors] + [torch.zeros(0, dtype=torch.float64)])
+    return float(torch.linalg.vector_norm(flat, p)) if flat.numel() else 0.0
+
+
+def _rel(a: float, b: float) -> float:
+    if math.isnan(a) or math.isnan(b) or math.isinf(b):
+        return 0.0 if (a == b or (math.isnan(a) and math.isnan(b))) else math.inf
+    return abs(a - b) / abs(b) if b else abs(a)
+
+
+def _group(name: str):
+    head = name.split(".")[0]
+    return None if head == "norm" else head  # LayerNorm left out of the groups (still in "total")
+
+
+def _same_everywhere(value) -> bool:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return all(v == everyone[0] for v in everyone)
+
+
+def check(label: str, parameters, full: dict[str, torch.Tensor], pp_group=None, ps=P_MAIN, fresh=True,
+          collectives: int = 1, duplicate: tuple = ()) -> list[str]:
+    """Every check for one layout; returns failures (never raises, so one world reports all).
+    ``duplicate``: names in ``full`` that repeat another (a tied weight): left out of the total."""
+    errors = []
+    for p in ps:
+        for groups in (None, _group):
+            first = Counter()
+            with first:
+                got = distclip.grad_norms(parameters, p, groups=groups, pp_group=pp_group)
+            with Counter() as again:
+                got2 = distclip.grad_norms(parameters, p, groups=groups, pp_group=pp_group)
+            plain = parameters if isinstance(parameters, nn.Module) else [t for _, t in parameters]
+            total = float(distclip.get_total_norm(plain, p, pp_group=pp_group))
+            if groups is None:
+                ref = {n: _ref_norm([g], p) for n, g in full.items()}
+            else:
+                members: dict[str, list] = {}
+                for n, g in full.items():
+                    if _group(n) is not None:
+                        members.setdefault(_group(n), []).append(g)
+                ref = {k: _ref_norm(v, p) for k, v in members.items()}
+            ref_total = _ref_norm([g for n, g in full.items() if n not in duplicate], p)
+            tag = f"{label} p={p:g} groups={'yes' if groups else 'no'}"
+            if set(got) != set(ref) | {"total"}:
+                errors.append(f"{tag}: keys {sorted(got)} vs {sorted(ref)}")
+            for n, r in ref.items():
+                if n in got and not _rel(float(got[n]), r) <= 1e-6:
+                    errors.append(f"{tag}: {n} = {float(got[n])!r}, reference {r!r}")
+            if not _rel(float(got["total"]), ref_total) <= 1e-6:
+                errors.append(f"{tag}: total {float(got['total'])!r} vs reference {ref_total!r}")
+            if not _rel(float(got["total"]), total) <= 1e-9 and not (math.isnan(total) and math.isnan(float(got["total"]))):
+                errors.append(f"{tag}: total {float(got['total'])!r} vs get_total_norm {total!r}")
+            if [(k, v.dtype, float(v)) for k, v in got.items()] != [(k, v.dtype, float(v)) for k, v in got2.items()]:
+                errors.append(f"{tag}: second call differs")
+            if again.count != collectives:
+                errors.append(f"{tag}: {again.count} collectives in a later call (expected {collectives})")
+            if fresh and p == ps[0] and groups is None and first.count != collectives + 1:
+                errors.append(f"{tag}: {first.count} collectives in the first call (expected {collectives + 1}: + names)")
+            if not _same_everywhere([(k, str(v.dtype), float(v).hex()) for k, v in got.items()]):
+                errors.append(f"{tag}: the dict differs across ranks")
+    return errors
+
+
+def _full(built: verify.Built) -> dict[str, torch.Tensor]:
+    return verify._world_full(built.local_full()) if not built.reference_grads else dict(built.reference_grads)
+
+
+def _tied_pp(ctx: verify.Ctx):
+    """verify.build_tied_pp, keeping the stage module so names are known."""
+    stage, peer, pp_group, _ = verify._pipeline_groups(ctx)
+    full_model = verify.new_model(ctx.device)
+    head = nn.Linear(verify.DIM, verify.VOCAB, bias=False)
+    head.weight = nn.Parameter(full_model.embed.weight.detach().clone())
+    keep = ("embed", "fc1", "fc2") if stage == 0 else ("norm",)
+    part = nn.ModuleDict({k: getattr(full_model, k) for k in keep})
+    if stage == 1:
+        part["head"] = head
+    tied = part["embed"].weight if stage == 0 else part["head"].weight
+
+    def stage0(tokens):
+        x = part["embed"](tokens)
+        return x + part["fc2"](F.gelu(part["fc1"](x)))
+
+    verify._run_pipeline(stage, peer, stage0, lambda x: part["head"](part["norm"](x)), ctx.device)
+    half = ctx.world // 2
+    groups = [dist.new_group([r, r + half]) for r in range(half)]
+    emb = groups[ctx.rank % half]
+    dist.all_reduce(tied.grad, group=emb)
+    distclip.mark_replicated(tied, emb)
+    ref = verify.single_process_grads(ctx.device, tied=True)
+    ref["head.weight"] = ref["embed.weight"]  # the tied weight under both names, in full
+    return part, pp_group, ref
+
+
+def world_layouts(rank: int, world: int) -> list[str]:
+    torch.manual_seed(0)
+    verify._quiet_torch_warnings()
+    ctx = verify.Ctx(rank, world, torch.device("cpu"), "distclip")
+    errors: list[str] = []
+    cases = [
+        ("DDP", lambda: verify.build_ddp(ctx)),
+        ("FSDP1 flat", lambda: verify.build_fsdp1("FULL_SHARD", False)(ctx)),
+        ("FSDP1 orig", lambda: verify.build_fsdp1("FULL_SHARD", True)(ctx)),
+        ("FSDP2", lambda: verify.build_fsdp2(ctx)),
+        ("HSDP", lambda: verify.build_fsdp2(ctx, hsdp=True)),
+        ("2D TP+FSDP2", lambda: verify.build_2d(ctx)),
+        ("EP uneven", lambda: verify.build_ep(ctx)),
+        ("TP+SP Partial", lambda: verify.build_tp_sp(ctx)),
+    ]
+    for label, build in cases:
+        built = build()
+        full = _full(built)
+        extra = P_EXTRA if label in ("FSDP2", "FSDP1 flat") else ()
+        # Partial grads (LayerNorm under sequence parallelism) need their one extra all-reduce
+        errors += check(label, built.parameters, full, ps=P_MAIN + extra, collectives=2 if "Partial" in label else 1)
+    part, pp_group, ref = _tied_pp(ctx)
+    errors += check("tied PP", part, ref, pp_group=pp_group, duplicate=("head.weight",))
+    errors += check("tied PP pairs", list(part.named_parameters()), ref, pp_group=pp_group, fresh=False, duplicate=("head.weight",))
+
+    # names that change on one rank only (an expert appears on rank 1): every rank re-agrees in
+    # that call (3 collectives, no hang) and the answer is right
+    model = verify.build_fsdp2(ctx).parameters
+    full = verify._world_full(verify.plain_full(model)())
+    pairs = list(model.named_parameters())
+    distclip.grad_norms(pairs)
+    extra = nn.Parameter(torch.ones(3))
+    extra.grad = torch.full((3,), 2.0)
+    distclip.mark_sharded(extra, dist.group.WORLD)
+    with Counter() as c:
+        got = distclip.grad_norms(pairs + [("expert.w", extra)] if rank == 1 else pairs)
+    if c.count != 3:
+        errors.append(f"re-agreement: {c.count} collectives (expected 3)")
+    for n, g in dict(full, **{"expert.w": extra.grad}).items():
+        if n not in got or not _rel(float(got[n]), _ref_norm([g], 2.0)) <= 1e-6:
+            errors.append(f"re-agreement: {n} {got.get(n)} vs {_ref_norm([g], 2.0)}")
+
+    # the mutant: a wrong per-name weight (every unit counted with weight 1) must fail the checks
+    real = norms_mod.collect
+
+    def mutant(*a, **k):
+        local = real(*a, **k)
+        for u in local.units:
+            u.weight = 1.0
+        return local
+
+    norms_mod.collect = mutant
+    try:
+        built = verify.build_ddp(ctx)
+        caught = check("mutant", built.parameters, _full(built), ps=(2.0,))
+    finally:
+        norms_mod.collect = real
+    if not any("reference" in e for e in caught):
+        errors.append("a wrong per-name weight went unnoticed")
+
+    # validation: the same error on every rank before any collective
+    with Counter() as c:
+        for bad, exc in (("x", TypeError), (math.nan, ValueError)):
+            try:
+                distclip.grad_norms(model, bad)
+                errors.append(f"norm_type={bad!r} did not raise")
+            except exc:
+                pass
+        try:
+            distclip.grad_norms(model, groups="fc")
+            errors.append("groups='fc' did not raise")
+        except TypeError:
+            pass
+    if c.count:
+        errors.append(f"validation issued {c.count} collectives")
+    return errors
+
+
+def test_grad_norms_real_layouts_world4():
+    results = run_world(world_layouts, 4, timeout=540)
+    errors = [f"rank {r}: {e}" for r, errs in enumerate(results) for e in errs]
+    assert not errors, "\n".join(errors[:40])
+
+
+def test_grad_norms_single_process_and_names():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model(torch.randn(5, 3)).pow(2).sum().backward()
+    model[2].bias.grad = None
+    got = distclip.grad_norms(model, 2.0)
+    assert list(got) == ["0.weight", "0.bias", "2.weight", "total"]
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert float(got[name]) == pytest.approx(float(p.grad.double().norm()), rel=1e-6)
+    assert float(got["total"]) == pytest.approx(float(distclip.get_total_norm(model)), rel=1e-9)
+    grouped = distclip.grad_norms(model.named_parameters(), math.inf, groups=lambda n: "first" if n.startswith("0.") else None)
+    assert list(grouped) == ["first", "total"]
+    assert norms_mod.clean_name("module._orig_mod.a._fsdp_wrapped_module.b._checkpoint_wrapped_module.c", ddp=True) == "a.b.c"
+    with pytest.raises(TypeError):
+        distclip.grad_norms(list(model.parameters()))
+    with pytest.raises(ValueError):
+        distclip.grad_norms(model, groups=lambda n: "total")
+    text = distclip.describe(model)
+    assert "0.weight" in text and "plain tensor" in text
