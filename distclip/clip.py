@@ -110,8 +110,8 @@ def _prepare(
         stage = current_stage(pp_group)
         LostMarks.raise_if_any()
         layout = PLANS.layout(params, module, stage)
-        # adjacent views merged so each group needs few kernels
-        layout.groups = {key: coalesce(tensors) for key, tensors in layout.groups.items()}
+        # adjacent views merged so each group needs few kernels (separate tensors skip the pass)
+        layout.groups = {key: coalesce(ts) if _may_be_views(ts) else ts for key, ts in layout.groups.items()}
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout)
     except Exception as error:
         if not (dist.is_available() and dist.is_initialized()):
@@ -122,6 +122,12 @@ def _prepare(
             p = 2.0
         stage = Stage(True, dist.get_world_size())
         return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, params, error=error)
+
+
+def _may_be_views(tensors: list[torch.Tensor]) -> bool:
+    """Whether coalescing could merge anything: grads that are views of one buffer (FSDP2, DDP
+    buckets, FSDP1 orig params) come as views throughout. Only speed depends on this answer."""
+    return bool(tensors) and (tensors[0]._base is not None or tensors[-1]._base is not None)
 
 
 def _norm_groups(layout: LocalLayout) -> dict:
@@ -174,7 +180,7 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
     grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
     partial = local_partial(groups, norm_type, foreach, device)
-    has_elements = any(tensors for tensors in groups.values())  # coalesce dropped empty tensors
+    has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
     out_device = grad_device or device
     if not stage.distributed:
         total = reduce_partials(partial, has_elements, norm_type, stage)[0]
