@@ -31,7 +31,6 @@ from distclip.layout import (
     current_stage,
     is_partial_sum,
     local_grad_tensors,
-    local_layout,
 )
 from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.plan import PlanCache

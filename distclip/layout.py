@@ -75,7 +75,7 @@ def element_weight(pieces: int, stage_size: int, stage_copies: int = 1) -> float
 class GroupInfo:
     """A process group as the layout needs it: its member ranks (global), fixed when it is named."""
 
-    group: "dist.ProcessGroup" = field(compare=False, hash=False, repr=False)
+    group: dist.ProcessGroup = field(compare=False, hash=False, repr=False)
     ranks: frozenset[int] = frozenset()
 
     @property
@@ -100,7 +100,7 @@ class Annotation:
         return math.prod(g.size for g in self.sharded_over)
 
 
-def as_process_group(group: object, what: str) -> "dist.ProcessGroup":
+def as_process_group(group: object, what: str) -> dist.ProcessGroup:
     """Accept a ProcessGroup or a 1-D DeviceMesh; raise TypeError for anything else."""
     if dist.is_available():
         if isinstance(group, DeviceMesh):
@@ -274,7 +274,7 @@ class LocalLayout:
 
     groups: dict[GroupKey, list[torch.Tensor]]
     kinds: frozenset = frozenset()
-    partial: list[tuple["DTensor", float]] = field(default_factory=list)
+    partial: list[tuple[DTensor, float]] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # only with ``track=True``
 
 
@@ -301,7 +301,7 @@ def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:
         )
 
 
-def _dtensor_weight(grad: "DTensor", stage: Stage, annotation: Optional[Annotation], ranks_of: dict) -> float:
+def _dtensor_weight(grad: DTensor, stage: Stage, annotation: Optional[Annotation], ranks_of: dict) -> float:
     """Weight of a DTensor grad's local tensor (of its reduced value, if it is ``Partial``)."""
     mesh, placements = grad.device_mesh, grad.placements
     if stage.size % mesh.size() != 0:
@@ -338,13 +338,13 @@ def stage_copies(group_ranks: frozenset[int], pp_ranks: Optional[frozenset[int]]
     return max(1, len(group_ranks & pp_ranks))
 
 
-def _dtensor_kind(param: "DTensor") -> tuple:
+def _dtensor_kind(param: DTensor) -> tuple:
     spec = param._spec  # DTensor internals, see the DTensor branch of ``local_layout``
     mesh = spec.mesh
     return ("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(type(p).__name__ for p in spec.placements), str(param.dtype))
 
 
-def local_grad_tensors(parameters: "ParamsLike") -> dict[tuple, list[torch.Tensor]]:
+def local_grad_tensors(parameters: ParamsLike) -> dict[tuple, list[torch.Tensor]]:
     """This rank's local grad tensors grouped by (device, dtype), for element-wise work
     (scaling, clamping) that needs no layout: DTensor grads as their local shards, everything else
     (FSDP1 flat shards with their zero padding included) as is."""
@@ -519,7 +519,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     return LocalLayout(groups, frozenset(kinds), partial, entries)
 
 
-def _is_partial(grad: "DTensor") -> bool:
+def _is_partial(grad: DTensor) -> bool:
     partial = [p for p in grad._spec.placements if isinstance(p, Partial)]
     for p in partial:
         if p.reduce_op not in ("sum", "avg"):
@@ -530,6 +530,6 @@ def _is_partial(grad: "DTensor") -> bool:
     return bool(partial)
 
 
-def is_partial_sum(grad: "DTensor") -> bool:
+def is_partial_sum(grad: DTensor) -> bool:
     """Whether ``grad`` is a ``Partial`` sum/average DTensor (never raises)."""
     return any(isinstance(p, Partial) and p.reduce_op in ("sum", "avg") for p in grad._spec.placements)

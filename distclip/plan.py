@@ -36,7 +36,7 @@ class LayoutPlan:
     """One parameter list's layout: per parameter, how to get its local tensor and which group
     it joins, plus the agreement kinds (computed once per plan, not per call)."""
 
-    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: "PlanCache") -> None:
+    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache) -> None:
         layout = local_layout(params, module, stage, track=True)
         self.kinds = layout.kinds
         self.keys: list[tuple] = list(layout.groups)
@@ -101,7 +101,7 @@ class LayoutPlan:
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
 
 
-def _structure(spec, grad: "DTensor") -> tuple:
+def _structure(spec, grad: DTensor) -> tuple:
     return (spec.mesh, tuple(map(type, spec.placements)), tuple(spec.placements), grad.dtype, grad._local_tensor.device)
 
 

@@ -43,7 +43,7 @@ def reduction_device(stage: Stage) -> torch.device:
     return torch.device("cuda", current)
 
 
-def reduction_op(norm_type: float) -> "dist.ReduceOp":
+def reduction_op(norm_type: float) -> dist.ReduceOp:
     """The single collective's op: SUM of partials for finite p, MAX for +-inf (-inf negated)."""
     return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
 
@@ -92,7 +92,7 @@ def reduce_partials(
     return torch.where(packed[2] > 0, total, 0.0), packed[packed_length(0) :]
 
 
-def reduce_partial_grads(partial: Sequence[tuple["DTensor", float]]) -> list[tuple[torch.Tensor, float]]:
+def reduce_partial_grads(partial: Sequence[tuple[DTensor, float]]) -> list[tuple[torch.Tensor, float]]:
     """Make ``Partial`` DTensor grads whole: their local tensors, concatenated per mesh (in float64,
     complex128 for complex grads), are summed over the mesh dimensions where they are partial.
 
@@ -101,7 +101,7 @@ def reduce_partial_grads(partial: Sequence[tuple["DTensor", float]]) -> list[tup
     every rank of the mesh), so exactly the ranks of each group issue its collective. Returns the
     reduced values as (1-D float64 tensor, weight) for the norm; the grads are left as they are.
     """
-    buckets: dict[tuple, list[tuple["DTensor", float]]] = {}
+    buckets: dict[tuple, list[tuple[DTensor, float]]] = {}
     for grad, weight in partial:
         spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
         dims = tuple(i for i, p in enumerate(spec.placements) if p.is_partial())

@@ -1,0 +1,12 @@
+"""Adapters that put distclip inside the trainers people actually use.
+
+Nothing is imported here: ``import distclip`` and ``import distclip.integrations`` never import a
+trainer. Import the adapter you need:
+
+- ``distclip.integrations.lightning.GradientClipping``: a Lightning ``Callback`` (needs ``lightning``).
+- ``distclip.integrations.torchtitan.clip_grad_norm_``: torchtitan's signature, a one-import swap.
+
+Accelerate needs no adapter: see the README's "Integrations" section.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,71 @@
+"""torchtitan's ``clip_grad_norm_`` signature, computed by distclip: swap one import.
+
+    # from torchtitan.distributed.utils import clip_grad_norm_
+    from distclip.integrations.torchtitan import clip_grad_norm_
+
+    grad_norm = clip_grad_norm_(
+        [p for m in model_parts for p in m.parameters()],
+        max_norm, foreach=True, pp_mesh=parallel_dims.get_optional_mesh("pp"), ep_enabled=parallel_dims.ep_enabled,
+    )
+
+Same arguments, same return semantics as ``torchtitan.distributed.utils.clip_grad_norm_``
+(torchtitan 0.3.0): the total norm of the whole model (all pipeline stages when ``pp_mesh`` is
+given) as a plain, reduced tensor whose ``.item()`` is the same on every rank, and every gradient
+scaled in place by ``min(1, max_norm / (norm + 1e-6))``. Differences:
+
+- torchtitan stacks per-tensor norms, which raises ("All operands in aten.stack.default must
+  have the same mesh") when parameters live on different meshes, e.g. tensor-parallel weights on
+  the 2-D ``(dp, tp)`` mesh beside LayerNorms on the dp mesh only; distclip reads each gradient's
+  placements and sums one partial per rank, so any mix of meshes and plain tensors works.
+- ``ep_enabled`` is accepted and needs nothing: torchtitan splits expert parameters (meshes with
+  an ``"ep"`` dimension) from dense ones because of that stacking; distclip counts expert
+  DTensors by their placements like every other DTensor (tested against torchtitan's EP path).
+  Experts held as plain tensors over an expert-parallel group need ``distclip.mark_sharded``.
+- The result is float32 (float64 if a grad is float64) even for bf16 grads, where torchtitan
+  returns the grads' dtype; it is identical on every rank.
+- One all-reduce over the default process group per call (torchtitan: one per mesh plus one over
+  ``pp_mesh``), so every rank must call it, as in torchtitan's training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+import distclip
+
+__all__ = ["clip_grad_norm_"]
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    pp_mesh: Any | None = None,
+    ep_enabled: bool = False,
+) -> torch.Tensor:
+    """Clip the gradient norm of ``parameters``; a drop-in for torchtitan's ``clip_grad_norm_``.
+
+    Args:
+        parameters: an iterable of Tensors or a single Tensor whose gradients are clipped.
+        max_norm (float): max norm of the gradients.
+        norm_type (float): type of the used p-norm; ``inf`` allowed.
+        error_if_nonfinite (bool): raise on every rank if the total norm is nan or inf.
+        foreach (bool, optional): use foreach kernels (default: when available).
+        pp_mesh (DeviceMesh, optional): the 1-D pipeline-parallel mesh; the norm is reduced across
+            the pipeline stages.
+        ep_enabled (bool): accepted for compatibility; expert DTensors need no special handling.
+
+    Returns:
+        Total norm of the parameter gradients (viewed as a single vector), a plain tensor.
+    """
+    if not isinstance(ep_enabled, bool):
+        raise TypeError(f"distclip: ep_enabled must be a bool, got {type(ep_enabled).__name__}")
+    # torchtitan materialises generators too (they are consumed once, then clipped)
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    return distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh)

@@ -1,0 +1,242 @@
+"""distclip.integrations.torchtitan.clip_grad_norm_ against torchtitan 0.3.0's own function.
+
+One 4-rank gloo world builds four real layouts (FSDP2 1-D; pipeline stages x FSDP2 with
+``pp_mesh``; 2-D TP + FSDP2 with LayerNorms on the dp mesh only; MoE experts on torchtitan's
+sparse ``(efsdp, ep)`` mesh beside dense FSDP2 params), runs a real backward, and clips the same
+gradients with both functions. Where torchtitan works: same norm, same clipped grads. Where it
+raises (mixed meshes): distclip still matches a float64 reference built from the full gradients.
+
+Every dimension here is divisible by the shard counts on purpose: with an empty FSDP2 shard (a
+bias of size 1 on 4 ranks) torchtitan's ``norm_type=inf`` raises "_foreach_norm cannot compute
+the infinity norm on an empty tensor" on the ranks holding nothing while the others wait in its
+all-reduce (a collective mismatch; gloo aborts). distclip skips empty shards (tests/test_layouts.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from harness import run_world
+from torch import nn
+
+if os.environ.get("DISTCLIP_REQUIRE_INTEGRATIONS") == "1":
+    import torchtitan  # noqa: F401  - in CI a missing package is a failure, not a skip
+else:
+    pytest.importorskip("torchtitan", reason="torchtitan is not installed (pip install 'distclip[torchtitan]')")
+
+D, H = 8, 12
+NORMS = (2.0, math.inf)
+MAX_NORM = 0.01  # every case clips
+
+
+def _grads(params):
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _snapshot(params):
+    return [_local(g).clone() for g in _grads(params)]
+
+
+def _restore(params, saved):
+    for g, s in zip(_grads(params), saved):
+        _local(g).copy_(s)
+
+
+def _reference_norm(params, p, pp_group=None) -> float:
+    """float64 norm over the full gradients, from plain collectives (full_tensor per grad, then a
+    sum/max across pipeline stages): independent of both implementations under test."""
+    fulls = [(g.full_tensor() if hasattr(g, "full_tensor") else g).double().flatten() for g in _grads(params)]
+    flat = torch.cat(fulls) if fulls else torch.zeros(0, dtype=torch.float64)
+    if math.isinf(p):
+        acc = flat.abs().max() if flat.numel() else torch.tensor(0.0, dtype=torch.float64)
+        if pp_group is not None:
+            dist.all_reduce(acc, op=dist.ReduceOp.MAX, group=pp_group)
+        return float(acc)
+    acc = flat.abs().pow(p).sum()
+    if pp_group is not None:
+        dist.all_reduce(acc, group=pp_group)
+    return float(acc ** (1 / p))
+
+
+def _compare(name, params, p, out, *, pp_mesh=None, ep_enabled=False, torchtitan_should_work=True):
+    """Clip the current grads with torchtitan's function and with distclip's adapter."""
+    from torchtitan.distributed.utils import clip_grad_norm_ as titan_clip
+
+    from distclip.integrations.torchtitan import clip_grad_norm_ as ours_clip
+
+    pp_group = pp_mesh.get_group() if pp_mesh is not None else None
+    ref = _reference_norm(params, p, pp_group)
+    saved = _snapshot(params)
+    row = {"ref": ref}
+    try:
+        norm = titan_clip(params, MAX_NORM, p, pp_mesh=pp_mesh, ep_enabled=ep_enabled)
+        row["titan"] = float(norm)
+        row["titan_type"] = type(norm).__name__
+        titan_grads = _snapshot(params)
+    except Exception as e:  # noqa: BLE001
+        row["titan_error"] = f"{type(e).__name__}: {e}"
+        titan_grads = None
+    _restore(params, saved)
+    norm = ours_clip(iter(params), MAX_NORM, p, pp_mesh=pp_mesh, ep_enabled=ep_enabled)  # a generator, as allowed
+    row["ours"] = float(norm)
+    row["ours_type"] = type(norm).__name__
+    coef = min(1.0, MAX_NORM / (ref + 1e-6))
+    # clipped grads: scaled by the reference coefficient (and equal to torchtitan's where it works)
+    row["grads_ok"] = all(
+        torch.allclose(_local(g), s * coef, rtol=1e-5, atol=1e-8) for g, s in zip(_grads(params), saved)
+    )
+    if titan_grads is not None:
+        row["same_grads_as_titan"] = all(
+            torch.allclose(_local(g), t, rtol=1e-5, atol=1e-8) for g, t in zip(_grads(params), titan_grads)
+        )
+    row["torchtitan_should_work"] = torchtitan_should_work
+    _restore(params, saved)
+    out[f"{name} p={p}"] = row
+
+
+class _Dense(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(D, H), nn.Linear(H, D)
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, 4)  # every dim divisible by 4: see the module docstring
+
+    def forward(self, x):
+        return self.head(self.norm(self.w2(torch.relu(self.w1(x)))))
+
+
+class _Experts(nn.Module):
+    def __init__(self, w) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        # this rank's experts only, as torchtitan computes them (the gradient keeps Shard(0) on ep)
+        return torch.einsum("nd,edk->enk", x, self.w.to_local())
+
+
+def _backward(model, rank, in_dim=D, extra=None):
+    g = torch.Generator().manual_seed(100 + rank)
+    loss = model(torch.randn(6, in_dim, generator=g)).pow(2).mean()
+    if extra is not None:
+        loss = loss + extra()
+    loss.backward()
+
+
+def titan_world(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    out: dict = {}
+
+    # A. FSDP2 on a 1-D mesh of 4: torchtitan works.
+    torch.manual_seed(0)
+    model = _Dense()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    for sub in (model.w1, model.w2, model.head):
+        fully_shard(sub, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _backward(model, rank)
+    for p in NORMS:
+        _compare("FSDP2", list(model.parameters()), p, out)
+
+    # B. Pipeline stages x FSDP2, pp_mesh: torchtitan works.
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    torch.manual_seed(0)
+    full = _Dense()
+    stage_id = mesh["pp"].get_local_rank()
+    stage = nn.Sequential(full.w1, nn.ReLU()) if stage_id == 0 else nn.Sequential(full.w2, full.norm, full.head)
+    fully_shard(stage, mesh=mesh["dp"])
+    _backward(stage, rank, in_dim=D if stage_id == 0 else H)
+    for p in NORMS:
+        _compare("PP x FSDP2", list(stage.parameters()), p, out, pp_mesh=mesh["pp"])
+
+    # C. 2-D TP + FSDP2, norm and head on the dp mesh only: torchtitan raises.
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = _Dense()
+    parallelize_module(model, mesh["tp"], {"w1": ColwiseParallel(), "w2": RowwiseParallel()})
+    for sub in (model.w1, model.w2, model.head):
+        fully_shard(sub, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    _backward(model, mesh["dp"].get_local_rank())
+    out["2D meshes"] = sorted({p.device_mesh.mesh_dim_names for p in model.parameters()})
+    for p in NORMS:
+        _compare("2D TP+FSDP2", list(model.parameters()), p, out, torchtitan_should_work=False)
+
+    # D. MoE as torchtitan lays it out: dense params FSDP2 on the dense ("dp",) mesh; experts
+    # (num_experts, D, D) Shard(0) on "ep" of the sparse ("efsdp", "ep") mesh, FSDP2 on "efsdp".
+    dense_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    sparse_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("efsdp", "ep"))
+    torch.manual_seed(0)
+    model = _Dense()
+    experts = _Experts(distribute_tensor(torch.randn(4, D, D) * 0.1, sparse_mesh["ep"], [Shard(0)]))
+    model.experts = experts
+    fully_shard(experts, mesh=sparse_mesh["efsdp"])
+    for sub in (model.w1, model.w2, model.head):
+        fully_shard(sub, mesh=dense_mesh)
+    fully_shard(model, mesh=dense_mesh)
+
+    def expert_loss():
+        g = torch.Generator().manual_seed(200 + rank)
+        return experts(torch.randn(5, D, generator=g)).pow(2).mean()
+
+    _backward(model, rank, extra=expert_loss)
+    out["EP placements"] = [str(experts.w.grad.placements), str(experts.w.grad.device_mesh.mesh_dim_names)]
+    params = list(model.parameters())
+    for p in NORMS:
+        _compare("EP ep_enabled=True", params, p, out, ep_enabled=True)
+        _compare("EP ep_enabled=False", params, p, out, torchtitan_should_work=False)
+    return out
+
+
+def test_adapter_has_torchtitans_signature():
+    from torchtitan.distributed.utils import clip_grad_norm_ as titan_clip
+
+    from distclip.integrations.torchtitan import clip_grad_norm_ as ours_clip
+
+    assert inspect.signature(ours_clip).parameters.keys() == inspect.signature(titan_clip).parameters.keys()
+    for name, param in inspect.signature(titan_clip).parameters.items():
+        assert inspect.signature(ours_clip).parameters[name].default == param.default, name
+
+
+def test_against_torchtitan_on_four_ranks():
+    results = run_world(titan_world, 4, timeout=400, pg_timeout_s=60)
+    rows0 = results[0]
+    assert rows0["2D meshes"] == [("dp",), ("dp", "tp")], rows0["2D meshes"]
+    assert "Shard(dim=0)" in rows0["EP placements"][0] and "ep" in rows0["EP placements"][1], rows0["EP placements"]
+    cases = [k for k, v in rows0.items() if isinstance(v, dict)]
+    assert len(cases) == 10, cases
+    for rank, rows in enumerate(results):
+        for case in cases:
+            row = rows[case]
+            where = f"rank {rank}, {case}: {row}"
+            # the norm: identical on every rank, equal to the float64 reference, a plain tensor
+            assert row["ours"] == results[0][case]["ours"], where
+            assert row["ours"] == pytest.approx(row["ref"], rel=1e-6), where
+            assert row["ours_type"] == "Tensor", where
+            assert row["ref"] > MAX_NORM, where  # clipping active
+            assert row["grads_ok"], where
+            if row["torchtitan_should_work"]:
+                # torchtitan agrees: same norm, same clipped grads, same return type
+                assert "titan_error" not in row, where
+                assert row["titan"] == pytest.approx(row["ours"], rel=1e-5), where
+                assert row["same_grads_as_titan"], where
+                assert row["titan_type"] == "Tensor", where
+            else:
+                # torchtitan raises on mixed meshes, where distclip is right
+                assert "mesh" in row.get("titan_error", ""), where
