@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -44,9 +44,11 @@ class LayoutPlan:
         self.routes: list[Optional[tuple]] = [None] * len(params)
         for entry in layout.entries:
             grad = params[entry.index].grad
+            assert grad is not None  # an entry is made only for a parameter with a grad
             if entry.partial:
-                spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
-                self.routes[entry.index] = (_PARTIAL, entry.weight, spec, _structure(spec, grad))
+                partial_grad = cast(DTensor, grad)  # only a DTensor grad is partial
+                spec = partial_grad._spec  # DTensor internals, as in ``layout.local_layout``
+                self.routes[entry.index] = (_PARTIAL, entry.weight, spec, _structure(spec, partial_grad))
             elif isinstance(grad, DTensor):
                 key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
                 spec = grad._spec
@@ -55,7 +57,7 @@ class LayoutPlan:
                 key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
                 kind = _PLAIN if entry.tensor is grad else _PADDED
                 self.routes[entry.index] = (kind, slot[key], type(grad), grad.dtype, grad.device, grad.numel() - entry.tensor.numel())
-        self.first = layout  # the discovery's own result serves the call that built the plan
+        self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
         self.valid = True
         key = cache.key(params, stage)
@@ -85,15 +87,19 @@ class LayoutPlan:
                     return None
                 lists[route[1]].append(grad)
             elif kind == _DTENSOR:
-                spec = getattr(grad, "_spec", None)
-                if spec is not route[2] and (spec is None or _structure(spec, grad) != route[3]):
+                # The route was made for a DTensor grad and the spec check below keeps it one; no
+                # isinstance (or cast call) on this per-parameter hot path.
+                dgrad: DTensor = grad  # type: ignore[assignment]
+                spec = getattr(dgrad, "_spec", None)
+                if spec is not route[2] and (spec is None or _structure(spec, dgrad) != route[3]):
                     return None
-                lists[route[1]].append(grad._local_tensor)
+                lists[route[1]].append(dgrad._local_tensor)
             elif kind == _PARTIAL:
-                spec = getattr(grad, "_spec", None)
-                if spec is not route[2] and (spec is None or _structure(spec, grad) != route[3]):
+                pgrad: DTensor = grad  # type: ignore[assignment]  # a DTensor, as for _DTENSOR
+                spec = getattr(pgrad, "_spec", None)
+                if spec is not route[2] and (spec is None or _structure(spec, pgrad) != route[3]):
                     return None
-                partial.append((grad, route[1]))
+                partial.append((pgrad, route[1]))
             else:  # a padded FSDP1 flat shard: the padding is static
                 if grad.__class__ is not route[2] or grad.dtype != route[3] or grad.device != route[4]:
                     return None
@@ -115,6 +121,9 @@ class PlanCache:
     def __init__(self, size: int = 16) -> None:
         self.size = size
         self.plans: OrderedDict[tuple, LayoutPlan] = OrderedDict()
+        # Keys seen once: a plan is built only when a parameter list comes back, so one-off
+        # calls (and every first call) cost no more than discovery itself.
+        self.seen: OrderedDict[int, None] = OrderedDict()  # hashes of keys: a hint, kept small
 
     @staticmethod
     def key(params: list[torch.Tensor], stage: Stage) -> tuple:
@@ -136,6 +145,11 @@ class PlanCache:
                 self.plans.move_to_end(key)
                 return found
             self.drop(key)
+        elif hash(key) not in self.seen:
+            self.seen[hash(key)] = None
+            while len(self.seen) > 4 * self.size:
+                self.seen.popitem(last=False)
+            return local_layout(params, module, stage)
         plan = LayoutPlan(params, module, stage, self)
         self.plans[key] = plan
         while len(self.plans) > self.size:
