@@ -29,7 +29,7 @@ from distclip import agreement
 def models(world: int, n: int) -> dict[str, list[torch.nn.Parameter]]:
     mesh = init_device_mesh("cpu", (world,))
     dtensors, plain = [], []
-    for i in range(n):
+    for _ in range(n):
         p = torch.nn.Parameter(distribute_tensor(torch.zeros(64, 16), mesh, [Shard(0)]))
         p.grad = distribute_tensor(torch.randn(64, 16), mesh, [Shard(0)])
         dtensors.append(p)
@@ -62,7 +62,7 @@ def main() -> None:
     rows = []
     for n in (10, 1000):
         for name, params in models(world, n).items():
-            clip = lambda: distclip.clip_grad_norm_(params, 1e9)  # noqa: E731
+            clip = lambda params=params: distclip.clip_grad_norm_(params, 1e9)  # noqa: E731
             on, off = [], []
             for i in range(args.repeats + 3):  # interleaved, so drift hits both alike; 3 warm-up
                 t_on = one_call_ms(clip)
@@ -82,7 +82,8 @@ def main() -> None:
         with open(os.path.join(args.out, "agreement_overhead.json"), "w") as f:
             json.dump(info, f, indent=1)
         for r in rows:
-            print(f"{r['workload']:16s} check on {r['check_on_ms']:8.3f} ms   off {r['check_off_ms']:8.3f} ms   overhead {r['overhead_ms']:+.3f} ms")
+            print(f"{r['workload']:16s} check on {r['check_on_ms']:8.3f} ms   off {r['check_off_ms']:8.3f} ms   "
+                  f"overhead {r['overhead_ms']:+.3f} ms")
     dist.destroy_process_group()
 
 

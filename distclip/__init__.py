@@ -8,7 +8,7 @@ tensor parallelism, HSDP, pipeline stages, MoE experts and tied weights, alone o
 from distclip.agreement import LayoutMismatchError
 from distclip.audit import AuditReport, audit
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
-from distclip.layout import mark_replicated, mark_sharded
+from distclip.layout import GroupLike, ParamsLike, mark_replicated, mark_sharded
 from distclip.norms import describe, describe_rows, grad_norms
 
 __all__ = [
@@ -24,5 +24,7 @@ __all__ = [
     "describe_rows",
     "audit",
     "AuditReport",
+    "ParamsLike",
+    "GroupLike",
 ]
 __version__ = "0.1.0"

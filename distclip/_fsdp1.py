@@ -8,10 +8,13 @@ release renames these attributes, only this file changes.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp._flat_param import FlatParameter
 
 
 class Fsdp1Piece(NamedTuple):
@@ -46,13 +49,18 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
 def _handles(module: nn.Module, fsdp_cls: type) -> list:
     # A lazily initialised FSDP1 root lists every handle below it (``_all_handles``): O(handles)
     # instead of a walk over every submodule of a large model on every call.
-    if isinstance(module, fsdp_cls) and getattr(module, "_is_root", False) and getattr(module, "_all_handles", None):
-        return list(module._all_handles)
+    if isinstance(module, fsdp_cls) and getattr(module, "_is_root", False):
+        all_handles = getattr(module, "_all_handles", None)
+        if all_handles:
+            return list(all_handles)
     return [m._handle for m in module.modules() if isinstance(m, fsdp_cls) and getattr(m, "_handle", None) is not None]
 
 
+_FlatParameter: Optional[type]
 try:
-    from torch.distributed.fsdp._flat_param import FlatParameter as _FlatParameter
+    from torch.distributed.fsdp._flat_param import FlatParameter as _FlatParameterCls
+
+    _FlatParameter = _FlatParameterCls
 except ImportError:  # torch built without distributed
     _FlatParameter = None
 
@@ -132,9 +140,11 @@ def flat_segments(flat_param: torch.Tensor) -> list[FlatSegment]:
     """The original parameters of a FlatParameter (``use_orig_params=False``) and the part of each
     that lies in this rank's local shard, from FSDP1's ``_fqns``, ``_shapes`` and
     ``_shard_param_infos`` (offsets into the local shard, which ends in padding)."""
+    flat = cast("FlatParameter", flat_param)
     out = []
-    for fqn, shape, info in zip(flat_param._fqns, flat_param._shapes, flat_param._shard_param_infos):
+    for fqn, shape, info in zip(flat._fqns, flat._shapes, flat._shard_param_infos):
         if info.in_shard:
+            assert info.offset_in_shard is not None and info.numel_in_shard is not None  # set for a parameter in the shard
             out.append(FlatSegment(fqn, int(info.offset_in_shard), int(info.numel_in_shard), shape))
         else:
             out.append(FlatSegment(fqn, 0, 0, shape))

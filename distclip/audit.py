@@ -23,12 +23,13 @@ import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union, cast
 
 import torch
 import torch.distributed as dist
 
 from distclip.clip import get_total_norm
-from distclip.layout import _ANNOTATION_ATTR, _SHARD_PLACEMENTS, DTensor, current_stage
+from distclip.layout import _ANNOTATION_ATTR, _SHARD_PLACEMENTS, DTensor, GroupLike, current_stage
 from distclip.norms import NamedParams, collect, grad_norms
 
 __all__ = ["AuditReport", "audit"]
@@ -84,7 +85,7 @@ def _whole(unit) -> torch.Tensor:
 
 
 @torch.no_grad()
-def audit(parameters: NamedParams, *, pp_group: object = None, rtol: float = 1e-5) -> AuditReport:
+def audit(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, rtol: float = 1e-5) -> AuditReport:
     """Check that distclip's view of ``parameters`` matches the gradients every rank holds.
 
     Slow by design: gathers a hash and float64 statistics of every local gradient piece from every
@@ -102,6 +103,7 @@ def audit(parameters: NamedParams, *, pp_group: object = None, rtol: float = 1e-
         ``norm`` (distclip's 2-norm), ``reference_norm`` and ``details``.
     """
     stage = current_stage(pp_group)
+    items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]
     if isinstance(parameters, torch.nn.Module):
         items = parameters
     else:
@@ -113,14 +115,14 @@ def audit(parameters: NamedParams, *, pp_group: object = None, rtol: float = 1e-
     fsdp1 = _fsdp1.shard_info(local.module) if local.module is not None else {}
     tied_seen: dict[int, int] = defaultdict(int)
     tied_key: dict[tuple, tuple] = {}
-    for p, pnames in zip(local.params, local.param_names):
-        annotation = p.__dict__.get(_ANNOTATION_ATTR)
+    for param, pnames in zip(local.params, local.param_names):
+        annotation = param.__dict__.get(_ANNOTATION_ATTR)
         if annotation is not None and annotation.replicated_over is not None:
             # the k-th tied tensor of every rank is one tensor: its copies on the other stages and
             # on the other data-parallel replicas (each with its own group) are all copies
             size = len(annotation.replicated_over.ranks)
             for n in pnames:
-                tied_key[(id(p), n)] = ("tied", size, tied_seen[size])
+                tied_key[(id(param), n)] = ("tied", size, tied_seen[size])
                 tied_seen[size] += 1
     records = []
     for u in local.units:
@@ -128,10 +130,11 @@ def audit(parameters: NamedParams, *, pp_group: object = None, rtol: float = 1e-
         annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
         marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
         key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
+        piece: tuple
         if isinstance(u.param, DTensor):
-            grad = u.param.grad
+            grad = cast(DTensor, u.param.grad)  # a unit is made only for a grad; a DTensor's is a DTensor
             mesh = grad.device_mesh
-            coord = mesh.get_coordinate() or []
+            coord: Sequence[int] = mesh.get_coordinate() or []
             sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, _SHARD_PLACEMENTS))
             # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
             piece = ("dtensor", tuple(mesh.shape), sharded)
@@ -155,7 +158,8 @@ def audit(parameters: NamedParams, *, pp_group: object = None, rtol: float = 1e-
     reference_total, reference_by_name = _reference(everyone)
     details = {}
     for p in NORM_TYPES:
-        mine = float(get_total_norm(items if local.module is not None else local.params, p, pp_group=pp_group))
+        # ``local.module`` is set exactly when ``items`` is a module
+        mine = float(get_total_norm(cast(torch.nn.Module, items) if local.module is not None else local.params, p, pp_group=pp_group))
         by_name = grad_norms(items, p, pp_group=pp_group)
         ref = reference_total[p]
         details[p] = (mine, ref)

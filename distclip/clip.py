@@ -23,6 +23,7 @@ from distclip import agreement, rank_errors
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     DTensor,
+    GroupLike,
     LocalLayout,
     LostMarks,
     ParamsLike,
@@ -243,7 +244,7 @@ def get_total_norm(
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
     *,
-    pp_group: object = None,
+    pp_group: Optional[GroupLike] = None,
 ) -> torch.Tensor:
     r"""Compute the norm of the full, unsharded gradients of ``parameters``, whatever their layout.
 
@@ -276,7 +277,7 @@ def clip_grad_norm_(
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
     *,
-    pp_group: object = None,
+    pp_group: Optional[GroupLike] = None,
 ) -> torch.Tensor:
     r"""Clip the gradient norm of ``parameters`` in place, correctly under any sharding.
 

@@ -250,7 +250,7 @@ GroupKey = tuple  # (device, dtype, weight)
 class Entry(NamedTuple):
     """One local tensor of ``local_layout(..., track=True)``: which parameter it belongs to."""
 
-    index: int  # position of its parameter in the list passed to ``local_layout``
+    index: int  # type: ignore[assignment]  # shadows tuple.index(); position of its parameter in the list passed to ``local_layout``
     tensor: torch.Tensor  # the local tensor measured (FSDP1 padding removed); the DTensor if partial
     weight: float
     partial: bool = False  # a Partial DTensor grad: made whole before it is measured
@@ -424,12 +424,12 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
             # whose grad is None on this rank only, is no disagreement.
             if not sharded:
                 pspec = param._spec
-                kind = kind_of_spec.get(id(pspec))
-                if kind is None:
-                    kind = kind_of_spec[id(pspec)] = _dtensor_kind(param)
+                spec_kind = kind_of_spec.get(id(pspec))
+                if spec_kind is None:
+                    spec_kind = kind_of_spec[id(pspec)] = _dtensor_kind(param)
                     if annotation is not None:
-                        kind = kind_of_spec[id(pspec)] = kind + ("mark_replicated",)
-                kinds.add(kind)
+                        spec_kind = kind_of_spec[id(pspec)] = spec_kind + ("mark_replicated",)
+                kinds.add(spec_kind)
         if grad is None:
             if not isinstance(param, DTensor) and not sharded:
                 if id(param) in fsdp1:

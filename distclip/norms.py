@@ -22,7 +22,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, Optional, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,7 @@ from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     _ANNOTATION_ATTR,
     DTensor,
+    GroupLike,
     Stage,
     current_stage,
     local_layout,
@@ -109,7 +110,8 @@ class Local:
 def _named(parameters: NamedParams) -> tuple[list[str], list[torch.Tensor], nn.Module | None]:
     if isinstance(parameters, nn.Module):
         ddp = type(parameters).__name__ == "DistributedDataParallel"
-        names, params = [], []
+        names: list[str] = []
+        params: list[torch.Tensor] = []
         for name, p in parameters.named_parameters():
             names.append(clean_name(name, ddp))
             params.append(p)
@@ -318,7 +320,7 @@ class NameOrder:
 
 
 def _local_sig(local: Local, stage: Stage) -> tuple:
-    tied = []
+    tied: list[tuple[str, tuple[int, ...]]] = []
     for p, pnames in zip(local.params, local.param_names):
         annotation = p.__dict__.get(_ANNOTATION_ATTR)
         if annotation is not None and annotation.replicated_over is not None:
@@ -336,7 +338,7 @@ def grad_norms(
     norm_type: float = 2.0,
     *,
     groups: Callable[[str], str | None] | None = None,
-    pp_group: object = None,
+    pp_group: Optional[GroupLike] = None,
 ) -> dict[str, torch.Tensor]:
     r"""Global norms of the full gradients, per parameter (or per group), plus ``"total"``.
 
@@ -404,7 +406,7 @@ def grad_norms(
 
 def _reduce_partial_units(units: list[Unit]) -> dict[int, torch.Tensor]:
     """``Partial`` grads made whole (one all-reduce per partial mesh group, as in clip.py)."""
-    wanted = [(u.tensor, float(i)) for i, u in enumerate(units) if u.partial]
+    wanted = [(cast(DTensor, u.tensor), float(i)) for i, u in enumerate(units) if u.partial]  # a partial unit holds its DTensor grad
     if not wanted:
         return {}
     # ``reduce_partial_grads`` returns (value, weight) pairs with the weight passed through
@@ -517,7 +519,7 @@ def _placements_str(placements: tuple) -> str:
     return "(" + ", ".join(str(pl) for pl in placements) + ")"
 
 
-def describe_rows(parameters: NamedParams, *, pp_group: object = None) -> list[dict]:
+def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None) -> list[dict]:
     """How distclip sees each parameter on this rank: local and cheap (no collective).
 
     One row per named parameter (per original parameter inside an FSDP1 flat parameter), as a dict
@@ -550,6 +552,8 @@ def describe_rows(parameters: NamedParams, *, pp_group: object = None) -> list[d
         segments = local.flat.get(id(p))
         info = fsdp1.get(id(p))
         grad = p.grad
+        local_shape: tuple[int, ...]
+        global_shape: Optional[tuple[int, ...]]
         for k, name in enumerate(pnames):
             if segments is not None:
                 seg = segments[k]
@@ -579,7 +583,7 @@ def describe_rows(parameters: NamedParams, *, pp_group: object = None) -> list[d
     return rows
 
 
-def describe(parameters: NamedParams, *, pp_group: object = None) -> str:
+def describe(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None) -> str:
     """A readable table of :func:`describe_rows`: how distclip sees this rank's parameters."""
     stage = current_stage(pp_group)
     rows = describe_rows(parameters, pp_group=pp_group)

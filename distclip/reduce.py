@@ -43,7 +43,7 @@ def reduction_device(stage: Stage) -> torch.device:
     return torch.device("cuda", current)
 
 
-def reduction_op(norm_type: float) -> dist.ReduceOp:
+def reduction_op(norm_type: float) -> dist.ReduceOp.RedOpType:
     """The single collective's op: SUM of partials for finite p, MAX for +-inf (-inf negated)."""
     return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
 

@@ -36,6 +36,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,9 @@ from torch import nn
 
 import distclip
 from distclip import _fsdp1
+from distclip.layout import DeviceMesh, GroupLike, ParamsLike
+
+_T = TypeVar("_T")
 
 NORM_TYPES = (1.0, 2.0, 3.0, math.inf, 0.5, 0.0, -math.inf, -2.0)  # every grad is non-zero, so p <= 0 means something
 VOCAB, DIM, HIDDEN, OUT = 16, 8, 24, 2  # OUT=2 rows: at 4 ranks, some FSDP shards are empty
@@ -100,10 +104,10 @@ def clean_name(name: str) -> str:
 class Built:
     """A layout after forward/backward: what to clip and how to see its full gradients."""
 
-    parameters: object  # passed to clip_grad_norm_ (module or list)
+    parameters: ParamsLike  # passed to clip_grad_norm_ (module or list)
     local_full: Callable[[], dict[str, torch.Tensor]]  # collective within the stage; this stage's full grads
     local_grads: Callable[[], list[torch.Tensor]]  # this rank's local grad tensors (to save/restore)
-    pp_group: object = None
+    pp_group: Optional[GroupLike] = None
     reference_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # single-process model
 
 
@@ -114,13 +118,18 @@ class Scenario:
     allowed: Callable[[int], bool]
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None  # every parameter of these reference models gets a grad
+    return p.grad
+
+
 def single_process_grads(device: torch.device, tied: bool = False) -> dict[str, torch.Tensor]:
     model = new_model(device)
     if tied:
         model.head = nn.Linear(DIM, VOCAB, bias=False).to(device)
         model.head.weight = model.embed.weight
     loss_of(model(batch(device))).backward()
-    return {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()}
+    return {n: _grad(p).detach().double().cpu() for n, p in model.named_parameters()}
 
 
 def plain_full(module: nn.Module, prefix: str = "") -> Callable[[], dict[str, torch.Tensor]]:
@@ -244,7 +253,7 @@ def build_2d(ctx: Ctx) -> Built:
     return Built(model, plain_full(model), local_grad_tensors(model))
 
 
-def _pipeline_groups(ctx: Ctx) -> tuple[int, int, dist.ProcessGroup, object | None]:
+def _pipeline_groups(ctx: Ctx) -> tuple[int, int, dist.ProcessGroup, DeviceMesh]:
     """pp=2: ranks [0, W/2) hold stage 0, [W/2, W) stage 1; rank r pairs with r +- W/2."""
     pp_mesh = mesh(ctx, (2, ctx.world // 2), ("pp", "dp"))
     stage = pp_mesh.get_local_rank("pp")
@@ -265,6 +274,7 @@ def _run_pipeline(stage: int, peer: int, stage0: Callable, stage1: Callable, dev
         dist.recv(act, peer)
         act.requires_grad_(True)
         loss_of(stage1(act)).backward()
+        assert act.grad is not None  # set by the backward just above
         dist.send(act.grad.contiguous(), peer)
 
 
@@ -300,6 +310,7 @@ def build_tied_pp(ctx: Ctx) -> Built:
     if stage == 1:
         part["head"] = head
     tied = part["embed"].weight if stage == 0 else part["head"].weight
+    assert isinstance(tied, torch.Tensor)  # an nn.Parameter
 
     def stage0(tokens):
         x = part["embed"](tokens)
@@ -355,12 +366,14 @@ def build_ep(ctx: Ctx) -> Built:
     owned = [e for e in range(MoE.NUM_EXPERTS) if _expert_owner(e, ctx.world) == ctx.rank]
     model = MoE(ctx.device, owned)
     loss_of(model(batch(ctx.device), dist.group.WORLD)).backward()
+    world = dist.group.WORLD
+    assert world is not None  # the default process group is initialised
     for expert in model.experts.values():
         for p in expert.parameters():
-            distclip.mark_sharded(p, dist.group.WORLD)
+            distclip.mark_sharded(p, world)
     reference = MoE(ctx.device, list(range(MoE.NUM_EXPERTS)))
     loss_of(reference(batch(ctx.device), None)).backward()
-    ref = {n: p.grad.detach().double().cpu() for n, p in reference.named_parameters()}
+    ref = {n: _grad(p).detach().double().cpu() for n, p in reference.named_parameters()}
     return Built(model, plain_full(model), local_grad_tensors(model), reference_grads=ref)
 
 
@@ -457,7 +470,7 @@ def build_tp_sp(ctx: Ctx) -> Built:
     torch.manual_seed(0)
     reference = PreNormBlock().to(ctx.device)
     loss_of(reference(batch(ctx.device))).backward()
-    ref = {n: p.grad.detach().double().cpu() for n, p in reference.named_parameters()}
+    ref = {n: _grad(p).detach().double().cpu() for n, p in reference.named_parameters()}
     tp_mesh = mesh(ctx, (ctx.world,), ("tp",))
     torch.manual_seed(0)
     model = PreNormBlock().to(ctx.device)
@@ -567,7 +580,7 @@ class Ctx:
     impl: str
     timeout_s: float = 60.0  # the process group's timeout (used when it is rebuilt)
     agree: Agreement | None = None  # made from the default group's store on first use
-    base_store: object = None
+    base_store: Optional[dist.Store] = None
     epoch: int = 0
 
     def agreement(self) -> Agreement:
@@ -587,7 +600,7 @@ def _is_timeout(message: str) -> bool:
     return any(s in text for s in ("timed out", "timeout", "time out", "distbackenderror", "connection closed", "connection reset"))
 
 
-def _attempt(fn: Callable[[], object]) -> tuple[object, str | None]:
+def _attempt(fn: Callable[[], _T]) -> tuple[_T | None, str | None]:
     try:
         return fn(), None
     except Exception as e:  # noqa: BLE001 - every failure becomes a row, on every rank
@@ -616,6 +629,7 @@ def _failure(errors: list[str | None]) -> tuple[str, bool]:
 def reset_process_group(ctx: Ctx) -> None:
     """A fresh default process group on a fresh store prefix: after a timed-out collective the old
     one is out of step (ranks disagree on which collective comes next)."""
+    assert ctx.base_store is not None  # set by ctx.agreement(), which every check() calls first
     backend = dist.get_backend()
     dist.destroy_process_group()
     ctx.epoch += 1
@@ -625,11 +639,11 @@ def reset_process_group(ctx: Ctx) -> None:
     )
 
 
-def _save_grads(built: Built) -> list[tuple[object, torch.Tensor]]:
+def _save_grads(built: Built) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(g, g.detach().clone()) for g in built.local_grads()]
 
 
-def _restore_grads(built: Built, saved: list[tuple[object, torch.Tensor]]) -> None:
+def _restore_grads(built: Built, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     current = built.local_grads()
     if len(current) != len(saved) or any(c.data_ptr() != s[0].data_ptr() for c, s in zip(current, saved)):
         raise RuntimeError("the gradients were replaced (not scaled in place) by the clip call; cannot restore them")
@@ -658,6 +672,7 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
         detail, hung = _failure(errors)
         not_run(0, f"build failed: {detail}")
         return rows, True  # a failed build leaves the process group in an unknown state
+    assert built is not None  # no rank raised, so this one built it
 
     state: dict = {}
 
@@ -684,7 +699,10 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
         ref = reference_norm(state["before"], norm_type)
         max_norm = ref * 0.5
 
-        total, err = _attempt(lambda m=max_norm, p=norm_type: float(clip(ctx, built, m, p).detach().double().cpu()))
+        def clip_once(m: float = max_norm, p: float = norm_type) -> float:
+            return float(clip(ctx, built, m, p).detach().double().cpu())
+
+        total, err = _attempt(clip_once)
         outcomes = agree((total, err))
         errors = [e for _, e in outcomes]
         results = [t for t, _ in outcomes]

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 
-def _child(fn: Callable, rank: int, world_size: int, store_path: str, results: "mp.Queue", args: tuple, pg_timeout_s: float) -> None:
+def _child(fn: Callable, rank: int, world_size: int, store_path: str, results: mp.Queue, args: tuple, pg_timeout_s: float) -> None:
     import torch
     import torch.distributed as dist
 

@@ -12,8 +12,9 @@ import os
 
 import pytest
 import torch
-from harness import run_world
 from torch import nn
+
+from harness import run_world
 
 if os.environ.get("DISTCLIP_REQUIRE_INTEGRATIONS") == "1":
     import accelerate  # noqa: F401  - in CI a missing package is a failure, not a skip

@@ -11,8 +11,9 @@ import os
 
 import pytest
 import torch
-from harness import run_world
 from torch import nn
+
+from harness import run_world
 
 if os.environ.get("DISTCLIP_REQUIRE_INTEGRATIONS") == "1":
     import lightning  # noqa: F401  - in CI a missing package is a failure, not a skip

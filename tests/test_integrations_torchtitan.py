@@ -21,8 +21,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_world
 from torch import nn
+
+from harness import run_world
 
 if os.environ.get("DISTCLIP_REQUIRE_INTEGRATIONS") == "1":
     import torchtitan  # noqa: F401  - in CI a missing package is a failure, not a skip

@@ -243,6 +243,9 @@ def test_no_host_read_path_never_reads_a_device_value():
 
 def test_meta_run_would_catch_a_host_read():
     """The proof above can fail: the same run with host reads forced on (the CPU path) reads."""
-    script = META_SCRIPT.replace('clip.reduction_device = lambda stage: meta', 'clip.reduction_device = lambda stage: meta\nimport distclip.clip as c; c.host_reads_allowed = lambda device: True')
+    script = META_SCRIPT.replace(
+        'clip.reduction_device = lambda stage: meta',
+        'clip.reduction_device = lambda stage: meta\nimport distclip.clip as c; c.host_reads_allowed = lambda device: True',
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "meta" in proc.stderr, proc.stdout[-2000:]

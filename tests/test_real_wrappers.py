@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+
 from harness import run_world
 
 NORMS = (1.0, 2.0, 3.0, math.inf)
@@ -67,7 +68,8 @@ def _lora_shards_are_mostly_frozen(ctx):
     reference = verify.reference_norm(built.reference_grads, 2.0)
     fsdp_norm = float(built.parameters.clip_grad_norm_(float("inf"), 2.0))
     found = sum(n > 0 for n in holders) == 1 and abs(fsdp_norm - reference) <= 1e-6 * reference
-    return ("LoRA shards mostly frozen", 2.0, found, f"trainable local elements per rank {holders}; FSDP1 norm {fsdp_norm}, reference {reference}", 1.0)
+    detail = f"trainable local elements per rank {holders}; FSDP1 norm {fsdp_norm}, reference {reference}"
+    return ("LoRA shards mostly frozen", 2.0, found, detail, 1.0)
 
 
 def _expected_layouts(world):

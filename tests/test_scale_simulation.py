@@ -176,7 +176,7 @@ def test_every_rank_issues_the_same_collective_and_agreement_holds(world, norm_t
     call = ("clip_grad_norm_", norm_type, 1.0, False, pp, stage_size)
     kinds_of_stage = {s: frozenset({("DTensor", (dr, ds, tp), s)}) for s in range(pp)}  # stages differ
     rows, shapes = [], set()
-    for (s, r, d, t), rank in _ranks(pp, dr, ds, tp).items():
+    for (s, _r, _d, _t), _rank in _ranks(pp, dr, ds, tp).items():
         stage = Stage(True, stage_size, frozenset(range(pp)), s, pp)
         slots = agreement.slots(agreement.Signature(call, kinds_of_stage[s], stage), use_max)
         shapes.add((reduce.reduction_op(norm_type), reduce.packed_length(len(slots))))

@@ -3,6 +3,7 @@ rank stops reporting, and the layout selection."""
 
 import pytest
 import torch.distributed as dist
+
 from harness import run_world
 
 

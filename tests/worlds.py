@@ -314,8 +314,11 @@ def check_layout(name: str, layout: Layout, norms=NORMS) -> list[tuple[str, bool
         if n_calls != layout.collectives:
             errors.append(f"{n_calls} collectives in one call (expected {layout.collectives})")
         # Without host reads (accelerators) the dtype follows each rank's own grads: float64 on the
-        # ranks holding a float64 grad only. The value is the same everywhere either way.
-        agreed = (value, total.dtype) if os.environ.get("DISTCLIP_HOST_READS", "auto") == "auto" else value
+        # ranks holding a float64 grad only. The value, rounded to float32, is the same everywhere.
+        if os.environ.get("DISTCLIP_HOST_READS", "auto") == "auto":
+            agreed: object = (value, total.dtype)
+        else:
+            agreed = float(torch.tensor(value, dtype=torch.float64).float())
         if not same_on_every_rank(agreed):
             errors.append("norm differs across ranks")
         records.append((f"{name} p={p_norm:g}", not errors, "; ".join(errors)))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import distclip
+from distclip.layout import GroupLike
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -78,7 +79,7 @@ class GradientClipping(Callback):
         error_if_nonfinite: bool = False,
         foreach: bool | None = None,
         *,
-        pp_group: object = None,
+        pp_group: GroupLike | None = None,
         log_norm: bool = True,
         log_name: str = "grad_norm",
         log_group_norms: bool = False,
