@@ -73,37 +73,41 @@ class LayoutPlan:
             return layout
         lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
         partial: list[tuple[DTensor, float]] = []
-        for p, route in zip(params, self.routes):
-            grad = p.grad
-            if route is None:
-                if grad is not None:
-                    return None
-                continue
-            if grad is None:
-                return None
-            kind = route[0]
-            if kind == _PLAIN:
-                if grad.__class__ is not route[2] or grad.dtype != route[3] or grad.device != route[4]:
-                    return None
-                lists[route[1]].append(grad)
-            elif kind == _DTENSOR:
-                # The route was made for a DTensor grad and the spec check below keeps it one; no
-                # isinstance (or cast call) on this per-parameter hot path.
-                dgrad: DTensor = grad  # type: ignore[assignment]
-                spec = getattr(dgrad, "_spec", None)
-                if spec is not route[2] and (spec is None or _structure(spec, dgrad) != route[3]):
-                    return None
-                lists[route[1]].append(dgrad._local_tensor)
-            elif kind == _PARTIAL:
-                pgrad: DTensor = grad  # type: ignore[assignment]  # a DTensor, as for _DTENSOR
-                spec = getattr(pgrad, "_spec", None)
-                if spec is not route[2] and (spec is None or _structure(spec, pgrad) != route[3]):
-                    return None
-                partial.append((pgrad, route[1]))
-            else:  # a padded FSDP1 flat shard: the padding is static
-                if grad.__class__ is not route[2] or grad.dtype != route[3] or grad.device != route[4]:
-                    return None
-                lists[route[1]].append(grad[: grad.numel() - route[5]] if route[5] else grad)
+        dtensor, plain, partial_kind = _DTENSOR, _PLAIN, _PARTIAL
+        try:
+            for p, route in zip(params, self.routes):
+                grad = p.grad
+                if route is None:
+                    if grad is not None:
+                        return None
+                    continue
+                kind = route[0]
+                if kind == dtensor:
+                    # Made for a DTensor grad; a None or plain grad fails ``_spec`` (AttributeError,
+                    # below). No isinstance or cast call on this per-parameter hot path.
+                    dgrad: DTensor = grad  # type: ignore[assignment]
+                    spec = dgrad._spec
+                    if spec is not route[2] and _structure(spec, dgrad) != route[3]:
+                        return None
+                    lists[route[1]].append(dgrad._local_tensor)
+                elif kind == plain:
+                    tgrad: torch.Tensor = grad  # type: ignore[assignment]  # None fails the class check
+                    if tgrad.__class__ is not route[2] or tgrad.dtype != route[3] or tgrad.device != route[4]:
+                        return None
+                    lists[route[1]].append(tgrad)
+                elif kind == partial_kind:
+                    pgrad: DTensor = grad  # type: ignore[assignment]  # a DTensor, as above
+                    spec = pgrad._spec
+                    if spec is not route[2] and _structure(spec, pgrad) != route[3]:
+                        return None
+                    partial.append((pgrad, route[1]))
+                else:  # a padded FSDP1 flat shard: the padding is static
+                    fgrad: torch.Tensor = grad  # type: ignore[assignment]  # as above
+                    if fgrad.__class__ is not route[2] or fgrad.dtype != route[3] or fgrad.device != route[4]:
+                        return None
+                    lists[route[1]].append(fgrad[: fgrad.numel() - route[5]] if route[5] else fgrad)
+        except AttributeError:  # a grad gone (None) or no longer a DTensor
+            return None
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
 
 
