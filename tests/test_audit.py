@@ -11,8 +11,8 @@ from torch import nn
 
 import distclip
 from distclip import verify
-from tests.harness import run_world
-from tests.test_grad_norms import _tied_pp
+from harness import run_world
+from test_grad_norms import _tied_pp
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -15,7 +15,7 @@ from torch import nn
 import distclip
 from distclip import norms as norms_mod
 from distclip import verify
-from tests.harness import run_world
+from harness import run_world
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
