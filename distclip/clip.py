@@ -1,11 +1,13 @@
 """distclip's algorithm, top-down.
 
-1. Validate every argument (the same on every rank, so every rank raises the same error before
-   any collective and before any gradient is touched).
-2. Layout discovery (``layout``): each local gradient and the weight that makes each element of
-   the full model count exactly once across the world.
+1. Validate every argument and discover the layout (``layout``, reused through a ``plan``), all
+   locally. A rank that cannot (bad input) keeps its error and still takes part in the call's
+   collectives, so every rank raises together and no gradient changes (``rank_errors``).
+2. Layout discovery gives each local gradient the weight that makes each element of the full
+   model count exactly once across the world.
 3. Local math (``local_norms``): this rank's weighted partial, in float64.
-4. Communication (``reduce``): one all-reduce of the partial, identical result on every rank.
+4. Communication (``reduce``): one all-reduce of the partial with the agreement and failure flags,
+   identical result on every rank (plus one per mesh group of ``Partial`` grads).
 5. Scale every local gradient by ``min(1, max_norm / (total + 1e-6))`` with foreach kernels.
 """
 
