@@ -128,8 +128,13 @@ def _prepare(
 
 def _may_be_views(tensors: list[torch.Tensor]) -> bool:
     """Whether coalescing could merge anything: grads that are views of one buffer (FSDP2, DDP
-    buckets, FSDP1 orig params) come as views throughout. Only speed depends on this answer."""
-    return bool(tensors) and (tensors[0]._base is not None or tensors[-1]._base is not None)
+    buckets, FSDP1 orig params) come as neighbours sharing a base. Separate grads, even views of
+    their own tensors (``DTensor.from_local`` keeps a view), skip the pass. Only speed depends on
+    this answer."""
+    for a, b in ((0, 1), (-2, -1)):
+        if len(tensors) > 1 and tensors[a]._base is not None and tensors[a]._base is tensors[b]._base:
+            return True
+    return False
 
 
 def _norm_groups(layout: LocalLayout) -> dict:
