@@ -397,6 +397,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     by_structure: dict[tuple, tuple[Optional[list[torch.Tensor]], float]] = {}
     plain: dict[tuple, list[torch.Tensor]] = {}
     kind_of_spec: dict[int, tuple] = {}
+    kind_of_structure: dict[tuple, tuple] = {}
     kinds: set[tuple] = set()
     partial: list[tuple[DTensor, float]] = []
     ranks_of: dict = {}
@@ -426,9 +427,14 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 pspec = param._spec
                 spec_kind = kind_of_spec.get(id(pspec))
                 if spec_kind is None:
-                    spec_kind = kind_of_spec[id(pspec)] = _dtensor_kind(param)
-                    if annotation is not None:
-                        spec_kind = kind_of_spec[id(pspec)] = spec_kind + ("mark_replicated",)
+                    # Parameters made with DTensor.from_local have a spec each: the kind is built
+                    # once per (mesh, placement types, dtype), not once per parameter.
+                    pkey = (pspec.mesh, tuple(map(type, pspec.placements)), param.dtype, annotation is not None)
+                    spec_kind = kind_of_structure.get(pkey)
+                    if spec_kind is None:
+                        spec_kind = _dtensor_kind(param) + (("mark_replicated",) if annotation is not None else ())
+                        kind_of_structure[pkey] = spec_kind
+                    kind_of_spec[id(pspec)] = spec_kind
                 kinds.add(spec_kind)
         if grad is None:
             if not isinstance(param, DTensor) and not sharded:
@@ -458,7 +464,10 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
             key = id(spec if spec is not None else grad)
             entry = by_spec.get(key)
             if entry is None:
-                mesh, placements = grad.device_mesh, grad.placements
+                if spec is not None:  # the private spec again: the public properties cost more
+                    mesh, placements = spec.mesh, spec.placements
+                else:
+                    mesh, placements = grad.device_mesh, grad.placements
                 # Equal sub-meshes are often distinct objects (DeviceMesh hashes are cached), and
                 # the weight depends only on which mesh dims shard, so placement types suffice.
                 structure = (mesh, tuple(map(type, placements)), grad.dtype)
