@@ -15,6 +15,7 @@ and only then (error path only, all ranks together) gathers the details to say w
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections import Counter
@@ -52,14 +53,16 @@ def _encode(h: tuple[int, int], use_max: bool) -> list[float]:
     return [float(h[0]), float(h[0]) ** 2, float(h[1]), float(h[1]) ** 2]
 
 
-def slots(sig: Signature, use_max: bool) -> list[float]:
-    """The numbers this rank adds to the reduction (same length on every rank)."""
+@functools.lru_cache(maxsize=64)
+def slots(sig: Signature, use_max: bool) -> tuple[float, ...]:
+    """The numbers this rank adds to the reduction (same length on every rank). Cached: a layout
+    plan keeps its kinds from call to call, so they are hashed once, not once per call."""
     out = _encode(_halves(sig.call), use_max)
     absent = [-math.inf] * _H if use_max else [0.0] * _H
     mine = _encode(_halves(sorted(map(repr, sig.kinds))), use_max) if sig.stage.pp_size <= STAGE_SLOTS else absent
     for s in range(STAGE_SLOTS):
         out += mine if s == sig.stage.index else absent
-    return out
+    return tuple(out)
 
 
 def mismatch(reduced: torch.Tensor, sig: Signature, use_max: bool, world_size: Optional[int] = None) -> torch.Tensor:

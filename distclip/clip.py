@@ -196,7 +196,7 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         return total, out_dtype, None
     use_max = math.isinf(norm_type)
     sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
-    riders = agreement.slots(sig, use_max) + [float(has_float64), float(call.error is not None)]
+    riders = [*agreement.slots(sig, use_max), float(has_float64), float(call.error is not None)]
     total, reduced = reduce_partials(partial, has_elements, norm_type, stage, riders)
     failed, has64 = reduced[-1] > 0, reduced[-2] > 0
     disagreed = agreement.mismatch(reduced[:-2], sig, use_max)

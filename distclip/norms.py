@@ -474,7 +474,7 @@ def _pack(local, order, entry_names, entry_of, partial_values, p, stage, device,
     call = agreement.call_signature(f"grad_norms[{len(order.names)} names {order.crc:08x}, {len(entry_names)} entries]", p, None, False, stage)
     call_sig = agreement.Signature(call, local.kinds, stage) if stage.distributed else None
     if call_sig is not None:
-        riders += agreement.slots(call_sig, use_max)
+        riders += list(agreement.slots(call_sig, use_max))
     riders.append(float(has_float64))
     packed = torch.cat([values, flags, _to_device(riders, device)])
     return packed, 2 * n, call_sig

@@ -112,7 +112,9 @@ class LayoutPlan:
 
 
 def _structure(spec, grad: DTensor) -> tuple:
-    return (spec.mesh, tuple(map(type, spec.placements)), tuple(spec.placements), grad.dtype, grad._local_tensor.device)
+    # The placements themselves, not only their types: a Partial's reduce op decides how its grad
+    # is made whole (and a "max" one must be refused by discovery).
+    return (spec.mesh, tuple(spec.placements), grad.dtype, grad._local_tensor.device)
 
 
 class PlanCache:

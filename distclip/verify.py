@@ -298,10 +298,12 @@ def build_pp_fsdp(ctx: Ctx) -> Built:
     return Built(list(part.parameters()), plain_full(part), local_grad_tensors(part), pp_group=pp_mesh["pp"])
 
 
-def build_tied_pp(ctx: Ctx) -> Built:
+def build_tied_pp(ctx: Ctx, fsdp: bool = False) -> Built:
     """Embedding on stage 0 tied to the output head on stage 1 (a copy per stage whose grads are
-    summed across the embedding group, Megatron-style); counted once via mark_replicated."""
-    stage, peer, pp_group, _ = _pipeline_groups(ctx)
+    summed across the embedding group, Megatron-style); counted once via mark_replicated. With
+    ``fsdp`` each stage is FSDP2-sharded over its dp mesh, so the tied copies are DTensors (marked
+    after wrapping)."""
+    stage, peer, pp_group, pp_mesh = _pipeline_groups(ctx)
     full_model = new_model(ctx.device)
     head = nn.Linear(DIM, VOCAB, bias=False).to(ctx.device)
     head.weight = nn.Parameter(full_model.embed.weight.detach().clone())
@@ -309,6 +311,11 @@ def build_tied_pp(ctx: Ctx) -> Built:
     part = nn.ModuleDict({k: getattr(full_model, k) for k in keep})
     if stage == 1:
         part["head"] = head
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for k in list(part):
+            fully_shard(part[k], mesh=pp_mesh["dp"])
     tied = part["embed"].weight if stage == 0 else part["head"].weight
     assert isinstance(tied, torch.Tensor)  # an nn.Parameter
 
@@ -319,7 +326,10 @@ def build_tied_pp(ctx: Ctx) -> Built:
     _run_pipeline(stage, peer, stage0, lambda x: part["head"](part["norm"](x)), ctx.device)
     embedding_groups = [dist.new_group([r, r + ctx.world // 2]) for r in range(ctx.world // 2)]
     emb_group = embedding_groups[ctx.rank % (ctx.world // 2)]
-    dist.all_reduce(tied.grad, group=emb_group)  # both copies now hold the tied weight's grad
+    # Both copies now hold the tied weight's grad (under FSDP2: the same shard on both stages,
+    # whose ranks pair up by dp coordinate).
+    grad = _grad(tied)
+    dist.all_reduce(grad.to_local() if isinstance(grad, distclip.layout.DTensor) else grad, group=emb_group)
     distclip.mark_replicated(tied, emb_group)
 
     def full() -> dict[str, torch.Tensor]:
@@ -328,7 +338,8 @@ def build_tied_pp(ctx: Ctx) -> Built:
             out["embed.weight"] = out.pop("head.weight")
         return out
 
-    return Built(list(part.parameters()), full, local_grad_tensors(part), pp_group=pp_group,
+    # the stage module itself (not its parameter list), so per-name tools see its names
+    return Built(part, full, local_grad_tensors(part), pp_group=pp_group,
                  reference_grads=single_process_grads(ctx.device, tied=True))
 
 
@@ -498,6 +509,7 @@ SCENARIOS = (
     Scenario("PP x FSDP", build_pp_fsdp, lambda w: w % 2 == 0),
     Scenario("EP uneven experts", build_ep, lambda w: True),
     Scenario("tied embed PP", build_tied_pp, lambda w: w % 2 == 0),
+    Scenario("tied embed PP x FSDP2", lambda ctx: build_tied_pp(ctx, fsdp=True), lambda w: w % 2 == 0),
     Scenario("FSDP1 LoRA", build_fsdp1_lora, lambda w: True),
     Scenario("TP + SP", build_tp_sp, lambda w: SEQ % w == 0),
 )

@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import distclip
@@ -113,30 +112,11 @@ def _full(built: verify.Built) -> dict[str, torch.Tensor]:
 
 
 def _tied_pp(ctx: verify.Ctx):
-    """verify.build_tied_pp, keeping the stage module so names are known."""
-    stage, peer, pp_group, _ = verify._pipeline_groups(ctx)
-    full_model = verify.new_model(ctx.device)
-    head = nn.Linear(verify.DIM, verify.VOCAB, bias=False)
-    head.weight = nn.Parameter(full_model.embed.weight.detach().clone())
-    keep = ("embed", "fc1", "fc2") if stage == 0 else ("norm",)
-    part = nn.ModuleDict({k: getattr(full_model, k) for k in keep})
-    if stage == 1:
-        part["head"] = head
-    tied = part["embed"].weight if stage == 0 else part["head"].weight
-
-    def stage0(tokens):
-        x = part["embed"](tokens)
-        return x + part["fc2"](F.gelu(part["fc1"](x)))
-
-    verify._run_pipeline(stage, peer, stage0, lambda x: part["head"](part["norm"](x)), ctx.device)
-    half = ctx.world // 2
-    groups = [dist.new_group([r, r + half]) for r in range(half)]
-    emb = groups[ctx.rank % half]
-    dist.all_reduce(tied.grad, group=emb)
-    distclip.mark_replicated(tied, emb)
-    ref = verify.single_process_grads(ctx.device, tied=True)
+    """verify.build_tied_pp, with the tied weight under both of its names in the reference."""
+    built = verify.build_tied_pp(ctx)
+    ref = dict(built.reference_grads)
     ref["head.weight"] = ref["embed.weight"]  # the tied weight under both names, in full
-    return part, pp_group, ref
+    return built.parameters, built.pp_group, ref
 
 
 def world_layouts(rank: int, world: int) -> list[str]:
