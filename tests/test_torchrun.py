@@ -30,7 +30,8 @@ def table_rows(stdout):
 
     rows = {}
     for line in stdout.splitlines():
-        layout = next((n for n in LAYOUT_NAMES if line.startswith(n + " ")), None)
+        # the longest name that fits ("tied embed PP x FSDP2" also starts with "tied embed PP ")
+        layout = max((n for n in LAYOUT_NAMES if line.startswith(n + " ")), key=len, default=None)
         fields = line[24:].split() if layout else []
         if len(fields) >= 5 and fields[4] in ("PASS", "FAIL"):
             rows[(layout, fields[0])] = (fields[4] == "PASS", " ".join(fields[5:]))
@@ -44,7 +45,7 @@ def test_main_job_passes_on_four_ranks():
     assert summary and summary[-1].startswith("ALL PASS: 120/120"), out.stdout[-3000:]
     assert "(15 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
     assert "FAIL" not in out.stdout.replace("FAILED", "")
-    assert "[14/14] TP + SP" in out.stdout  # progress, per layout
+    assert "[15/15] TP + SP" in out.stdout  # progress, per layout
     assert "UserWarning" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr[-3000:]
 
 
