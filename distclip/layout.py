@@ -281,7 +281,7 @@ class LocalLayout:
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
     """Materialise ``parameters`` once (a generator is consumed here and nowhere else)."""
     if isinstance(parameters, nn.Module):
-        return list(parameters.parameters()), parameters
+        return module_parameters(parameters), parameters
     if isinstance(parameters, torch.Tensor):
         return [parameters], None
     params = list(parameters)
@@ -289,6 +289,49 @@ def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"distclip: parameters must be Tensors or an nn.Module, got an element of type {type(p).__name__}")
     return params, None
+
+
+def module_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """``list(module.parameters())``, in the same order, without building names.
+
+    ``nn.Module.parameters`` builds a dotted name for every submodule and parameter, and FSDP1
+    rewrites each name again: 1.3 ms per call for an FSDP1 model of 80 units (1 449 modules),
+    more than its whole norm. This walk reads the same ``_parameters`` dicts in the same order
+    (pre-order, each module and each parameter once) and costs a fraction of that. A root whose
+    class overrides ``parameters``/``named_parameters`` (other than FSDP1's renaming) keeps its own.
+    """
+    cls = type(module)
+    if cls.parameters is not nn.Module.parameters or cls.named_parameters not in _PLAIN_NAMED_PARAMETERS:
+        return list(module.parameters())
+    out: dict[int, torch.Tensor] = {}  # by id, in first-seen order
+    seen: set[int] = set()
+    stack: list[Optional[nn.Module]] = [module]
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        if m._parameters:
+            for p in m._parameters.values():
+                if p is not None and id(p) not in out:
+                    out[id(p)] = p
+        if m._modules:
+            stack.extend(reversed(m._modules.values()))
+    return list(out.values())
+
+
+def _plain_named_parameters() -> tuple:
+    found: list = [nn.Module.named_parameters]
+    try:  # FSDP1 only strips its wrapper prefixes from the names
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        found.append(FullyShardedDataParallel.named_parameters)
+    except ImportError:  # torch built without distributed
+        pass
+    return tuple(found)
+
+
+_PLAIN_NAMED_PARAMETERS = _plain_named_parameters()
 
 
 def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:

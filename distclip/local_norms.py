@@ -16,6 +16,8 @@ for accuracy, at a cost); on accelerators ``_foreach_norm`` accumulates in float
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from typing import Optional
 
@@ -24,12 +26,13 @@ import torch
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import GroupKey
 
-# Large contiguous gradients are reduced as rows, then the row norms are combined in float64. On
-# CPU this is both faster and far more accurate than one float32 reduction over the whole tensor
-# (measured on the CI machine, fp32: one 64M-element vector_norm runs at 17 GB/s with relative
-# error 5e-3; rows of 8192 at 28 GB/s with 6e-9).
-ROW = 8192
-BIG = 64 * ROW  # from here on one row-wise kernel per tensor beats a view per row
+# On CPU every norm is taken over pieces of at most ROW elements, then the piece norms are combined
+# in float64. torch's CPU kernel accumulates float32 in a few lanes, so its error grows with the
+# length it reduces; measured on the CI machine (fp32, worst over constant and near-constant data,
+# the adversarial case for rounding bias): rows of 512: 3.7e-7 relative error, 1024: 9.3e-7, 8192:
+# 6.8e-6; one 64M-element vector_norm: 5e-3. Row-wise reduction runs at the same speed (~19 GB/s)
+# for every width from 256 to 8192.
+ROW = 512
 
 
 def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: float) -> torch.dtype:
@@ -116,77 +119,89 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
             torch._foreach_mul_(tensors, coef_here)
 
 
-def _pieces(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Cut ``tensors`` into (row matrices, small vectors): each row and each vector is one piece,
-    at most ``ROW`` elements long on CPU. Empty tensors are skipped."""
-    small: list[torch.Tensor] = []
-    mats: list[torch.Tensor] = []
-    for t in tensors:
-        n = t.numel()
-        if n == 0:
-            continue
-        if n < ROW or t.device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
-            small.append(t)
-            continue
+# On CPU a norm kernel costs ~5 us per tensor (``_foreach_norm`` loops over tensors there), more
+# than reading 16K floats. Tensors below FLAT_MAX elements are therefore copied into flat buffers
+# and measured row by row (measured on the CI machine, per tensor, norm kernel vs copy + rows:
+# 1024 elements 5.3 vs 0.9 us, 4096: 4.8 vs 1.7, 8192: 7.0 vs 3.0, 16384: 6.6 vs 6.1; with two
+# ranks sharing the memory bus the copy costs more, hence the lower bound). The copy
+# is made chunk by chunk, one chunk alive at a time, each at most 1/20 of the group's grad bytes
+# (at least ROW elements) and at most FLAT_CHUNK elements, so the extra memory stays under 10% of
+# the rank's local grad bytes; a tensor larger than a chunk is measured in place.
+FLAT_MIN = 32  # fewer candidates than this are measured in place
+FLAT_MAX = 1 << 13
+FLAT_CHUNK = 1 << 20
+
+
+class _Pieces:
+    """A partition of tensors into pieces of at most ``ROW`` elements (CPU) for the norm kernels:
+    ``mats`` (row matrices: one piece per row), ``flat`` (tensors to copy into flat chunks, whose
+    rows are the pieces) and ``small`` (one piece each, through ``_foreach_norm``)."""
+
+    def __init__(self, tensors: list[torch.Tensor], flatten: bool) -> None:
+        self.mats: list[torch.Tensor] = []
+        self.flat: list[torch.Tensor] = []
+        self.small: list[torch.Tensor] = []
+        self.chunk = 0
+        numels = list(map(torch.Tensor.numel, tensors))  # C-level: no Python per tensor
+        if not numels:
+            return
+        if tensors[0].device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
+            self.small = [t for t, n in zip(tensors, numels) if n] if 0 in numels else list(tensors)
+            return
+        total = sum(numels)
+        self.chunk = max(ROW, min(FLAT_CHUNK, total // 20)) // ROW * ROW
+        flat_max = min(FLAT_MAX, self.chunk + 1)
+        if flatten and max(numels) < flat_max and min(numels) > 0 and len(tensors) >= FLAT_MIN:
+            self.flat = list(tensors)  # the common case of many small grads: no Python per tensor
+            return
+        for t, n in zip(tensors, numels):
+            if n == 0:
+                continue
+            if flatten and n < flat_max:
+                self.flat.append(t)
+            elif n <= ROW:
+                self.small.append(t)
+            else:
+                self._rows(t, n, flatten)
+        if len(self.flat) < FLAT_MIN:
+            flat, self.flat = self.flat, []
+            for t in flat:
+                if t.numel() <= ROW:
+                    self.small.append(t)
+                else:
+                    self._rows(t, t.numel(), False)
+
+    def _rows(self, t: torch.Tensor, n: int, flatten: bool) -> None:
         if not t.is_contiguous():  # rare; a copy keeps the accurate row path
             t = t.contiguous()
-        if n < BIG:  # a few rows: cut into views (one C++ call) that join the one foreach call below
-            small.extend(torch.tensor_split(t.view(-1), list(range(ROW, n, ROW))))
-        else:
-            flat, rows = t.view(-1), n // ROW
-            mats.append(flat[: rows * ROW].view(rows, ROW))
-            if n % ROW:
-                small.append(flat[rows * ROW :])
-    return mats, small
+        rows, offset = n // ROW, t.storage_offset()
+        self.mats.append(t.as_strided((rows, ROW), (ROW, 1)))  # one view call per tensor
+        if n % ROW:
+            (self.flat if flatten else self.small).append(t.as_strided((n % ROW,), (1,), offset + rows * ROW))
 
-
-# On CPU, thousands of small grads cost one kernel each in ``_foreach_norm`` (2000 tensors of 32
-# floats: 2.7-9.7 ms); copied into one flat buffer they need a single row-wise reduction (~0.8 ms).
-# The copy is made chunk by chunk, one chunk alive at a time, each at most 1/20 of the small
-# grads' bytes (at least FLAT_ROW elements) and at most FLAT_CHUNK elements: the extra memory
-# stays under 10% of the rank's local grad bytes.
-FLAT_MIN = 32  # fewer tiny tensors than this are measured in place
-FLAT_CHUNK = 1 << 20
-# Only tensors below FLAT_ROW elements are copied: from ~500 elements on, a kernel per tensor costs
-# no more than the copy (measured on the CI machine). FLAT_ROW is also the row width of chunks
-# smaller than ROW (tiny models); pieces stay <= ROW elements.
-FLAT_ROW = 1024
-
-
-def _flat_chunks(small: list[torch.Tensor]):
-    """Yield ``small`` copied into (rows, width) matrices, zero-padded, a bounded chunk at a time
-    (the caller drops each before asking for the next)."""
-    total = sum(t.numel() for t in small)
-    limit = max(FLAT_ROW, min(FLAT_CHUNK, total // 20))
-    width = ROW if limit >= ROW else FLAT_ROW
-    limit = limit // width * width
-    chunk: list[torch.Tensor] = []
-    size = 0
-    for t in small + [None]:
-        n = 0 if t is None else t.numel()
-        if chunk and (t is None or size + n > limit):
-            pad = -size % width
+    def chunks(self):
+        """Yield ``flat`` copied into (rows, ROW) matrices, zero-padded, a bounded chunk at a time
+        (the caller drops each before asking for the next)."""
+        ends = list(itertools.accumulate(map(torch.Tensor.numel, self.flat)))
+        i = 0
+        while i < len(ends):
+            base = ends[i - 1] if i else 0
+            j = max(bisect.bisect_right(ends, base + self.chunk, lo=i), i + 1)  # tensors i..j-1 fit
+            chunk = self.flat[i:j]
+            pad = -(ends[j - 1] - base) % ROW
             if pad:
                 chunk.append(chunk[0].new_zeros(pad))
             # private but stable (DDP, FSDP1 and apex use it): one C++ call copies the whole chunk
             flat = torch._utils._flatten_dense_tensors(chunk)
-            chunk, size = [], 0
-            yield flat.view(-1, width)
+            del chunk
+            yield flat.view(-1, ROW)
             del flat
-        if t is not None:
-            chunk.append(t)
-            size += n
+            i = j
 
 
 def _row_norms(m: torch.Tensor, norm_type: float, acc: torch.dtype, repair: bool) -> torch.Tensor:
     norms = torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc)
-    if repair:
-        bad = torch.isinf(norms) | (norms < TINY)
-        if bool(bad.any()):  # CPU only (``repair``): a free read
-            rows = bad.nonzero().flatten()
-            norms = norms.double()
-            norms[rows] = torch.linalg.vector_norm(m.index_select(0, rows), norm_type, dim=1, dtype=torch.float64)
-    return norms
+    return _repair(norms, lambda rows: list(m.index_select(0, rows)), norm_type) if repair else norms
 
 
 def piece_norms(
@@ -197,38 +212,40 @@ def piece_norms(
     repair: bool = False,
     flatten: bool = True,
 ) -> torch.Tensor:
-    """1-D tensor of norms of pieces that partition ``tensors`` (see ``_pieces``).
+    """1-D tensor of norms of pieces that partition ``tensors`` (see ``_Pieces``).
 
     With ``repair`` (CPU, float32 accumulation of a finite p > 0), pieces whose norm overflowed or
     may have underflowed are recomputed in float64 (see ``TINY``). ``flatten=False`` keeps one
-    norm per small tensor, in order (for per-tensor norms).
+    norm per tensor of at most ``ROW`` elements, in order (for per-tensor norms).
     """
-    mats, small = _pieces(tensors)
-    parts = [_row_norms(m, norm_type, acc, repair) for m in mats]
-    if small:
-        flat = (
-            flatten
-            and foreach is not False
-            and len(small) >= FLAT_MIN
-            and small[0].device.type == "cpu"
-            and (norm_type >= 0)  # zero padding changes min|g| and sum |g|^p for p < 0
-        )
-        if flat:
-            tiny = [t for t in small if t.numel() < FLAT_ROW]
-            if len(tiny) >= FLAT_MIN:
-                for m in _flat_chunks(tiny):
-                    parts.append(_row_norms(m, norm_type, acc, repair))
-                    del m  # one chunk alive at a time
-                small = [t for t in small if t.numel() >= FLAT_ROW] if len(tiny) < len(small) else []
-            flat = not small
-        if not flat:
-            if foreach is False:
-                norms = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in small])
-            else:
-                norms = torch.stack(list(torch._foreach_norm(small, norm_type, dtype=acc)))
-            if repair:
-                norms = _repair(small, norms, norm_type)
-            parts.append(norms)
+    # zero padding of flat chunks would change min|g| and sum |g|^p for p < 0
+    pieces = _Pieces(tensors, flatten and foreach is not False and norm_type >= 0)
+    parts = []
+    for m in pieces.chunks():
+        parts.append(_row_norms(m, norm_type, acc, repair))  # checked now: the chunk is dropped next
+        del m
+    if pieces.mats:
+        mats = pieces.mats
+        rows = [torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc) for m in mats]
+        norms = torch.cat(rows) if len(rows) > 1 else rows[0]
+        if repair:
+            starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
+
+            def row(k: int) -> torch.Tensor:
+                i = bisect.bisect_right(starts, k) - 1
+                return mats[i][k - starts[i]]
+
+            norms = _repair(norms, lambda idx: [row(k) for k in idx.tolist()], norm_type)
+        parts.append(norms)
+    if pieces.small:
+        small = pieces.small
+        if foreach is False:
+            norms = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in small])
+        else:
+            norms = torch.stack(list(torch._foreach_norm(small, norm_type, dtype=acc)))
+        if repair:
+            norms = _repair(norms, lambda idx: [small[k] for k in idx.tolist()], norm_type)
+        parts.append(norms)
     if not parts:
         return torch.empty(0, dtype=acc, device=tensors[0].device)
     if len(parts) == 1:
@@ -243,16 +260,17 @@ def piece_norms(
 TINY = 2.0**-50
 
 
-def _repair(small: list[torch.Tensor], norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+def _repair(norms: torch.Tensor, pieces_at, norm_type: float) -> torch.Tensor:
     """CPU slow path, taken only for the pieces whose float32 norm overflowed (sum g^2 beyond
     float32 although the norm is representable: fairscale #263) or may have underflowed (below
-    ``TINY``, which includes all-zero pieces): those pieces alone are recomputed in float64."""
+    ``TINY``, which includes all-zero pieces): those pieces alone (``pieces_at(indices)``) are
+    recomputed in float64."""
     bad = torch.isinf(norms) | (norms < TINY)
-    if not bool(bad.any()):
+    if not bool(bad.any()):  # CPU only: a free read
         return norms
     idx = bad.nonzero().flatten()
     fixed = norms.double()
-    redo = torch._foreach_norm([small[i] for i in idx.tolist()], norm_type, dtype=torch.float64)
+    redo = torch._foreach_norm(pieces_at(idx), norm_type, dtype=torch.float64)
     fixed[idx] = torch.stack(list(redo))
     return fixed
 
