@@ -37,7 +37,7 @@ from distclip.layout import (
 )
 from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.plan import PlanCache
-from distclip.reduce import reduce_partial_grads, reduce_partials, reduction_device
+from distclip.reduce import reduce_partial_grads, reduce_partials, reduce_partials_on_host, reduction_device
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 
@@ -171,10 +171,11 @@ def _scale_groups(layout: LocalLayout) -> dict:
     return groups
 
 
-def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torch.dtype, Optional[torch.Tensor]]:
+def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torch.dtype, Optional[torch.Tensor], Optional[float]]:
     """Steps 3 and 4: the total norm in float64 (identical on every rank), the dtype to return it
     in, and, where host reads are not allowed, a device-side flag set if the norm is poisoned
-    (ranks disagreed or a rank failed: every grad must stay as it is)."""
+    (ranks disagreed or a rank failed: every grad must stay as it is), and the total as a float
+    where it was read on the host (CPU)."""
     norm_type, stage, layout = call.norm_type, call.stage, call.layout
     if layout is not None:
         has_float64 = any(dtype in _FLOAT64 for _, dtype, _ in layout.groups) or any(
@@ -189,35 +190,38 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
     partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
     out_device = grad_device or device
+    use_max = math.isinf(norm_type)
+    sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
+    if host_reads_allowed(device):  # every rank reads the same reduced values: they act together
+        riders = [*agreement.slots(sig, use_max), float(has_float64), float(call.error is not None)] if stage.distributed else []
+        total_value, values = reduce_partials_on_host(partial, has_elements, norm_type, stage, riders)
+        if stage.distributed:
+            if values[-1] > 0:
+                rank_errors.raise_everywhere(call.error, device)
+            if agreement.mismatch_values(values[:-2], sig, use_max):
+                agreement.raise_mismatch(sig)
+            has_float64 = values[-2] > 0  # any rank's float64 grad: every rank returns the same dtype
+        total = torch.tensor(total_value, dtype=torch.float64, device=out_device)
+        _raise_if_nonfinite(call, total, torch.tensor(has_float64))
+        return total, torch.float64 if has_float64 else torch.float32, None, total_value
     if not stage.distributed:
         total = reduce_partials(partial, has_elements, norm_type, stage)[0]
         out_dtype = torch.float64 if has_float64 else torch.float32
         _raise_if_nonfinite(call, total, torch.tensor(has_float64))
-        return total, out_dtype, None
-    use_max = math.isinf(norm_type)
-    sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
+        return total, out_dtype, None, None
+    # Accelerators: no host sync. A failure or disagreement poisons the norm and leaves the grads
+    # alone; every decision that must agree is taken from the float64 total, identical on every rank.
     riders = [*agreement.slots(sig, use_max), float(has_float64), float(call.error is not None)]
     total, reduced = reduce_partials(partial, has_elements, norm_type, stage, riders)
+    if call.error is not None:  # after the collective, which the others wait for
+        raise call.error
     failed, has64 = reduced[-1] > 0, reduced[-2] > 0
     disagreed = agreement.mismatch(reduced[:-2], sig, use_max)
-    poisoned = None
-    if host_reads_allowed(device):  # every rank reads the same reduced values: they act together
-        if bool(failed):
-            rank_errors.raise_everywhere(call.error, device)
-        if bool(disagreed):
-            agreement.raise_mismatch(sig)
-        # float64 if any rank holds a float64 grad (an fp64 expert on one rank, say), so every
-        # rank returns the same dtype.
-        out_dtype = torch.float64 if bool(has64) else torch.float32
-    else:  # no host sync: a failure or disagreement poisons the norm and leaves the grads alone
-        if call.error is not None:
-            raise call.error
-        poisoned = failed | disagreed
-        total = torch.where(poisoned, math.nan, total)
-        # The dtype follows this rank's own grads (agreeing would be a host sync); every decision
-        # that must agree is taken from the float64 total, identical on every rank.
-        out_dtype = torch.float64 if has_float64 else torch.float32
-    if call.error_if_nonfinite and poisoned is not None and not bool(torch.isfinite(total)):
+    poisoned = failed | disagreed
+    total = torch.where(poisoned, math.nan, total)
+    # The dtype follows this rank's own grads (agreeing would be a host sync).
+    out_dtype = torch.float64 if has_float64 else torch.float32
+    if call.error_if_nonfinite and not bool(torch.isfinite(total)):
         if bool(failed):
             raise rank_errors.RankInputError(
                 "distclip: another rank could not take part (bad input there), so no norm was computed and no "
@@ -226,7 +230,7 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         if bool(disagreed):
             agreement.raise_mismatch(sig)
     _raise_if_nonfinite(call, total, has64)
-    return total.to(out_device), out_dtype, poisoned
+    return total.to(out_device), out_dtype, poisoned, None
 
 
 def _raise_if_nonfinite(call: Call, total: torch.Tensor, has64: torch.Tensor) -> None:
@@ -272,7 +276,7 @@ def get_total_norm(
         gradients' device.
     """
     call = _prepare("get_total_norm", parameters, norm_type, error_if_nonfinite, pp_group)
-    total, out_dtype, _ = _total_norm(call, foreach)
+    total, out_dtype, _, _ = _total_norm(call, foreach)
     return total.to(out_dtype)
 
 
@@ -305,8 +309,15 @@ def clip_grad_norm_(
         Total norm of the gradients before clipping (a plain tensor, identical on every rank).
     """
     call = _prepare("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm)
-    total, out_dtype, poisoned = _total_norm(call, foreach)
+    total, out_dtype, poisoned, total_value = _total_norm(call, foreach)
     assert call.layout is not None and call.max_norm is not None  # a failed call has raised
+    if total_value is not None:  # read on the host (CPU): the same float64 arithmetic, in Python
+        coef_value = call.max_norm / (total_value + 1e-6)
+        if coef_value > 1.0:  # not min(): a NaN coefficient must stay NaN, as clamp keeps it
+            coef_value = 1.0
+        if coef_value != 1.0:  # multiplying by exactly 1.0 changes nothing (~1 us per tensor)
+            scale_(_scale_groups(call.layout), torch.tensor(coef_value, dtype=torch.float64), foreach)
+        return total.to(out_dtype)
     # From the float64 total, identical on every rank: so is every coefficient, bit for bit.
     coef = (call.max_norm / (total + 1e-6)).clamp(max=1.0)
     if poisoned is not None:

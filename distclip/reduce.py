@@ -92,6 +92,45 @@ def reduce_partials(
     return torch.where(packed[2] > 0, total, 0.0), packed[packed_length(0) :]
 
 
+def reduce_partials_on_host(
+    partial: torch.Tensor, has_elements: bool, norm_type: float, stage: Stage, extra: Sequence[float] = ()
+) -> tuple[float, list[float]]:
+    """``reduce_partials`` where reading the partial costs nothing (CPU): the same vector, reduced
+    by the same all-reduce, built with one copy from the host and read back with one, instead of a
+    dozen tiny tensor ops on each side (~0.1 ms per call on the CI machine). Returns the total and
+    the reduced ``extra`` as Python floats (float64, so every rank computes the same bits)."""
+    value = partial.item()
+    sign = 1.0
+    if math.isinf(norm_type):
+        sign = 1.0 if norm_type > 0 else -1.0  # MIN(x) == -MAX(-x), as in ``reduce_partials``
+        value *= sign
+        is_nan = math.isnan(value)
+        head = [-math.inf if is_nan else value, float(is_nan), float(has_elements)]
+    else:
+        head = [value, 0.0, float(has_elements)]
+    packed = torch.tensor(head + list(extra), dtype=torch.float64)
+    if stage.distributed:
+        dist.all_reduce(packed, op=reduction_op(norm_type))
+    values = packed.tolist()
+    if values[2] <= 0:  # no rank holds an element
+        return 0.0, values[3:]
+    if math.isinf(norm_type):
+        return (math.nan if values[1] > 0 else values[0] * sign), values[3:]
+    return _root(values[0], norm_type), values[3:]
+
+
+def _root(total: float, norm_type: float) -> float:
+    """``total ** (1 / p)`` as ``reduce_partials`` computes it: p == 0 counts elements (rounded),
+    0 ** (negative) is inf."""
+    if norm_type == 0:
+        return float(round(total)) if math.isfinite(total) else total
+    if norm_type == 2:
+        return math.sqrt(total) if total >= 0 else math.nan  # correctly rounded, as torch's pow(x, 0.5)
+    if total == 0:
+        return 0.0 if norm_type > 0 else math.inf
+    return total ** (1.0 / norm_type)
+
+
 def reduce_partial_grads(partial: Sequence[tuple[DTensor, float]]) -> list[tuple[torch.Tensor, float]]:
     """Make ``Partial`` DTensor grads whole: their local tensors, concatenated per mesh (in float64,
     complex128 for complex grads), are summed over the mesh dimensions where they are partial.
