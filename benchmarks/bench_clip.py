@@ -655,7 +655,7 @@ def slowest_rank(times: list[float], device: torch.device) -> list[float]:
 PHASE_HOOKS: dict[str, tuple[str, ...]] = {
     "plan": ("_prepare",),  # argument checks, as_param_list, current_stage, local_layout, coalesce
     "local_norms": ("local_partial",),  # per-piece _foreach_norm, float64 weighted partial
-    "reduce": ("reduce_partials", "reduce_partial_grads"),  # the all-reduce (+ Partial grads)
+    "reduce": ("reduce_partials", "reduce_partials_on_host", "reduce_partial_grads"),  # the all-reduce (+ Partial grads)
     "scale": ("scale_",),  # the _foreach_mul_ by the coefficient
 }
 PHASES = list(PHASE_HOOKS) + ["other", "total"]

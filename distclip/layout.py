@@ -404,7 +404,7 @@ def local_grad_tensors(parameters: ParamsLike) -> dict[tuple, list[torch.Tensor]
 def _reject_bare_flat_parameter(param: torch.Tensor) -> None:
     # FSDP1 marks the original parameters it flattens; without the module their shard group is
     # unknown and counting them as replicated would silently give a wrong norm.
-    if _fsdp1.is_flat_parameter(param) or param.__dict__.get("_fsdp_flattened"):
+    if _fsdp1.is_fsdp1_managed(param):
         raise TypeError(
             "distclip: got an FSDP1-managed parameter without its module; pass the FSDP-wrapped module "
             "itself as `parameters` so its sharding group can be found"

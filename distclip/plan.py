@@ -20,9 +20,11 @@ a parameter or a gradient, so it never keeps a model alive.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections import OrderedDict
-from typing import Optional, cast
+from itertools import repeat
+from typing import Callable, NamedTuple, Optional, cast
 
 import torch
 from torch import nn
@@ -41,6 +43,9 @@ class LayoutPlan:
         self.kinds = layout.kinds
         self.keys: list[tuple] = list(layout.groups)
         slot = {key: i for i, key in enumerate(self.keys)}
+        # One tuple per distinct structure: thousands of retained tuples would bring Python's full
+        # garbage collection forward into this call (measured: a 180 ms pause at 4000 TP grads).
+        structures: dict[tuple, tuple] = {}
         self.routes: list[Optional[tuple]] = [None] * len(params)
         for entry in layout.entries:
             grad = params[entry.index].grad
@@ -48,15 +53,19 @@ class LayoutPlan:
             if entry.partial:
                 partial_grad = cast(DTensor, grad)  # only a DTensor grad is partial
                 spec = partial_grad._spec  # DTensor internals, as in ``layout.local_layout``
-                self.routes[entry.index] = (_PARTIAL, entry.weight, spec, _structure(spec, partial_grad))
+                structure = _structure(spec, partial_grad)
+                self.routes[entry.index] = (_PARTIAL, entry.weight, spec, structures.setdefault(structure, structure))
             elif isinstance(grad, DTensor):
                 key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
                 spec = grad._spec
-                self.routes[entry.index] = (_DTENSOR, slot[key], spec, _structure(spec, grad))
+                structure = _structure(spec, grad)
+                self.routes[entry.index] = (_DTENSOR, slot[key], spec, structures.setdefault(structure, structure))
             else:
                 key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
                 kind = _PLAIN if entry.tensor is grad else _PADDED
                 self.routes[entry.index] = (kind, slot[key], type(grad), grad.dtype, grad.device, grad.numel() - entry.tensor.numel())
+        self.grad_types = [type(p.grad) for p in params]  # NoneType where there is no grad
+        self.batches = _batches(self.routes)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
         self.valid = True
@@ -71,6 +80,37 @@ class LayoutPlan:
         if self.first is not None:
             layout, self.first = self.first, None
             return layout
+        if self.batches is not None:
+            grads = list(map(_grad, params))
+            if list(map(type, grads)) != self.grad_types:  # a grad gone, new, or of another class
+                return None
+            batched = self._apply_batches(grads)
+            if batched is not None:
+                return batched
+        return self._apply_each(params)
+
+    def _apply_batches(self, grads: list) -> Optional[LocalLayout]:
+        """The common case (plain and DTensor grads only), checked a batch at a time with C-level
+        ``map`` calls instead of Python per parameter (4 000 grads: ~1 ms instead of ~3 ms). None
+        if a DTensor's spec is another object (``_apply_each`` compares its structure)."""
+        assert self.batches is not None
+        lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
+        for batch in self.batches:
+            tensors = batch.take(grads)
+            if batch.specs is None:
+                if not all(map(operator.is_, map(_dtype, tensors), repeat(batch.dtype))):
+                    return None
+                if not all(map(batch.device.__eq__, map(_device, tensors))):
+                    return None
+                lists[batch.slot] = list(tensors)
+            else:
+                if not all(map(operator.is_, map(_spec, tensors), batch.specs)):
+                    return None
+                lists[batch.slot] = list(map(_local_tensor, tensors))
+        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, [])
+
+    def _apply_each(self, params: list[torch.Tensor]) -> Optional[LocalLayout]:
+        """The plan checked parameter by parameter (any route, and DTensor specs by structure)."""
         lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
         partial: list[tuple[DTensor, float]] = []
         dtensor, plain, partial_kind = _DTENSOR, _PLAIN, _PARTIAL
@@ -109,6 +149,50 @@ class LayoutPlan:
         except AttributeError:  # a grad gone (None) or no longer a DTensor
             return None
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
+
+
+_grad = operator.attrgetter("grad")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+_spec = operator.attrgetter("_spec")  # DTensor internals, as in ``layout.local_layout``
+_local_tensor = operator.attrgetter("_local_tensor")
+
+
+class _Batch(NamedTuple):
+    """The grads of one group, all plain or all DTensor, taken from the call's grads at once."""
+
+    slot: int  # index of the group in ``LayoutPlan.keys``
+    take: Callable[[list], tuple]  # the group's grads, in parameter order
+    dtype: torch.dtype  # plain grads: the dtype and device every one must still have
+    device: torch.device
+    specs: Optional[tuple]  # DTensor grads: the spec object each had
+
+
+def _batches(routes: list[Optional[tuple]]) -> Optional[list[_Batch]]:
+    """Batches for ``LayoutPlan._apply_batches``, or None where that path does not apply (Partial
+    grads, padded FSDP1 shards, or plain and DTensor grads in one group)."""
+    members: dict[int, list[int]] = {}
+    for i, route in enumerate(routes):
+        if route is None:
+            continue
+        if route[0] not in (_PLAIN, _DTENSOR):
+            return None
+        members.setdefault(route[1], []).append(i)
+    out = []
+    for slot, idx in members.items():
+        kinds = {routes[i][0] for i in idx}  # type: ignore[index]
+        if len(kinds) > 1:
+            return None
+        first = routes[idx[0]]
+        assert first is not None
+        take = operator.itemgetter(*idx) if len(idx) > 1 else (lambda grads, i=idx[0]: (grads[i],))
+        if first[0] == _PLAIN:
+            out.append(_Batch(slot, take, first[3], first[4], None))
+        else:
+            specs = tuple(routes[i][2] for i in idx)  # type: ignore[index]
+            grad_local = first[3][3]  # the device of the local tensor
+            out.append(_Batch(slot, take, first[3][2], grad_local, specs))
+    return out
 
 
 def _structure(spec, grad: DTensor) -> tuple:
