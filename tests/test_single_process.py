@@ -205,6 +205,22 @@ def test_large_non_contiguous_grad_is_accurate():
     assert abs(float(distclip.get_total_norm([p])) - ref) <= 1e-6 * ref
 
 
+@pytest.mark.parametrize("layout", ["one tensor", "mid-size tensors", "many small tensors"])
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 7.77])
+def test_near_constant_grads_are_accurate(layout, value):
+    """Runs of equal values are the worst case for float32 accumulation (every rounding errs the
+    same way): pieces of 8192 elements lost 6.8e-6, torch's one kernel per tensor 3.7e-4 at 1M.
+    Pieces of at most ROW elements keep every layout of the same values within 1e-6."""
+    sizes = {"one tensor": [1 << 20], "mid-size tensors": [13107] * 40, "many small tensors": [1024, 300] * 400}[layout]
+    params = []
+    for i, n in enumerate(sizes):
+        p = nn.Parameter(torch.zeros(n))
+        p.grad = torch.full((n,), value) * (1 + 0.01 * (i % 3))
+        params.append(p)
+    ref = float(torch.cat([p.grad.double() for p in params]).norm())
+    assert abs(float(distclip.get_total_norm(params)) - ref) / ref < 1e-6
+
+
 @pytest.mark.parametrize(
     "bound,current,local_rank,expected",
     [("cuda:3", 0, "1", "cuda:3"), (None, 2, "2", "cuda:2"), (None, 0, "3", "cuda:3"), (None, 0, None, "cuda:0"), (None, 1, "3", "cuda:1")],
