@@ -135,66 +135,102 @@ FLAT_CHUNK = 1 << 20
 class _Pieces:
     """A partition of tensors into pieces of at most ``ROW`` elements (CPU) for the norm kernels:
     ``mats`` (row matrices: one piece per row), ``flat`` (tensors to copy into flat chunks, whose
-    rows are the pieces) and ``small`` (one piece each, through ``_foreach_norm``)."""
+    rows are the pieces) and ``small`` (one piece each, through ``_foreach_norm``).
 
-    def __init__(self, tensors: list[torch.Tensor], flatten: bool) -> None:
+    With ``owned``, every piece lies inside one tensor (flat tensors are zero-padded to whole rows)
+    and ``*_owner`` say which: the index in ``tensors`` of each mat, flat tensor and small piece.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], flatten: bool, owned: bool = False) -> None:
         self.mats: list[torch.Tensor] = []
         self.flat: list[torch.Tensor] = []
         self.small: list[torch.Tensor] = []
+        self.owned = owned
+        self.mat_owner: list[int] = []
+        self.flat_owner: list[int] = []
+        self.small_owner: list[int] = []
+        self.chunk_owners: list[torch.Tensor] = []  # filled as ``chunks`` is consumed (owned only)
         self.chunk = 0
         numels = list(map(torch.Tensor.numel, tensors))  # C-level: no Python per tensor
         if not numels:
             return
         if tensors[0].device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
-            self.small = [t for t, n in zip(tensors, numels) if n] if 0 in numels else list(tensors)
+            self.small_owner = [i for i, n in enumerate(numels) if n]
+            self.small = [tensors[i] for i in self.small_owner] if 0 in numels else list(tensors)
             return
         total = sum(numels)
         self.chunk = max(ROW, min(FLAT_CHUNK, total // 20)) // ROW * ROW
         flat_max = min(FLAT_MAX, self.chunk + 1)
         if flatten and max(numels) < flat_max and min(numels) > 0 and len(tensors) >= FLAT_MIN:
             self.flat = list(tensors)  # the common case of many small grads: no Python per tensor
+            self.flat_owner = list(range(len(tensors))) if owned else []
             return
-        for t, n in zip(tensors, numels):
+        for i, (t, n) in enumerate(zip(tensors, numels)):
             if n == 0:
                 continue
             if flatten and n < flat_max:
                 self.flat.append(t)
+                self.flat_owner.append(i)
             elif n <= ROW:
                 self.small.append(t)
+                self.small_owner.append(i)
             else:
-                self._rows(t, n, flatten)
+                self._rows(t, n, i, flatten)
         if len(self.flat) < FLAT_MIN:
-            flat, self.flat = self.flat, []
-            for t in flat:
+            flat, self.flat, flat_owner, self.flat_owner = self.flat, [], self.flat_owner, []
+            for t, i in zip(flat, flat_owner):
                 if t.numel() <= ROW:
                     self.small.append(t)
+                    self.small_owner.append(i)
                 else:
-                    self._rows(t, t.numel(), False)
+                    self._rows(t, t.numel(), i, False)
 
-    def _rows(self, t: torch.Tensor, n: int, flatten: bool) -> None:
+    def _rows(self, t: torch.Tensor, n: int, owner: int, flatten: bool) -> None:
         if not t.is_contiguous():  # rare; a copy keeps the accurate row path
             t = t.contiguous()
         rows, offset = n // ROW, t.storage_offset()
         self.mats.append(t.as_strided((rows, ROW), (ROW, 1)))  # one view call per tensor
+        self.mat_owner.append(owner)
         if n % ROW:
-            (self.flat if flatten else self.small).append(t.as_strided((n % ROW,), (1,), offset + rows * ROW))
+            tail = t.as_strided((n % ROW,), (1,), offset + rows * ROW)
+            if flatten:
+                self.flat.append(tail)
+                self.flat_owner.append(owner)
+            else:
+                self.small.append(tail)
+                self.small_owner.append(owner)
 
     def chunks(self):
         """Yield ``flat`` copied into (rows, ROW) matrices, zero-padded, a bounded chunk at a time
-        (the caller drops each before asking for the next)."""
-        ends = list(itertools.accumulate(map(torch.Tensor.numel, self.flat)))
+        (the caller drops each before asking for the next), with the owner of each row (a tensor
+        of indices) if ``owned``, else None. Owned chunks pad every tensor to whole rows."""
+        numels = list(map(torch.Tensor.numel, self.flat))
+        sizes = [-(-n // ROW) * ROW for n in numels] if self.owned else numels
+        ends = list(itertools.accumulate(sizes))
+        zeros = self.flat[0].new_zeros(ROW) if self.owned and self.flat else None
         i = 0
         while i < len(ends):
             base = ends[i - 1] if i else 0
             j = max(bisect.bisect_right(ends, base + self.chunk, lo=i), i + 1)  # tensors i..j-1 fit
-            chunk = self.flat[i:j]
-            pad = -(ends[j - 1] - base) % ROW
-            if pad:
-                chunk.append(chunk[0].new_zeros(pad))
+            owner = None
+            if self.owned:
+                assert zeros is not None
+                chunk = []
+                for t, n, size in zip(self.flat[i:j], numels[i:j], sizes[i:j]):
+                    chunk.append(t)
+                    if size != n:
+                        chunk.append(zeros[: size - n])
+                rows = torch.tensor([size // ROW for size in sizes[i:j]])
+                owner = torch.tensor(self.flat_owner[i:j]).repeat_interleave(rows)
+            else:
+                chunk = self.flat[i:j]
+                pad = -(ends[j - 1] - base) % ROW
+                if pad:
+                    chunk.append(chunk[0].new_zeros(pad))
             # private but stable (DDP, FSDP1 and apex use it): one C++ call copies the whole chunk
             flat = torch._utils._flatten_dense_tensors(chunk)
             del chunk
-            yield flat.view(-1, ROW)
+            yield flat.view(-1, ROW), owner
             del flat
             i = j
 
@@ -220,9 +256,44 @@ def piece_norms(
     """
     # zero padding of flat chunks would change min|g| and sum |g|^p for p < 0
     pieces = _Pieces(tensors, flatten and foreach is not False and norm_type >= 0)
+    return _cat(_piece_norm_parts(pieces, norm_type, acc, foreach, repair), acc, tensors[0].device if tensors else None)
+
+
+def owned_piece_norms(
+    tensors: list[torch.Tensor], norm_type: float, acc: torch.dtype, repair: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``piece_norms`` for per-tensor norms: (norms of pieces that each lie inside one tensor, the
+    index in ``tensors`` of the tensor each piece belongs to). Flat chunks pad every tensor to
+    whole rows, so p < 0 (where a zero counts) measures tensors in place."""
+    pieces = _Pieces(tensors, norm_type >= 0, owned=True)
+    parts = _piece_norm_parts(pieces, norm_type, acc, None, repair)
+    owners = list(pieces.chunk_owners)
+    if pieces.mats:
+        rows = torch.tensor([m.shape[0] for m in pieces.mats])
+        owners.append(torch.tensor(pieces.mat_owner).repeat_interleave(rows))
+    if pieces.small:
+        owners.append(torch.tensor(pieces.small_owner))
+    device = tensors[0].device if tensors else None
+    norms = _cat(parts, acc, device)
+    owner = torch.cat(owners) if owners else torch.empty(0, dtype=torch.long)
+    return norms, owner.to(norms.device)
+
+
+def _cat(parts: list[torch.Tensor], acc: torch.dtype, device: Optional[torch.device]) -> torch.Tensor:
+    if not parts:
+        return torch.empty(0, dtype=acc, device=device)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p.double() for p in parts]) if any(p.dtype != acc for p in parts) else torch.cat(parts)
+
+
+def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, foreach: Optional[bool], repair: bool) -> list[torch.Tensor]:
+    """The norms of ``pieces`` in order: flat chunk rows, mat rows, small pieces."""
     parts = []
-    for m in pieces.chunks():
+    for m, owner in pieces.chunks():
         parts.append(_row_norms(m, norm_type, acc, repair))  # checked now: the chunk is dropped next
+        if owner is not None:
+            pieces.chunk_owners.append(owner)
         del m
     if pieces.mats:
         mats = pieces.mats
@@ -249,11 +320,7 @@ def piece_norms(
         if repair:
             norms = _repair(norms, lambda idx: [small[k] for k in idx.tolist()], norm_type)
         parts.append(norms)
-    if not parts:
-        return torch.empty(0, dtype=acc, device=tensors[0].device)
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p.double() for p in parts]) if any(p.dtype != acc for p in parts) else torch.cat(parts)
+    return parts
 
 
 # A float32 piece norm below this may have lost its value to underflow of g^2 (fp32/bf16 grads of

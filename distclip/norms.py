@@ -42,11 +42,9 @@ from distclip.layout import (
     stage_copies,
 )
 from distclip.local_norms import (
-    ROW,
     _real_view,
     accumulation_dtype,
-    group_partial,
-    piece_norms,
+    owned_piece_norms,
 )
 from distclip.reduce import (
     _to_device,
@@ -166,23 +164,28 @@ def collect(parameters: NamedParams, stage: Stage) -> Local:
 # ----------------------------------------------------------------------------- per-tensor math
 
 
-def _per_tensor_small(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """``group_partial`` (weight 1) per tensor, for non-empty same-device, same-dtype real tensors
-    that are one piece each (fewer than ``ROW`` elements on CPU, any size on accelerators)."""
+def _bucket_partials(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """``group_partial`` (weight 1) of each of the non-empty, same-device, same-dtype real
+    ``tensors``: their pieces are measured together (flat chunks padded per tensor on CPU, see
+    ``owned_piece_norms``) and summed back per tensor."""
     device, dtype = tensors[0].device, tensors[0].dtype
     acc = accumulation_dtype(dtype, device, norm_type)
     repair = 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
-    norms = piece_norms(tensors, norm_type, acc, None, repair, flatten=False).double()
-    if math.isinf(norm_type):
-        out = norms
-    elif norm_type > 0:
-        return norms.pow(norm_type)
+    norms, owner = owned_piece_norms(tensors, norm_type, acc, repair)
+    norms = norms.double()
+    n = len(tensors)
+    if norm_type == math.inf:  # scatter_reduce's amax/amin keep a NaN
+        return norms.new_full((n,), -math.inf).scatter_reduce(0, owner, norms, "amax")
+    if norm_type == -math.inf:
+        out = norms.new_full((n,), math.inf).scatter_reduce(0, owner, norms, "amin")
     else:
-        out = norms if norm_type == 0 else norms.pow(norm_type)
-    if norm_type == math.inf:
-        return out
-    max_acc = torch.float64 if dtype == torch.float64 else torch.float32  # NaN/inf poisoning, as group_partial
-    return out + piece_norms(tensors, math.inf, max_acc, None, flatten=False).double() * 0.0
+        out = norms.new_zeros(n).index_add_(0, owner, norms if norm_type == 0 else norms.pow(norm_type))
+        if norm_type > 0:
+            return out
+    # p <= 0 is blind to non-finite values: a max-abs pass poisons them with NaN, as group_partial
+    max_acc = torch.float64 if dtype == torch.float64 else torch.float32
+    peaks, peak_owner = owned_piece_norms(tensors, math.inf, max_acc)
+    return out + norms.new_zeros(n).index_add_(0, peak_owner, peaks.double() * 0.0)
 
 
 def identity(norm_type: float) -> float:
@@ -193,17 +196,12 @@ def identity(norm_type: float) -> float:
 def tensor_partials(tensors: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
     """Float64 per-tensor partials on ``device`` (see ``local_norms``; weight 1): ``sum |g|^p`` for
     finite p, the count for p=0, max/min |g| for +-inf, ``identity`` for empty tensors; NaN
-    poisoning for p <= 0 as the library does. Small tensors share one foreach kernel per
-    (device, dtype); tensors of ``ROW`` elements or more on CPU take ``group_partial`` (rows,
-    overflow/underflow repair) one by one."""
+    poisoning for p <= 0 as the library does. The tensors of one (device, dtype) are measured
+    together, in pieces of at most ``ROW`` elements on CPU (with overflow/underflow repair)."""
     out = torch.full((len(tensors),), identity(norm_type), dtype=torch.float64, device=device)
     buckets: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
-    large: list[int] = []
     for i, t in enumerate(tensors):
         if t.numel() == 0:
-            continue
-        if t.device.type == "cpu" and t.numel() * (2 if t.is_complex() else 1) >= ROW:
-            large.append(i)
             continue
         idx, ts = buckets.setdefault((t.device, t.dtype), ([], []))
         idx.append(i)
@@ -211,10 +209,8 @@ def tensor_partials(tensors: list[torch.Tensor], norm_type: float, device: torch
     for (_, dtype), (idx, ts) in buckets.items():
         if dtype.is_complex:
             ts = _real_view(ts, norm_type)
-        values = _per_tensor_small(ts, norm_type).to(device)
+        values = _bucket_partials(ts, norm_type).to(device)
         out.index_copy_(0, torch.tensor(idx, device=device), values)
-    for i in large:
-        out[i] = group_partial([tensors[i]], 1.0, norm_type, None).to(device)
     return out
 
 
