@@ -325,8 +325,8 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
 
 # A float32 piece norm below this may have lost its value to underflow of g^2 (fp32/bf16 grads of
 # ~1e-22 and smaller: the squares fall below float32's normal range). A piece has at most ROW
-# elements on CPU, so above it the largest element is >= TINY / sqrt(ROW) ~ 1e-17 and its square
-# (1e-34) keeps full float32 precision: what the smaller elements lose is < 1e-12 of the sum.
+# elements on CPU, so above it the largest element is >= TINY / sqrt(ROW) ~ 4e-17 and its square
+# (1.5e-33) keeps full float32 precision: what the smaller elements lose is < 1e-12 of the sum.
 TINY = 2.0**-50
 
 
