@@ -24,6 +24,7 @@ import weakref
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Iterable, NamedTuple, Optional, Union
 
 import torch
@@ -285,9 +286,9 @@ def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[
     if isinstance(parameters, torch.Tensor):
         return [parameters], None
     params = list(parameters)
-    for p in params:
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"distclip: parameters must be Tensors or an nn.Module, got an element of type {type(p).__name__}")
+    if not all(map(isinstance, params, repeat(torch.Tensor))):  # C-level: no Python per parameter
+        bad = next(p for p in params if not isinstance(p, torch.Tensor))
+        raise TypeError(f"distclip: parameters must be Tensors or an nn.Module, got an element of type {type(bad).__name__}")
     return params, None
 
 

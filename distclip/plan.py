@@ -100,7 +100,9 @@ class LayoutPlan:
             if batch.specs is None:
                 if not all(map(operator.is_, map(_dtype, tensors), repeat(batch.dtype))):
                     return None
-                if not all(map(batch.device.__eq__, map(_device, tensors))):
+                # The device index (-1 on CPU) as an int, not a torch.device object per grad:
+                # half the cost; the device type is compared once per batch.
+                if tensors[0].device != batch.device or not all(map(batch.device_index.__eq__, map(_get_device, tensors))):
                     return None
                 lists[batch.slot] = list(tensors)
             else:
@@ -153,7 +155,7 @@ class LayoutPlan:
 
 _grad = operator.attrgetter("grad")
 _dtype = operator.attrgetter("dtype")
-_device = operator.attrgetter("device")
+_get_device = torch.Tensor.get_device
 _spec = operator.attrgetter("_spec")  # DTensor internals, as in ``layout.local_layout``
 _local_tensor = operator.attrgetter("_local_tensor")
 
@@ -165,6 +167,7 @@ class _Batch(NamedTuple):
     take: Callable[[list], tuple]  # the group's grads, in parameter order
     dtype: torch.dtype  # plain grads: the dtype and device every one must still have
     device: torch.device
+    device_index: int  # ``Tensor.get_device()`` of that device (-1 on CPU)
     specs: Optional[tuple]  # DTensor grads: the spec object each had
 
 
@@ -187,12 +190,16 @@ def _batches(routes: list[Optional[tuple]]) -> Optional[list[_Batch]]:
         assert first is not None
         take = operator.itemgetter(*idx) if len(idx) > 1 else (lambda grads, i=idx[0]: (grads[i],))
         if first[0] == _PLAIN:
-            out.append(_Batch(slot, take, first[3], first[4], None))
+            out.append(_Batch(slot, take, first[3], first[4], _index(first[4]), None))
         else:
             specs = tuple(routes[i][2] for i in idx)  # type: ignore[index]
             grad_local = first[3][3]  # the device of the local tensor
-            out.append(_Batch(slot, take, first[3][2], grad_local, specs))
+            out.append(_Batch(slot, take, first[3][2], grad_local, _index(grad_local), specs))
     return out
+
+
+def _index(device: torch.device) -> int:
+    return -1 if device.index is None or device.type == "cpu" else device.index
 
 
 def _structure(spec, grad: DTensor) -> tuple:
