@@ -442,6 +442,18 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     plain: dict[tuple, list[torch.Tensor]] = {}
     kind_of_spec: dict[int, tuple] = {}
     kind_of_structure: dict[tuple, tuple] = {}
+    # Equal meshes are often distinct objects (``mesh["dp"]`` makes a new one each time), and a
+    # DeviceMesh hashes and compares in Python: each mesh object is compared by value once, and
+    # the keys above hold the id of the first equal mesh seen (meshes live as long as the call).
+    mesh_ids: dict[int, int] = {}
+    meshes: dict = {}
+
+    def mesh_id(mesh) -> int:
+        found = mesh_ids.get(id(mesh))
+        if found is None:
+            found = mesh_ids[id(mesh)] = id(meshes.setdefault(mesh, mesh))
+        return found
+
     kinds: set[tuple] = set()
     partial: list[tuple[DTensor, float]] = []
     ranks_of: dict = {}
@@ -473,7 +485,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 if spec_kind is None:
                     # Parameters made with DTensor.from_local have a spec each: the kind is built
                     # once per (mesh, placement types, dtype), not once per parameter.
-                    pkey = (pspec.mesh, tuple(map(type, pspec.placements)), param.dtype, annotation is not None)
+                    pkey = (mesh_id(pspec.mesh), tuple(map(type, pspec.placements)), param.dtype, annotation is not None)
                     spec_kind = kind_of_structure.get(pkey)
                     if spec_kind is None:
                         spec_kind = _dtensor_kind(param) + (("mark_replicated",) if annotation is not None else ())
@@ -512,9 +524,8 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                     mesh, placements = spec.mesh, spec.placements
                 else:
                     mesh, placements = grad.device_mesh, grad.placements
-                # Equal sub-meshes are often distinct objects (DeviceMesh hashes are cached), and
-                # the weight depends only on which mesh dims shard, so placement types suffice.
-                structure = (mesh, tuple(map(type, placements)), grad.dtype)
+                # The weight depends only on which mesh dims shard: placement types suffice.
+                structure = (mesh_id(mesh), tuple(map(type, placements)), grad.dtype)
                 entry = by_structure.get(structure)
                 if entry is None:
                     weight = _dtensor_weight(grad, stage, None, ranks_of)
