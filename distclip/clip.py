@@ -202,7 +202,8 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
                 agreement.raise_mismatch(sig)
             has_float64 = values[-2] > 0  # any rank's float64 grad: every rank returns the same dtype
         total = torch.tensor(total_value, dtype=torch.float64, device=out_device)
-        _raise_if_nonfinite(call, total, torch.tensor(has_float64))
+        if call.error_if_nonfinite:
+            _raise_if_nonfinite(call, total, torch.tensor(has_float64))
         return total, torch.float64 if has_float64 else torch.float32, None, total_value
     if not stage.distributed:
         total = reduce_partials(partial, has_elements, norm_type, stage)[0]
