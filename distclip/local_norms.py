@@ -8,10 +8,11 @@ The partial is a float64 scalar that the reduction combines across ranks:
     p == inf:          max |g|   (NaN if any grad is NaN)
     p == -inf:         min |g|   (NaN if any grad is non-finite)
 
-Per-piece norms are computed with ``torch._foreach_norm`` grouped by (device, dtype, weight) and
-accumulated at least in float32; only the few per-piece values are raised to ``p`` and summed in
-float64. On CPU the default p=2 never converts a grad to float64 (other p accumulate in float64
-for accuracy, at a cost); on accelerators ``_foreach_norm`` accumulates in float64 in-kernel.
+Norms are taken per piece (see ``_Pieces``: on CPU rows of at most ``ROW`` elements, small grads
+copied into flat chunks; on accelerators one ``torch._foreach_norm`` per group) and accumulated at
+least in float32; only the per-piece values are raised to ``p`` and summed in float64. On CPU
+the default p=2 never converts a grad to float64 (other p accumulate in float64 for accuracy, at
+a cost); on accelerators ``_foreach_norm`` accumulates in float64 in-kernel.
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ class _Pieces:
         if not numels:
             return
         if tensors[0].device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
-            self.small_owner = [i for i, n in enumerate(numels) if n]
-            self.small = [tensors[i] for i in self.small_owner] if 0 in numels else list(tensors)
+            kept = [i for i, n in enumerate(numels) if n] if 0 in numels else range(len(tensors))
+            self.small = [tensors[i] for i in kept] if 0 in numels else list(tensors)
+            self.small_owner = list(kept) if owned else []
             return
         total = sum(numels)
         self.chunk = max(ROW, min(FLAT_CHUNK, total // 20)) // ROW * ROW
@@ -235,8 +237,14 @@ class _Pieces:
             i = j
 
 
+def _norms_of_rows(m: torch.Tensor, norm_type: float, acc: torch.dtype) -> torch.Tensor:
+    if m.dtype == acc:  # an explicit dtype costs ~1 us more per call, even when it is the same
+        return torch.linalg.vector_norm(m, norm_type, dim=1)
+    return torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc)
+
+
 def _row_norms(m: torch.Tensor, norm_type: float, acc: torch.dtype, repair: bool) -> torch.Tensor:
-    norms = torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc)
+    norms = _norms_of_rows(m, norm_type, acc)
     return _repair(norms, lambda rows: list(m.index_select(0, rows)), norm_type) if repair else norms
 
 
@@ -246,16 +254,14 @@ def piece_norms(
     acc: torch.dtype,
     foreach: Optional[bool],
     repair: bool = False,
-    flatten: bool = True,
 ) -> torch.Tensor:
     """1-D tensor of norms of pieces that partition ``tensors`` (see ``_Pieces``).
 
     With ``repair`` (CPU, float32 accumulation of a finite p > 0), pieces whose norm overflowed or
-    may have underflowed are recomputed in float64 (see ``TINY``). ``flatten=False`` keeps one
-    norm per tensor of at most ``ROW`` elements, in order (for per-tensor norms).
+    may have underflowed are recomputed in float64 (see ``TINY``).
     """
     # zero padding of flat chunks would change min|g| and sum |g|^p for p < 0
-    pieces = _Pieces(tensors, flatten and foreach is not False and norm_type >= 0)
+    pieces = _Pieces(tensors, foreach is not False and norm_type >= 0)
     return _cat(_piece_norm_parts(pieces, norm_type, acc, foreach, repair), acc, tensors[0].device if tensors else None)
 
 
@@ -297,10 +303,7 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
         del m
     if pieces.mats:
         mats = pieces.mats
-        if mats[0].dtype == acc:  # an explicit dtype costs ~1 us more per call, even when it is the same
-            rows = [torch.linalg.vector_norm(m, norm_type, dim=1) for m in mats]
-        else:
-            rows = [torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc) for m in mats]
+        rows = [_norms_of_rows(m, norm_type, acc) for m in mats]
         norms = torch.cat(rows) if len(rows) > 1 else rows[0]
         if repair:
             starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
