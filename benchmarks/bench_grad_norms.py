@@ -45,7 +45,7 @@ def main() -> None:
         w = bench_clip.build_workload(layout, "small", args.params, 0, 0, device)
         pairs = [(f"p{i}", p) for i, p in enumerate(w.params)]
         methods = {
-            "get_total_norm": lambda w=w: distclip.get_total_norm(w.params),
+            "get_total_norm": lambda w=w: distclip.clip.total_grad_norm(w.params),
             "grad_norms per parameter": lambda pairs=pairs: distclip.grad_norms(pairs),
             "grad_norms 10 groups": lambda pairs=pairs: distclip.grad_norms(pairs, groups=_ten),
         }
@@ -69,7 +69,7 @@ def main() -> None:
             row[name]["x_get_total_norm"] = row[name]["median_ms"] / base
         # correctness: the dict's total is get_total_norm's
         got = distclip.grad_norms(pairs)
-        row["total_rel_err"] = abs(float(got["total"]) - float(distclip.get_total_norm(w.params))) / float(got["total"])
+        row["total_rel_err"] = abs(float(got["total"]) - float(distclip.clip.total_grad_norm(w.params))) / float(got["total"])
         results.append(row)
         if dist.get_rank() == 0:
             print(f"{layout} ({w.n_params} params, {row['local_MB']} MB local):", flush=True)

@@ -72,7 +72,7 @@ def mismatch(reduced: torch.Tensor, sig: Signature, use_max: bool, world_size: O
     v = reduced[: _H * rows].view(rows, _H)  # row 0: the call; row 1 + s: stage s
     if use_max:
         return ((v[:, 0] != -v[:, 1]) | (v[:, 2] != -v[:, 3])).any()
-    world = float(world_size or dist.get_world_size())
+    world = float(world_size or sig.stage.group_size)
 
     def differ(rows_v: torch.Tensor, count: float) -> torch.Tensor:
         return ((count * rows_v[:, 1] != rows_v[:, 0] ** 2) | (count * rows_v[:, 3] != rows_v[:, 2] ** 2)).any()
@@ -87,7 +87,7 @@ def mismatch_values(reduced: Sequence[float], sig: Signature, use_max: bool, wor
     v = [reduced[_H * i : _H * (i + 1)] for i in range(rows)]
     if use_max:
         return any(r[0] != -r[1] or r[2] != -r[3] for r in v)
-    world = float(world_size or dist.get_world_size())
+    world = float(world_size or sig.stage.group_size)
 
     def differ(rows_v: list, count: float) -> bool:
         return any(count * r[1] != r[0] ** 2 or count * r[3] != r[2] ** 2 for r in rows_v)
@@ -105,21 +105,23 @@ def _describe(sig: Signature) -> str:
 
     "Most ranks" is said only of a true majority; when no value is shared by more than half of the
     ranks, every rank's value is listed."""
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (sig.call, sorted(map(repr, sig.kinds)), sig.stage.index))
+    gathered: list = [None] * sig.stage.group_size
+    dist.all_gather_object(gathered, (sig.call, sorted(map(repr, sig.kinds)), sig.stage.index), group=sig.stage.group)
+    # by global rank (the group's ranks in group-rank order)
+    everyone = dict(zip(sig.stage.global_ranks(), gathered))
     lines = []
-    calls = Counter(call for call, _, _ in everyone)
+    calls = Counter(call for call, _, _ in everyone.values())
     usual_call, count = calls.most_common(1)[0]
     if len(calls) > 1:
         if 2 * count > len(everyone):
-            for rank, (call, _, _) in enumerate(everyone):
+            for rank, (call, _, _) in everyone.items():
                 if call != usual_call:
                     lines.append(f"rank {rank} called {_call_str(call)}, most ranks {_call_str(usual_call)}")
         else:
             lines.append("no call is shared by most ranks: " + "; ".join(
-                f"rank {rank} called {_call_str(call)}" for rank, (call, _, _) in enumerate(everyone)))
-    for stage in sorted({s for _, _, s in everyone}):
-        members = [(rank, kinds) for rank, (_, kinds, s) in enumerate(everyone) if s == stage]
+                f"rank {rank} called {_call_str(call)}" for rank, (call, _, _) in everyone.items()))
+    for stage in sorted({s for _, _, s in everyone.values()}):
+        members = [(rank, kinds) for rank, (_, kinds, s) in everyone.items() if s == stage]
         layouts = Counter(tuple(k) for _, k in members)
         usual_kinds, count = layouts.most_common(1)[0]
         if len(layouts) == 1:
@@ -139,7 +141,13 @@ def _describe(sig: Signature) -> str:
                     lines.append(f"rank {rank} (pipeline stage {stage}) holds {kinds}")
         if not majority:
             lines.insert(len(lines) - len(members), f"no layout is shared by most ranks of pipeline stage {stage}:")
-        if census_differs:
+        empty = [rank for rank, kinds in members if len(kinds) == 1 and "parameters held" in kinds[0] and kinds[0].endswith(", 0, 0)")]
+        if empty and len(empty) < len(members):
+            lines.append(
+                f"rank(s) {empty} passed no parameters: if they hold no part of this model, call distclip only on the "
+                "ranks that hold it, passing those ranks as group= (a ProcessGroup or 1-D DeviceMesh)"
+            )
+        elif census_differs:
             lines.append(
                 "ranks of one stage hold different parameters: if they hold different pipeline stages, pass "
                 "pp_group; if they hold different experts (or other pieces of a split tensor), mark those "

@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
-from distclip.clip import get_total_norm
+from distclip.clip import total_grad_norm
 from distclip.layout import _ANNOTATION_ATTR, _SHARD_PLACEMENTS, DTensor, GroupLike, current_stage
 from distclip.norms import NamedParams, collect, grad_norms
 
@@ -85,7 +85,9 @@ def _whole(unit) -> torch.Tensor:
 
 
 @torch.no_grad()
-def audit(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, rtol: float = 1e-5) -> AuditReport:
+def audit(
+    parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, group: Optional[GroupLike] = None, rtol: float = 1e-5
+) -> AuditReport:
     """Check that distclip's view of ``parameters`` matches the gradients every rank holds.
 
     Slow by design: gathers a hash and float64 statistics of every local gradient piece from every
@@ -96,13 +98,15 @@ def audit(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, rtol
     Args:
         parameters (nn.Module or Iterable[(str, Tensor)]): as for :func:`distclip.grad_norms`.
         pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group.
+        group (ProcessGroup or DeviceMesh, optional): the ranks that hold this model (default:
+            the default process group); exactly those ranks call.
         rtol (float): relative tolerance of the norm comparisons.
 
     Returns:
         :class:`AuditReport` with ``ok``, ``problems`` (readable, naming parameters and ranks),
         ``norm`` (distclip's 2-norm), ``reference_norm`` and ``details``.
     """
-    stage = current_stage(pp_group)
+    stage = current_stage(pp_group, group)
     items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]
     if isinstance(parameters, torch.nn.Module):
         items = parameters
@@ -141,6 +145,8 @@ def audit(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, rtol
             kind = f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
         elif id(u.param) in fsdp1:
             piece = ("fsdp1", fsdp1[id(u.param)].rank)
+            # FSDP1 over TP: which TP piece the shard is of (equal TP coordinates hold copies)
+            piece += _fsdp1.tp_coordinate(u.segment.tp_spec if u.segment is not None else fsdp1[id(u.param)].tp_spec)
             kind = "FSDP1 shard"
         else:
             piece = ("plain",)
@@ -152,15 +158,16 @@ def audit(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, rtol
         records.append((key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
     everyone: list = [records]
     if stage.distributed:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, records)
+        everyone = [None] * stage.group_size
+        dist.all_gather_object(everyone, records, group=stage.group)
     problems = _copy_problems(everyone)
     reference_total, reference_by_name = _reference(everyone)
     details = {}
     for p in NORM_TYPES:
         # ``local.module`` is set exactly when ``items`` is a module
-        mine = float(get_total_norm(cast(torch.nn.Module, items) if local.module is not None else local.params, p, pp_group=pp_group))
-        by_name = grad_norms(items, p, pp_group=pp_group)
+        mine = float(total_grad_norm(cast(torch.nn.Module, items) if local.module is not None else local.params, p,
+                                     pp_group=pp_group, group=group))
+        by_name = grad_norms(items, p, pp_group=pp_group, group=group)
         ref = reference_total[p]
         details[p] = (mine, ref)
         if not _close(mine, ref, rtol):

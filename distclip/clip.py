@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from distclip import agreement, rank_errors
 from distclip.host_reads import host_reads_allowed
@@ -34,12 +37,14 @@ from distclip.layout import (
     current_stage,
     is_partial_sum,
     local_grad_tensors,
+    local_layout,
+    reject_unknown_layouts,
 )
 from distclip.local_norms import coalesce, local_partial, scale_
 from distclip.plan import PlanCache
 from distclip.reduce import reduce_partial_grads, reduce_partials, reduce_partials_on_host, reduction_device
 
-__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
+__all__ = ["clip_grad_norm_", "get_total_norm", "total_grad_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 
 # Grads whose norm is returned as float64, as torch does (complex128's magnitudes are float64).
 _FLOAT64 = (torch.float64, torch.complex128)
@@ -90,6 +95,7 @@ class Call:
     params: list[torch.Tensor]
     layout: Optional[LocalLayout] = None
     error: Optional[Exception] = None
+    given: bool = False  # ``params`` are the tensors to measure themselves (``get_total_norm``)
 
     @property
     def signature(self) -> tuple:
@@ -97,24 +103,40 @@ class Call:
 
 
 def _prepare(
-    fn: str, parameters: ParamsLike, norm_type: object, error_if_nonfinite: bool, pp_group: object, max_norm: object = None
+    fn: str,
+    parameters: ParamsLike,
+    norm_type: object,
+    error_if_nonfinite: bool,
+    pp_group: object,
+    max_norm: object = None,
+    group: object = None,
+    given: bool = False,
 ) -> Call:
     """Steps 1 and 2: validate every argument and discover the layout, all locally.
 
+    ``given``: measure the tensors themselves (``get_total_norm``'s rule for tensors, as torch),
+    not the ``.grad`` of parameters; a module is always measured by its parameters' grads.
+
     Without a process group the error is raised at once, as torch would. In a distributed job it
-    is kept: raising here would leave the other ranks waiting in this call's collectives.
+    is kept: raising here would leave the other ranks of the group waiting in this call's
+    collectives.
     """
     params: list[torch.Tensor] = []
     try:
         params, module = as_param_list(parameters)
         checked_max = _check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
         p = _check_norm_type(norm_type)
-        stage = current_stage(pp_group)
+        stage = current_stage(pp_group, group)
         LostMarks.raise_if_any()
-        layout = PLANS.layout(params, module, stage)
+        if given and module is None:
+            if stage.distributed:
+                reject_unknown_layouts(params)
+            layout = local_layout(params, None, stage, grads=params)
+        else:
+            layout = PLANS.layout(params, module, stage)
         # adjacent views merged so each group needs few kernels (separate tensors skip the pass)
         layout.groups = {key: coalesce(ts) if _may_be_views(ts) else ts for key, ts in layout.groups.items()}
-        return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout)
+        return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, given=given and module is None)
     except Exception as error:
         if not (dist.is_available() and dist.is_initialized()):
             raise
@@ -122,8 +144,11 @@ def _prepare(
             p = float(norm_type)  # type: ignore[arg-type]
         except Exception:
             p = 2.0
-        stage = Stage(True, dist.get_world_size())
-        return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, params, error=error)
+        try:  # join the collectives of the group the others use; without a valid group there is none to join
+            stage = current_stage(None, group)
+        except Exception:
+            raise error from None
+        return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, params, error=error, given=given)
 
 
 def _may_be_views(tensors: list[torch.Tensor]) -> bool:
@@ -148,11 +173,12 @@ def _norm_groups(layout: LocalLayout) -> dict:
     return groups
 
 
-def _join_partial_reductions(params: list[torch.Tensor]) -> None:
+def _join_partial_reductions(call: Call) -> None:
     """A failed rank still issues the ``Partial``-grad collectives its mesh peers issue: which
     ones depends on the grads alone, so it can tell even when its other input is bad."""
     try:
-        partial = [(p.grad, 0.0) for p in params if isinstance(p.grad, DTensor) and is_partial_sum(p.grad)]
+        tensors = call.params if call.given else [p.grad for p in call.params]
+        partial = [(t, 0.0) for t in tensors if isinstance(t, DTensor) and is_partial_sum(t)]
         if partial:
             reduce_partial_grads(partial)
     except Exception:  # noqa: BLE001 - this rank raises its own error right after the main collective
@@ -183,7 +209,7 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         )
         groups = _norm_groups(layout)
     else:
-        _join_partial_reductions(call.params)
+        _join_partial_reductions(call)
         has_float64, groups = False, {}
     grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
@@ -197,7 +223,7 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         total_value, values = reduce_partials_on_host(partial, has_elements, norm_type, stage, riders)
         if stage.distributed:
             if values[-1] > 0:
-                rank_errors.raise_everywhere(call.error, device)
+                rank_errors.raise_everywhere(call.error, device, stage.group)
             if agreement.mismatch_values(values[:-2], sig, use_max):
                 agreement.raise_mismatch(sig)
             has_float64 = values[-2] > 0  # any rank's float64 grad: every rank returns the same dtype
@@ -249,35 +275,85 @@ def _raise_if_nonfinite(call: Call, total: torch.Tensor, has64: torch.Tensor) ->
         )
 
 
+def _materialize(parameters: ParamsLike, what: str) -> ParamsLike:
+    """A generator consumed once, with torch's warning when it is empty (a generator used twice)."""
+    if isinstance(parameters, types.GeneratorType):
+        parameters = list(parameters)
+        if not parameters:
+            warnings.warn(f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=4)
+    return parameters
+
+
 @torch.no_grad()
 def get_total_norm(
+    tensors: ParamsLike,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    pp_group: Optional[GroupLike] = None,
+    group: Optional[GroupLike] = None,
+) -> torch.Tensor:
+    r"""Compute the norm of the full, unsharded ``tensors`` (or of a module's gradients), whatever
+    their layout.
+
+    What is measured follows one rule: **tensors are measured as given**, as
+    ``torch.nn.utils.get_total_norm`` does (torch's two-step API:
+    ``total = get_total_norm([p.grad for p in params])`` then
+    ``clip_grads_with_norm_(params, max_norm, total)``); **a module is measured by its parameters'
+    gradients** (the only way FSDP1 flat shards and ``mark_sharded`` parameters can be counted).
+    A tensor's layout is what it shows: a DTensor by its mesh and placements (``Partial`` made
+    whole), a plain tensor as replicated across the pipeline stage, a tensor marked itself by its
+    mark. A plain tensor whose layout only its parameter knows (the gradient of a parameter marked
+    with ``mark_sharded``/``mark_replicated``, or of an FSDP1 FlatParameter) raises ``ValueError``
+    on every rank instead of being counted as a replica: pass the module. The result equals
+    torch's function run on one process over the full tensors, and is bit-identical on every rank
+    of the group. Every rank of ``group`` must call it (one all-reduce).
+
+    Args:
+        tensors (Tensor, Iterable[Tensor] or nn.Module): the tensors to measure (usually
+            gradients), or a module whose parameters' gradients are measured (those without a
+            grad skipped). Pass the wrapped module for FSDP1.
+        norm_type (float): p of the p-norm; ``inf``, ``-inf`` and ``0`` (non-zero count) allowed.
+        error_if_nonfinite (bool): raise on every rank if the total norm is nan or inf.
+        foreach (bool, optional): use foreach kernels (default: when available).
+        pp_group (ProcessGroup or DeviceMesh, optional): the ranks holding the other pipeline
+            stages of this rank's model replica; partials are summed across it.
+        group (ProcessGroup or DeviceMesh, optional): the ranks that hold this model (default:
+            the default process group); exactly those ranks call, and every count (stages,
+            replicas, pieces) is relative to it.
+
+    Returns:
+        Total norm as a plain tensor: float32 (float64 if a measured tensor is float64), on the
+        tensors' device.
+    """
+    tensors = _materialize(tensors, "tensors")
+    if isinstance(tensors, (list, tuple)) and tensors and all(isinstance(t, nn.Parameter) and t.grad is not None for t in tensors):
+        warnings.warn(
+            "distclip.get_total_norm measures the tensors it is given, as torch does: these are parameters with "
+            "gradients, so their values are measured. Pass [p.grad for p in params] or the module to measure the "
+            "gradients", stacklevel=3,
+        )
+    call = _prepare("get_total_norm", tensors, norm_type, error_if_nonfinite, pp_group, group=group, given=True)
+    total, out_dtype, _, _ = _total_norm(call, foreach)
+    return total.to(out_dtype)
+
+
+def total_grad_norm(
     parameters: ParamsLike,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
     *,
     pp_group: Optional[GroupLike] = None,
+    group: Optional[GroupLike] = None,
 ) -> torch.Tensor:
-    r"""Compute the norm of the full, unsharded gradients of ``parameters``, whatever their layout.
-
-    The result equals ``torch.nn.utils.get_total_norm`` run on one process over the full
-    gradients, and is bit-identical on every rank. Every rank must call it (one all-reduce).
-
-    Args:
-        parameters (Tensor, Iterable[Tensor] or nn.Module): parameters whose ``.grad`` are
-            measured; parameters without a grad are skipped. Pass the wrapped module for FSDP1.
-        norm_type (float): p of the p-norm; ``inf``, ``-inf`` and ``0`` (non-zero count) allowed.
-        error_if_nonfinite (bool): raise on every rank if the total norm is nan or inf.
-        foreach (bool, optional): use foreach kernels (default: when available).
-        pp_group (ProcessGroup or DeviceMesh, optional): the ranks holding the other pipeline
-            stages of this rank's model replica; partials are summed across it.
-
-    Returns:
-        Total norm as a plain tensor: float32 (float64 if a local grad is float64), on the
-        gradients' device.
-    """
-    call = _prepare("get_total_norm", parameters, norm_type, error_if_nonfinite, pp_group)
-    total, out_dtype, _, _ = _total_norm(call, foreach)
+    """The norm of the gradients of ``parameters`` (a module or parameters, read through
+    ``.grad``, marks and all), as :func:`clip_grad_norm_` computes it, without clipping: what
+    ``distclip.audit`` and the integrations compare against."""
+    with torch.no_grad():
+        call = _prepare("get_total_norm", parameters, norm_type, error_if_nonfinite, pp_group, group=group)
+        total, out_dtype, _, _ = _total_norm(call, foreach)
     return total.to(out_dtype)
 
 
@@ -290,6 +366,7 @@ def clip_grad_norm_(
     foreach: Optional[bool] = None,
     *,
     pp_group: Optional[GroupLike] = None,
+    group: Optional[GroupLike] = None,
 ) -> torch.Tensor:
     r"""Clip the gradient norm of ``parameters`` in place, correctly under any sharding.
 
@@ -305,11 +382,14 @@ def clip_grad_norm_(
             norm is nan or inf.
         foreach (bool, optional): use foreach kernels (default: when available).
         pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group.
+        group (ProcessGroup or DeviceMesh, optional): the ranks that hold this model (default:
+            the default process group); exactly those ranks call.
 
     Returns:
         Total norm of the gradients before clipping (a plain tensor, identical on every rank).
     """
-    call = _prepare("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm)
+    parameters = _materialize(parameters, "parameters")
+    call = _prepare("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm, group)
     total, out_dtype, poisoned, total_value = _total_norm(call, foreach)
     assert call.layout is not None and call.max_norm is not None  # a failed call has raised
     if total_value is not None:  # read on the host (CPU): the same float64 arithmetic, in Python
@@ -357,17 +437,34 @@ def clip_grads_with_norm_(
 
 @torch.no_grad()
 def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optional[bool] = None) -> None:
-    r"""Clamp every gradient element of ``parameters`` to ``[-clip_value, clip_value]`` in place.
+    r"""Clamp every element of the full gradients of ``parameters`` to ``[-clip_value, clip_value]``
+    in place, under any layout.
 
-    Element-wise, so it needs no communication under any layout; local shards are clamped.
+    Element-wise: local shards and replicas are clamped where they are, with no communication.
+    ``Partial`` DTensor grads (unreduced sums, e.g. LayerNorm grads under SequenceParallel) hold
+    summands, whose clamp would not bound the full gradient: they are first made whole (one
+    all-reduce per partial mesh group, issued by exactly the ranks of that mesh, as the norm path
+    does), clamped, and written back as summands of the clamped value (the whole value on the
+    first rank of each partial mesh dimension and zeros elsewhere for a sum; the value everywhere
+    for an average), so the gradient each DTensor stands for equals the one-process clamp.
 
     Args:
         parameters (Tensor, Iterable[Tensor] or nn.Module): parameters whose grads are clamped.
         clip_value (float): maximum allowed absolute value of the gradients.
         foreach (bool, optional): use foreach kernels (default: when available).
     """
-    clip_value = _as_float(clip_value, "clip_value")
-    for tensors in local_grad_tensors(parameters).values():
+    params, _ = as_param_list(parameters)
+    try:
+        clip_value = _as_float(clip_value, "clip_value")
+    except Exception:
+        if dist.is_available() and dist.is_initialized():  # still join the Partial grads' collectives
+            _join_partial_reductions(Call("clip_grad_value_", 2.0, None, False, Stage(True), params))
+        raise
+    partial = [p.grad for p in params if isinstance(p.grad, DTensor) and is_partial_sum(p.grad)]
+    if partial:
+        _clamp_partial_grads(partial, clip_value)
+    plain = [p for p in params if not (isinstance(p.grad, DTensor) and is_partial_sum(p.grad))] if partial else params
+    for tensors in local_grad_tensors(plain).values():
         tensors = coalesce(tensors)
         if foreach is False:
             for t in tensors:
@@ -375,3 +472,19 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         elif tensors:
             torch._foreach_clamp_min_(tensors, -clip_value)
             torch._foreach_clamp_max_(tensors, clip_value)
+
+
+def _clamp_partial_grads(grads: list[DTensor], clip_value: float) -> None:
+    """Clamp ``Partial`` grads' full values and write them back as summands (see ``clip_grad_value_``)."""
+    # ``reduce_partial_grads`` returns its own bucket order with the weight passed through: the
+    # index travels in the weight's place
+    for value, index in reduce_partial_grads([(g, float(i)) for i, g in enumerate(grads)]):
+        grad = grads[int(index)]
+        spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
+        local = grad._local_tensor
+        clamped = value.clamp(-clip_value, clip_value).view(local.shape)
+        first = True  # this rank is the first of every partial mesh dim where the op is a sum
+        for dim, placement in enumerate(spec.placements):
+            if placement.is_partial() and getattr(placement, "reduce_op", None) == "sum":
+                first = first and spec.mesh.get_local_rank(dim) == 0
+        local.copy_(clamped if first else torch.zeros_like(clamped))

@@ -25,7 +25,7 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Iterable, NamedTuple, Optional, Union
+from typing import ClassVar, Iterable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -52,13 +52,28 @@ _MASK = (1 << 61) - 1
 
 @dataclass(frozen=True)
 class Stage:
-    """The calling rank's view of the world: how many ranks hold its pipeline stage."""
+    """The calling rank's view of the ranks that hold its model (the call's ``group``, by default
+    the whole default process group): how many of them hold its pipeline stage."""
 
     distributed: bool
-    size: int = 1  # ranks holding this pipeline stage
+    size: int = 1  # ranks holding this pipeline stage, within the group
     pp_ranks: Optional[frozenset[int]] = None  # this rank's pipeline group: one rank per stage
     index: int = 0  # this rank's stage (its rank in pp_group)
     pp_size: int = 1
+    ranks: Optional[frozenset[int]] = None  # global ranks of the group; None: the default group
+    # the group every collective of the call runs over (None: the default group)
+    group: Optional[dist.ProcessGroup] = field(default=None, compare=False, hash=False, repr=False)
+
+    @property
+    def group_size(self) -> int:
+        """Ranks that take part in the call: every rank of the group."""
+        return self.size * self.pp_size
+
+    def global_ranks(self) -> list[int]:
+        """The group's global ranks in group-rank order (the order of gathered lists)."""
+        if self.group is None:
+            return list(range(self.group_size))
+        return dist.get_process_group_ranks(self.group)
 
 
 def shard_pieces(mesh_shape: tuple[int, ...], placements: tuple) -> int:
@@ -119,72 +134,167 @@ def group_info(group: object, what: str) -> GroupInfo:
 
 
 class Marks:
-    """How many marks have been made in this process: a cached layout plan (``plan``) made before
-    a new ``mark_sharded``/``mark_replicated`` is not trusted after it."""
+    """The marks made in this process.
+
+    ``version`` counts marks: a cached layout plan (``plan``) made before a new
+    ``mark_sharded``/``mark_replicated`` (or before a module mark reached a new parameter) is not
+    trusted after it. ``params`` holds (weakly) every parameter that carries a mark, so that
+    ``get_total_norm`` can refuse a gradient of one passed without its parameter, whose layout
+    the tensor alone does not show.
+    """
 
     version = 0
+    # by id: a WeakSet would compare tensors with ``==`` (element-wise)
+    params: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
+
+
+def _merged(current: Annotation, mark: Annotation) -> Annotation:
+    """``current`` with the groups of ``mark`` added (the same group twice counts once)."""
+    sharded = current.sharded_over + tuple(g for g in mark.sharded_over if g not in current.sharded_over)
+    return Annotation(sharded, mark.replicated_over if mark.replicated_over is not None else current.replicated_over)
+
+
+@dataclass
+class SlotMark:
+    """A ``mark_sharded(module, ...)``/``mark_replicated(module, ...)``: applies to every parameter
+    under ``module``, found by name at every layout discovery, so it follows the parameter *slot*
+    through whatever replaces the parameter objects (``fully_shard``, ``load_state_dict(assign=True)``,
+    ``to_empty``, re-wrapping)."""
+
+    annotation: Annotation
+    names: frozenset[str]  # the parameter names under the module when it was marked
+
+
+class SlotMarks:
+    """Module marks, held weakly by module (a freed model takes its marks with it)."""
+
+    modules: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def add(cls, module: nn.Module, mark: Annotation) -> None:
+        # a module may hold no parameter on this rank (an expert container on a rank with no experts)
+        names = frozenset(_unwrapped(name) for name, _ in module.named_parameters())
+        found = cls.modules.get(module)
+        annotation = _merged(found.annotation, mark) if found is not None else mark
+        cls.modules[module] = SlotMark(annotation, names | (found.names if found is not None else frozenset()))
+        Marks.version += 1
+        cls.apply()
+
+    @classmethod
+    def apply(cls) -> None:
+        """Put every module mark on the parameters now under its module (cheap when nothing changed:
+        one pass over the parameters of the marked modules). A marked parameter name that is no
+        longer a parameter but a plain tensor attribute was flattened into an FSDP1 FlatParameter
+        (``use_orig_params=False``): that mark is lost and reported at the call."""
+        if not cls.modules:
+            return
+        for module, mark in list(cls.modules.items()):
+            present: set[str] = set()
+            for name, p in module.named_parameters():
+                present.add(name)
+                current: Annotation = p.__dict__.get(_ANNOTATION_ATTR) or Annotation()
+                merged = _merged(current, mark.annotation)
+                if merged != current:
+                    setattr(p, _ANNOTATION_ATTR, merged)
+                    Marks.params[id(p)] = p
+                    Marks.version += 1
+            missing = mark.names - {_unwrapped(name) for name in present}
+            if missing:
+                LostMarks.found.extend(
+                    f"parameter {name!r} of a marked {type(module).__name__} is no longer a parameter (flattened by FSDP1 "
+                    "without use_orig_params?)" for name in sorted(missing)
+                )
+                mark.names = mark.names - missing
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter name without the prefixes wrappers insert between modules (FSDP1, activation
+    checkpointing, ``torch.compile``), so a module mark matches its parameters after wrapping."""
+    if "_" in name:
+        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+            name = name.replace(wrapper, "")
+    return name
 
 
 class LostMarks:
-    """Marks dropped by re-wrapping, reported at the next clip call.
+    """Marks on parameter *objects* that were lost when the object was replaced, reported at the
+    next call.
 
-    FSDP2's ``fully_shard`` (and FSDP1 without ``use_orig_params``) replaces every parameter by a
-    new one, so a ``mark_sharded`` made *before* wrapping would vanish and the norm would be silently
-    wrong (4.0 instead of sqrt(32) for a Megatron-TP weight under FSDP2). Marked plain parameters get
-    a finalizer that holds only their ``__dict__``: when such a parameter dies after torch's wrappers
-    tagged it (FSDP2 sets ``_fsdp_orig_uid``, FSDP1 ``_fsdp_flattened``), its mark was lost. This is
-    the only state distclip keeps across calls outside the annotations themselves.
+    ``fully_shard`` (and FSDP1 without ``use_orig_params``) replaces every parameter by a new one,
+    and so do ``load_state_dict(assign=True)`` and ``to_empty`` for parameters on the meta device:
+    a ``mark_sharded`` made on the old object would vanish and the norm would be silently wrong
+    (4.0 instead of sqrt(32) for a Megatron-TP weight under FSDP2). A marked plain parameter gets a
+    finalizer that holds only its ``__dict__``; its death is a lost mark when a wrapper tagged it
+    after the mark (FSDP2 sets ``_fsdp_orig_uid``, FSDP1 ``_fsdp_flattened``) and it was never
+    seen kept by FSDP1 (``use_orig_params=True`` keeps it), or when it was a meta-device parameter.
+    A model that is simply freed (marked after wrapping, or kept by its wrapper) reports nothing.
+    Module marks (``mark_sharded(module, group)``) follow the slot and are never lost this way.
     """
 
     _TAGS = ("_fsdp_orig_uid", "_fsdp_flattened")
-    found: list[str] = []
+    found: ClassVar[list[str]] = []
 
     @classmethod
     def watch(cls, param: torch.Tensor) -> None:
-        if not param.__dict__.get("_distclip_watched"):
-            param.__dict__["_distclip_watched"] = True
-            finalizer = weakref.finalize(param, cls._on_death, param.__dict__, tuple(param.shape))
+        attrs = param.__dict__
+        if not attrs.get("_distclip_watched"):
+            attrs["_distclip_watched"] = True
+            attrs["_distclip_tags_at_mark"] = frozenset(tag for tag in cls._TAGS if tag in attrs)
+            finalizer = weakref.finalize(param, cls._on_death, attrs, tuple(param.shape), param.device.type == "meta")
             finalizer.atexit = False
 
+    @staticmethod
+    def kept(param: torch.Tensor) -> None:
+        """``param`` was seen alive inside its wrapper (FSDP1 ``use_orig_params=True``): its death
+        later is the model being freed, not a mark lost."""
+        param.__dict__["_distclip_kept"] = True
+
     @classmethod
-    def _on_death(cls, attrs: dict, shape: tuple) -> None:
+    def _on_death(cls, attrs: dict, shape: tuple, was_meta: bool) -> None:
         annotation = attrs.get(_ANNOTATION_ATTR)
-        if annotation is not None and any(tag in attrs for tag in cls._TAGS):
+        if annotation is None:
+            return
+        tagged_after = any(tag in attrs for tag in cls._TAGS if tag not in attrs.get("_distclip_tags_at_mark", ()))
+        if (tagged_after and not attrs.get("_distclip_kept")) or was_meta:
             what = "mark_sharded" if annotation.sharded_over else "mark_replicated"
-            cls.found.append(f"a parameter of shape {list(shape)} marked with {what}")
+            how = "on the meta device, then replaced (load_state_dict(assign=True) or to_empty)" if was_meta else "then re-wrapped"
+            cls.found.append(f"a parameter of shape {list(shape)} marked with {what} {how}")
 
     @classmethod
     def raise_if_any(cls) -> None:
         if cls.found:
-            lost, cls.found = cls.found, []
+            lost, cls.found[:] = list(cls.found), []
             raise ValueError(
-                "distclip: parameters were marked and then re-wrapped (fully_shard, or FSDP1 without "
-                f"use_orig_params), which replaces them and drops the mark: {'; '.join(lost[:5])}"
-                f"{' ...' if len(lost) > 5 else ''}. Mark the parameters after wrapping (mark_sharded "
-                "accepts DTensor parameters) so their extra sharding is counted"
+                "distclip: marked parameters were replaced, which drops their marks (re-wrapped by fully_shard or "
+                "FSDP1 without use_orig_params, or loaded with load_state_dict(assign=True)/to_empty from the meta "
+                f"device): {'; '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}. Mark the module that holds them "
+                "(mark_sharded(module, group) follows its parameters by name through any replacement), or mark the "
+                "parameters after wrapping or loading, so their extra sharding is counted"
             )
 
 
-def _annotate(param: object, fn: str, group: object, field_name: str) -> None:
-    if not isinstance(param, torch.Tensor):
-        raise TypeError(f"distclip.{fn}: expected a torch.Tensor parameter, got {type(param).__name__}")
+def _annotate(target: object, fn: str, group: object, field_name: str) -> None:
+    if not isinstance(target, (torch.Tensor, nn.Module)):
+        raise TypeError(f"distclip.{fn}: expected a torch.Tensor parameter or an nn.Module, got {type(target).__name__}")
     info = group_info(group, f"distclip.{fn}: group")
     if dist.get_rank(info.group) < 0:
         raise ValueError(f"distclip.{fn}: this rank ({dist.get_rank()}) is not a member of the given group")
-    current: Annotation = getattr(param, _ANNOTATION_ATTR, Annotation())
-    if field_name == "sharded_over":
-        if info in current.sharded_over:  # the same group twice: idempotent
-            return
-        new = Annotation(current.sharded_over + (info,), current.replicated_over)
-    else:
-        new = Annotation(current.sharded_over, info)
-    setattr(param, _ANNOTATION_ATTR, new)
+    mark = Annotation((info,), None) if field_name == "sharded_over" else Annotation((), info)
+    if isinstance(target, nn.Module):
+        SlotMarks.add(target, mark)
+        return
+    current: Annotation = getattr(target, _ANNOTATION_ATTR, Annotation())
+    new = _merged(current, mark)
+    if new == current:  # the same group twice: idempotent
+        return
+    setattr(target, _ANNOTATION_ATTR, new)
+    Marks.params[id(target)] = target
     Marks.version += 1
-    if not isinstance(param, DTensor):
-        LostMarks.watch(param)
+    if not isinstance(target, DTensor):
+        LostMarks.watch(target)
 
 
-def mark_sharded(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
+def mark_sharded(param: Union[torch.Tensor, nn.Module], group: GroupLike) -> Union[torch.Tensor, nn.Module]:
     """Declare that ``param``'s local gradient is one disjoint piece of a tensor split over ``group``.
 
     Use it for Megatron-style tensor-parallel weights, MoE experts spread over an expert-parallel
@@ -192,12 +302,17 @@ def mark_sharded(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
     Copies of the same piece on other ranks of the pipeline stage (data-parallel replicas) are
     counted once. Marks compose: a tensor marked over an expert-parallel group and a
     tensor-parallel group is in ``ep * tp`` pieces; the same group twice counts once. On a DTensor
-    parameter the mark adds to what its placements show (a Megatron-TP weight later wrapped by
-    FSDP2: mark the DTensor parameter *after* ``fully_shard``, which replaces parameters; a mark
-    made before wrapping is reported as lost at the next call).
+    parameter the mark adds to what its placements show.
+
+    Given a module, the mark applies to every parameter under it and is remembered by module and
+    parameter name: it holds for whatever parameter objects the module holds at each call, so it
+    survives ``fully_shard``, ``load_state_dict(assign=True)``, ``to_empty`` and re-wrapping (mark
+    the experts of a meta-initialised model before loading it). A mark on a parameter object is
+    lost when the object is replaced; that is reported (``ValueError``) at the next call.
 
     Args:
-        param (Tensor): a parameter (plain tensor or DTensor).
+        param (Tensor or nn.Module): a parameter (plain tensor or DTensor), or a module whose
+            parameters are all marked.
         group (ProcessGroup or DeviceMesh): the ranks that together hold the whole tensor; this
             rank must be a member.
 
@@ -208,16 +323,17 @@ def mark_sharded(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
     return param
 
 
-def mark_replicated(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
+def mark_replicated(param: Union[torch.Tensor, nn.Module], group: GroupLike) -> Union[torch.Tensor, nn.Module]:
     """Declare that ``param``'s gradient is identical on every rank of ``group``; count it once.
 
     Use it for a weight tied across pipeline stages (an input embedding on the first stage and
     the output head on the last): ``group`` holds the ranks with the copies, e.g. Megatron's
     embedding group. Within a stage, plain tensors are already counted once. Works on DTensor
-    parameters too (FSDP2 on each stage: mark after ``fully_shard``).
+    parameters too (FSDP2 on each stage: mark after ``fully_shard``, or mark the module), and on
+    modules (every parameter under it, by name, as :func:`mark_sharded`).
 
     Args:
-        param (Tensor): a parameter (plain tensor or DTensor).
+        param (Tensor or nn.Module): a parameter (plain tensor or DTensor), or a module.
         group (ProcessGroup or DeviceMesh): ranks holding identical copies; this rank must be a member.
 
     Returns:
@@ -227,22 +343,89 @@ def mark_replicated(param: torch.Tensor, group: GroupLike) -> torch.Tensor:
     return param
 
 
-def current_stage(pp_group: object) -> Stage:
-    """Describe the calling rank's pipeline stage; validates ``pp_group`` before any collective."""
-    if pp_group is not None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("distclip: pp_group was given but torch.distributed is not initialized")
-        pp = as_process_group(pp_group, "pp_group")
-    if not (dist.is_available() and dist.is_initialized()):
+def reject_unknown_layouts(tensors: list[torch.Tensor]) -> None:
+    """``get_total_norm`` measures the tensors it is given, with the layout the tensors themselves
+    show (DTensor placements; a plain tensor is replicated across the stage). Some plain tensors
+    are pieces whose layout only their parameter knows: the gradient (or a view of it) of a
+    parameter marked with ``mark_sharded``/``mark_replicated``, or of an FSDP1 FlatParameter.
+    Counting those as replicas would be silently wrong, so they are refused (before any
+    collective; every rank raises together through ``rank_errors``). A tensor that carries a mark
+    itself is counted by its mark."""
+    marked = [p for p in list(Marks.params.values()) if p.grad is not None]
+    flat = _fsdp1.flat_grad_ranges(tensors)
+    if not marked and not flat:
+        return
+    ids: set[int] = set()
+    views: set[tuple[int, int]] = set()
+    for p in marked:
+        g = p.grad
+        local = g._local_tensor if isinstance(g, DTensor) else g  # DTensor internals, as in ``local_layout``
+        ids.update((id(g), id(local)))
+        if local.numel():
+            views.add((local.data_ptr(), local.numel()))
+    for t in tensors:
+        if _ANNOTATION_ATTR in t.__dict__:
+            continue
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        if id(t) in ids or id(local) in ids or (local.numel() and (local.data_ptr(), local.numel()) in views):
+            raise ValueError(
+                "distclip.get_total_norm: a tensor given is the gradient of a parameter marked with "
+                "mark_sharded/mark_replicated; the tensor alone does not say how it is split. Pass the module "
+                "(get_total_norm(model) measures its parameters' gradients with their marks) or use clip_grad_norm_"
+            )
+        if flat and local.numel() and not isinstance(t, DTensor):
+            ptr = local.data_ptr()
+            if any(lo <= ptr < hi for lo, hi in flat):
+                raise ValueError(
+                    "distclip.get_total_norm: a tensor given is (part of) the gradient of an FSDP1 FlatParameter, a "
+                    "shard whose sharding group the tensor alone does not show. Pass the FSDP1-wrapped module "
+                    "(get_total_norm(model) measures its parameters' gradients) or use clip_grad_norm_(model, ...)"
+                )
+
+
+def current_stage(pp_group: object, group: object = None) -> Stage:
+    """Describe the calling rank's pipeline stage within ``group`` (the ranks that hold this model;
+    default: the default process group); validates both before any collective."""
+    initialized = dist.is_available() and dist.is_initialized()
+    if (pp_group is not None or group is not None) and not initialized:
+        what = "pp_group" if pp_group is not None else "group"
+        raise RuntimeError(f"distclip: {what} was given but torch.distributed is not initialized")
+    if not initialized:
         return Stage(distributed=False)
-    world = dist.get_world_size()
+    pg: Optional[dist.ProcessGroup] = None
+    ranks: Optional[frozenset[int]] = None
+    size = dist.get_world_size()
+    if group is not None:
+        pg = as_process_group(group, "group")
+        if dist.get_rank(pg) < 0:
+            raise ValueError(f"distclip: this rank ({dist.get_rank()}) is not a member of group")
+        size = pg.size()
+        if size != dist.get_world_size():  # a group of every rank counts like the default group
+            ranks = frozenset(dist.get_process_group_ranks(pg))
     if pp_group is None:
-        return Stage(distributed=True, size=world)
+        return Stage(True, size, ranks=ranks, group=pg)
+    pp = as_process_group(pp_group, "pp_group")
     if dist.get_rank(pp) < 0:
         raise ValueError(f"distclip: this rank ({dist.get_rank()}) is not a member of pp_group")
-    if world % pp.size() != 0:
-        raise ValueError(f"distclip: world size {world} is not a multiple of the pp_group size {pp.size()}")
-    return Stage(True, world // pp.size(), frozenset(dist.get_process_group_ranks(pp)), dist.get_rank(pp), pp.size())
+    pp_ranks = frozenset(dist.get_process_group_ranks(pp))
+    if ranks is not None and not pp_ranks <= ranks:
+        raise ValueError(
+            f"distclip: pp_group spans ranks {sorted(pp_ranks)}, outside group (ranks {sorted(ranks)}); the pipeline "
+            "stages of this model must lie inside the group that holds it"
+        )
+    if size % pp.size() != 0:
+        raise ValueError(f"distclip: group size {size} is not a multiple of the pp_group size {pp.size()}")
+    return Stage(True, size // pp.size(), pp_ranks, dist.get_rank(pp), pp.size(), ranks, pg)
+
+
+def check_inside_group(ranks: frozenset[int], stage: Stage, what: str) -> None:
+    """A mesh or group a parameter names must lie inside the call's group: the ranks outside it do
+    not take part in the call, so their pieces could not be counted."""
+    if stage.ranks is not None and not ranks <= stage.ranks:
+        raise ValueError(
+            f"distclip: {what} spans ranks {sorted(ranks)}, which reach outside group (ranks {sorted(stage.ranks)}): "
+            "pass as group the ranks that hold the whole model, or a mesh/group inside it"
+        )
 
 
 GroupKey = tuple  # (device, dtype, weight)
@@ -255,6 +438,9 @@ class Entry(NamedTuple):
     tensor: torch.Tensor  # the local tensor measured (FSDP1 padding removed); the DTensor if partial
     weight: float
     partial: bool = False  # a Partial DTensor grad: made whole before it is measured
+    # FSDP1 over TP: the tensor is the run of a flat shard starting here (see ``Fsdp1Piece.runs``);
+    # a parameter then has one entry per run. None: the parameter's whole local tensor.
+    offset: Optional[int] = None
 
 
 @dataclass
@@ -336,8 +522,9 @@ _PLAIN_NAMED_PARAMETERS = _plain_named_parameters()
 
 
 def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:
-    """A shard group must lie inside this rank's pipeline stage: besides this rank it may hold no
-    other member of this rank's pipeline group (one rank per stage)."""
+    """A shard group must lie inside the call's group and inside this rank's pipeline stage:
+    besides this rank it may hold no other member of this rank's pipeline group (one rank per stage)."""
+    check_inside_group(ranks, stage, what)
     if stage.pp_ranks is not None and len(ranks & stage.pp_ranks) > 1:
         raise ValueError(
             f"distclip: {what} spans ranks {sorted(ranks)}, which include ranks of other pipeline stages "
@@ -348,12 +535,16 @@ def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:
 def _dtensor_weight(grad: DTensor, stage: Stage, annotation: Optional[Annotation], ranks_of: dict) -> float:
     """Weight of a DTensor grad's local tensor (of its reduced value, if it is ``Partial``)."""
     mesh, placements = grad.device_mesh, grad.placements
+    if stage.ranks is not None:  # before the size test: a mesh outside the group says more
+        if mesh not in ranks_of:
+            ranks_of[mesh] = frozenset(mesh.mesh.flatten().tolist())
+        check_inside_group(ranks_of[mesh], stage, f"a DTensor mesh {tuple(mesh.shape)}")
     if stage.size % mesh.size() != 0:
         raise ValueError(
             f"distclip: a DTensor gradient lives on a mesh of {mesh.size()} ranks, which does not divide "
             f"the {stage.size} ranks of a pipeline stage; pass pp_group so each stage's mesh is inside one stage"
         )
-    if stage.pp_ranks is not None:
+    if stage.pp_ranks is not None or stage.ranks is not None:
         if mesh not in ranks_of:
             ranks_of[mesh] = frozenset(mesh.mesh.flatten().tolist())
         _check_inside_stage(ranks_of[mesh], stage, f"a DTensor mesh {tuple(mesh.shape)}")
@@ -364,6 +555,7 @@ def _dtensor_weight(grad: DTensor, stage: Stage, annotation: Optional[Annotation
             _check_inside_stage(info.ranks, stage, "a mark_sharded group")
         pieces *= annotation.pieces
         if annotation.replicated_over is not None:
+            check_inside_group(annotation.replicated_over.ranks, stage, "a mark_replicated group")
             copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
     if stage.size % pieces != 0:
         raise ValueError(
@@ -412,7 +604,41 @@ def _reject_bare_flat_parameter(param: torch.Tensor) -> None:
         )
 
 
-def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, track: bool = False) -> LocalLayout:
+def _fsdp1_kind(piece: _fsdp1.Fsdp1Piece, extra: int, copies: int, stage: Stage, dtype: torch.dtype) -> tuple:
+    """The agreement kind of an FSDP1 parameter: its weight, or under FSDP1 over TP with runs the
+    weight of every segment of the flat parameter (alike on every rank, whatever its shard holds)."""
+    if piece.runs is None:
+        return ("FSDP1", element_weight(piece.pieces * extra, stage.size, copies), str(dtype))
+    return ("FSDP1", tuple(element_weight(p * extra, stage.size, copies) for p in piece.segment_pieces), str(dtype))
+
+
+def _add_fsdp1_runs(index: int, grad: torch.Tensor, piece: _fsdp1.Fsdp1Piece, extra: int, copies: int, kind: str,
+                    stage: Stage, dtype: torch.dtype, groups: dict, kinds: set, entries: Optional[list]) -> None:
+    """FSDP1 over TP, a FlatParameter whose segments are cut into different numbers of TP pieces
+    (TP-sharded weights next to plain ones): one local tensor per run of segments that share their
+    pieces, a slice of the flat shard, each under its own weight (``extra``: ``mark_sharded`` pieces)."""
+    assert piece.runs is not None
+    for start, stop, run_pieces in piece.runs:
+        pieces = run_pieces * extra
+        if stage.size % pieces != 0:
+            raise ValueError(
+                f"distclip: a gradient is split into {pieces} pieces (FSDP1 shards x tensor-parallel pieces), which "
+                f"does not divide the {stage.size} ranks of a pipeline stage"
+            )
+        weight = element_weight(pieces, stage.size, copies)
+        tensor = grad[start:stop]
+        groups[(tensor.device, tensor.dtype, weight)].append(tensor)
+        if entries is not None:
+            entries.append(Entry(index, tensor, weight, False, start))
+    if kind == "FSDP1":
+        kinds.add(_fsdp1_kind(piece, extra, copies, stage, dtype))
+    elif kind:
+        kinds.add((kind, str(dtype)))
+
+
+def local_layout(
+    params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, track: bool = False, grads: Optional[list[torch.Tensor]] = None
+) -> LocalLayout:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
 
     Raises (before any collective and before any gradient is touched) on layouts that cannot be
@@ -421,17 +647,21 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     stays lean: a DTensor layout is worked out once per DTensorSpec seen in the call.
 
     With ``track``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
-    each local tensor comes from, for per-parameter norms.
+    each local tensor comes from, for per-parameter norms. With ``grads`` (one tensor per entry of
+    ``params``: ``get_total_norm`` measuring the tensors it is given), those are measured instead
+    of ``params[i].grad``.
     """
+    SlotMarks.apply()
     LostMarks.raise_if_any()
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
     entries: list[Entry] = []
     if not stage.distributed:
         for i, p in enumerate(params):
-            if p.grad is not None:
-                groups[(p.grad.device, p.grad.dtype, 1.0)].append(p.grad)
+            g = p.grad if grads is None else grads[i]
+            if g is not None:
+                groups[(g.device, g.dtype, 1.0)].append(g)
                 if track:
-                    entries.append(Entry(i, p.grad, 1.0))
+                    entries.append(Entry(i, g, 1.0))
         return LocalLayout(groups, entries=entries)
     fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
     # Per-call caches, so the work per parameter is a few dict lookups and an append: anything
@@ -467,7 +697,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
     census_count = census_digest = 0
     dtype_code: dict[torch.dtype, int] = {}
     for index, param in enumerate(params):
-        grad = param.grad
+        grad = param.grad if grads is None else grads[index]
         annotation: Optional[Annotation] = param.__dict__.get(_ANNOTATION_ATTR)
         sharded = annotation is not None and bool(annotation.sharded_over)
         if not sharded and id(param) not in fsdp1:
@@ -495,7 +725,7 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
         if grad is None:
             if not isinstance(param, DTensor) and not sharded:
                 if id(param) in fsdp1:
-                    kinds.add(("FSDP1", element_weight(fsdp1[id(param)].pieces, stage.size), str(param.dtype)))
+                    kinds.add(_fsdp1_kind(fsdp1[id(param)], 1, 1, stage, param.dtype))
                 else:
                     _reject_bare_flat_parameter(param)
                     kinds.add(("mark_replicated" if annotation else "plain", str(param.dtype)))
@@ -552,18 +782,24 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 entries.append(Entry(index, grad, plain_weight))
             continue
         pieces, copies, tensor, kind = 1, 1, grad, "plain"
-        if id(param) in fsdp1:
-            (pieces, padding), kind = fsdp1[id(param)], "FSDP1"
+        fsdp1_piece = fsdp1.get(id(param))
+        if fsdp1_piece is not None:
+            pieces, padding, kind = fsdp1_piece.pieces, fsdp1_piece.trailing_padding, "FSDP1"
+            for tp_ranks in fsdp1_piece.tp_ranks:  # FSDP1 over TP: the TP mesh too lies inside the stage
+                _check_inside_stage(tp_ranks, stage, "a DTensor (tensor-parallel) mesh inside FSDP1")
             if padding:
                 tensor = grad[: grad.numel() - padding]
         else:
             _reject_bare_flat_parameter(param)
         if annotation is not None:
+            if kind == "FSDP1":  # kept inside its wrapper (use_orig_params=True): its death is a free
+                LostMarks.kept(param)
             if sharded:  # e.g. a Megatron-TP weight inside FSDP1, an expert split over ep and tp
                 for info in annotation.sharded_over:
                     _check_inside_stage(info.ranks, stage, "a mark_sharded group")
                 pieces, kind = pieces * annotation.pieces, ""
             if annotation.replicated_over is not None:
+                check_inside_group(annotation.replicated_over.ranks, stage, "a mark_replicated group")
                 copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
                 kind = kind and "mark_replicated"
         if stage.size % pieces != 0:
@@ -571,6 +807,10 @@ def local_layout(params: list[torch.Tensor], module: Optional[nn.Module], stage:
                 f"distclip: a gradient is split into {pieces} pieces, which does not divide the "
                 f"{stage.size} ranks of a pipeline stage"
             )
+        if fsdp1_piece is not None and fsdp1_piece.runs is not None:
+            _add_fsdp1_runs(index, grad, fsdp1_piece, pieces // fsdp1_piece.pieces, copies, kind, stage, param.dtype,
+                            groups, kinds, entries if track else None)
+            continue
         weight = element_weight(pieces, stage.size, copies)
         if kind == "FSDP1":
             kinds.add(("FSDP1", weight, str(param.dtype)))

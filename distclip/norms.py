@@ -149,11 +149,28 @@ def collect(parameters: NamedParams, stage: Stage) -> Local:
             param_names.append([clean_name(prefix + s.fqn) for s in segments])
         all_names.extend(param_names[-1])
     units: list[Unit] = []
+    runs_seen: set[int] = set()
     for entry in layout.entries:
         p = params[entry.index]
         segments = flat.get(id(p))
         if segments is None:
             units.append(Unit(names[entry.index], p, entry.tensor, entry.weight, entry.partial))
+            continue
+        if entry.offset is not None:  # FSDP1 over TP: one run of segments that share a weight
+            start, stop = entry.offset, entry.offset + entry.tensor.numel()
+            inside = [seg.numel and start <= seg.offset and seg.offset + seg.numel <= stop for seg in segments]
+            for seg_name, seg, here in zip(param_names[entry.index], segments, inside):
+                if here:
+                    units.append(Unit(seg_name, p, entry.tensor[seg.offset - start : seg.offset - start + seg.numel], entry.weight, False, seg))
+            if entry.index not in runs_seen:  # segments outside the shard go with the first run
+                runs_seen.add(entry.index)
+                # their weight (for describe; they hold no element): the run's per TP piece, whose
+                # FSDP1 shards and marks every segment shares (an empty run stands for segment 0)
+                model = segments[inside.index(True)] if any(inside) else segments[0]
+                per_tp_piece = entry.weight / _fsdp1.tp_pieces(model.tp_spec)
+                for seg_name, seg in zip(param_names[entry.index], segments):
+                    if not seg.numel:
+                        units.append(Unit(seg_name, p, entry.tensor[:0], per_tp_piece * _fsdp1.tp_pieces(seg.tp_spec), False, seg))
             continue
         flat_grad = entry.tensor.reshape(-1)  # the local shard, padding removed
         for seg_name, seg in zip(param_names[entry.index], segments):
@@ -245,8 +262,8 @@ class NameOrder:
 
     @staticmethod
     def context_of(stage: Stage) -> tuple:
-        world = dist.group.WORLD if stage.distributed else None
-        return (id(world), stage.size, stage.pp_ranks)
+        group = (stage.group or dist.group.WORLD) if stage.distributed else None
+        return (id(group), stage.ranks, stage.size, stage.pp_ranks)
 
     @classmethod
     def cached(cls, module: nn.Module | None, stage: Stage) -> NameOrder | None:
@@ -264,19 +281,20 @@ class NameOrder:
 
     @classmethod
     def agree(cls, local_sig: tuple, stage: Stage) -> NameOrder:
-        """One ``all_gather_object`` over the world: every rank's names, stage and tied groups."""
+        """One ``all_gather_object`` over the call's group: every rank's names, stage and tied groups."""
         names, tied = local_sig
         mine = (stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None, list(names), list(tied))
         everyone: list = [mine]
         if stage.distributed:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
+            everyone = [None] * stage.group_size
+            dist.all_gather_object(everyone, mine, group=stage.group)
         order: dict[str, None] = {}
         for _, _, rank_names, _ in everyone:
             order.update(dict.fromkeys(rank_names))
         # the k-th tensor marked replicated over group R on each rank is one tied tensor
         nth: dict[tuple, str] = {}
-        for rank, (_, _, _, rank_tied) in enumerate(everyone):
+        global_ranks = stage.global_ranks() if stage.distributed else [0]
+        for rank, (_, _, _, rank_tied) in zip(global_ranks, everyone):
             seen: dict[tuple, int] = {}
             for name, ranks in rank_tied:
                 k = seen[tuple(ranks)] = seen.get(tuple(ranks), -1) + 1
@@ -335,6 +353,7 @@ def grad_norms(
     *,
     groups: Callable[[str], str | None] | None = None,
     pp_group: Optional[GroupLike] = None,
+    group: Optional[GroupLike] = None,
 ) -> dict[str, torch.Tensor]:
     r"""Global norms of the full gradients, per parameter (or per group), plus ``"total"``.
 
@@ -364,6 +383,8 @@ def grad_norms(
             parameter.
         pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group; the dict
             then holds the names of every stage.
+        group (ProcessGroup or DeviceMesh, optional): the ranks that hold this model (default:
+            the default process group); exactly those ranks call.
 
     Returns:
         ``{entry: norm, ..., "total": norm}``: entries in the agreed order (the union of every
@@ -377,7 +398,7 @@ def grad_norms(
     p = _check_norm_type(norm_type)
     if groups is not None and not callable(groups):
         raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
-    stage = current_stage(pp_group)
+    stage = current_stage(pp_group, group)
     local = collect(parameters, stage)
     sig = _local_sig(local, stage)
     order = NameOrder.cached(local.module, stage)
@@ -391,7 +412,7 @@ def grad_norms(
         entry_names, entry_of = order.entries(groups)
         packed, riders_at, call_sig = _pack(local, order, entry_names, entry_of, partial_values, p, stage, device, stale)
         if stage.distributed:
-            dist.all_reduce(packed, op=reduction_op(p))
+            dist.all_reduce(packed, op=reduction_op(p), group=stage.group)
         if not stage.distributed or float(packed[riders_at]) == 0:  # nobody's names changed
             break
         order = NameOrder.agree(sig, stage)
@@ -515,7 +536,15 @@ def _placements_str(placements: tuple) -> str:
     return "(" + ", ".join(str(pl) for pl in placements) + ")"
 
 
-def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None) -> list[dict]:
+def _fsdp1_over_tp(kind: str, spec: object, fsdp1_shards: int) -> tuple[str, tuple[int, ...], int]:
+    """An FSDP1 row's kind, global shape and pieces when FSDP1 flattened the local piece of a
+    DTensor (FSDP1 over TP): FSDP1 shards x TP pieces."""
+    tp = _fsdp1.tp_pieces(spec)
+    kind += f" by FSDP1, of one of {tp} TP pieces ({_fsdp1.tp_description(spec)}): {fsdp1_shards} FSDP1 shards x {tp} TP pieces"
+    return kind, tuple(spec.shape), fsdp1_shards * tp  # type: ignore[attr-defined]  # a DTensorSpec
+
+
+def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, group: Optional[GroupLike] = None) -> list[dict]:
     """How distclip sees each parameter on this rank: local and cheap (no collective).
 
     One row per named parameter (per original parameter inside an FSDP1 flat parameter), as a dict
@@ -523,8 +552,9 @@ def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = No
     ``dtype``, ``kind`` (the layout), ``pieces`` (disjoint pieces of the full gradient within a
     pipeline stage), ``weight`` (what distclip multiplies this rank's ``sum |g|^p`` by; None when
     the parameter has no grad here and is skipped) and ``grad`` (whether it has one here).
+    ``pp_group`` and ``group`` as in :func:`grad_norms` (they set the counts).
     """
-    stage = current_stage(pp_group)
+    stage = current_stage(pp_group, group)
     local = collect(parameters, stage)
     fsdp1 = _fsdp1.shard_info(local.module) if local.module is not None else {}
     weights: dict[tuple, float] = {}
@@ -556,6 +586,8 @@ def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = No
                 kind = (f"FSDP1 flat parameter segment [{seg.offset}:{seg.offset + seg.numel}] of the local shard, "
                         f"sharded over {info.size if info else '?'} ranks")
                 local_shape, global_shape, pieces = (seg.numel,), tuple(seg.shape), (info.size if info else 1)
+                if seg.tp_spec is not None:  # FSDP1 over TP: the segment is one TP piece, itself sharded
+                    kind, global_shape, pieces = _fsdp1_over_tp(kind, seg.tp_spec, pieces)
             elif isinstance(p, DTensor):
                 spec = p._spec
                 placements = grad._spec.placements if isinstance(grad, DTensor) else spec.placements
@@ -567,6 +599,8 @@ def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = No
             elif info is not None:
                 kind = f"FSDP1 use_orig_params view of the local shard, sharded over {info.size} ranks"
                 local_shape, global_shape, pieces = tuple(p.shape), tuple(info.shape) if info.shape else None, info.size
+                if info.tp_spec is not None:
+                    kind, global_shape, pieces = _fsdp1_over_tp(kind, info.tp_spec, pieces)
             else:
                 kind = f"plain tensor, replicated across the stage's {stage.size} ranks"
                 local_shape, global_shape, pieces = tuple(p.shape), (tuple(p.shape) if mark_pieces == 1 else None), 1
@@ -579,10 +613,10 @@ def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = No
     return rows
 
 
-def describe(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None) -> str:
+def describe(parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, group: Optional[GroupLike] = None) -> str:
     """A readable table of :func:`describe_rows`: how distclip sees this rank's parameters."""
-    stage = current_stage(pp_group)
-    rows = describe_rows(parameters, pp_group=pp_group)
+    stage = current_stage(pp_group, group)
+    rows = describe_rows(parameters, pp_group=pp_group, group=group)
     where = f"rank {dist.get_rank()}, " if stage.distributed else ""
     header = (f"distclip layout ({where}pipeline stage {stage.index} of {stage.pp_size}, {stage.size} ranks per stage); "
               f"weight = pieces / (ranks per stage x stage copies)")

@@ -31,7 +31,7 @@ from torch import nn
 
 from distclip.layout import DTensor, LocalLayout, Marks, Stage, local_layout
 
-_PLAIN, _DTENSOR, _PARTIAL, _PADDED = range(4)
+_PLAIN, _DTENSOR, _PARTIAL, _PADDED, _RUNS = range(5)
 
 
 class LayoutPlan:
@@ -60,6 +60,14 @@ class LayoutPlan:
                 spec = grad._spec
                 structure = _structure(spec, grad)
                 self.routes[entry.index] = (_DTENSOR, slot[key], spec, structures.setdefault(structure, structure))
+            elif entry.offset is not None:  # FSDP1 over TP: one run of a flat shard, of several
+                key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
+                run = (slot[key], entry.offset, entry.offset + entry.tensor.numel())
+                found = self.routes[entry.index]
+                if found is None:
+                    self.routes[entry.index] = (_RUNS, (run,), type(grad), grad.dtype, grad.device)
+                else:
+                    self.routes[entry.index] = found[:1] + (found[1] + (run,),) + found[2:]
             else:
                 key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
                 kind = _PLAIN if entry.tensor is grad else _PADDED
@@ -115,7 +123,7 @@ class LayoutPlan:
         """The plan checked parameter by parameter (any route, and DTensor specs by structure)."""
         lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
         partial: list[tuple[DTensor, float]] = []
-        dtensor, plain, partial_kind = _DTENSOR, _PLAIN, _PARTIAL
+        dtensor, plain, partial_kind, padded = _DTENSOR, _PLAIN, _PARTIAL, _PADDED
         try:
             for p, route in zip(params, self.routes):
                 grad = p.grad
@@ -143,11 +151,17 @@ class LayoutPlan:
                     if spec is not route[2] and _structure(spec, pgrad) != route[3]:
                         return None
                     partial.append((pgrad, route[1]))
-                else:  # a padded FSDP1 flat shard: the padding is static
+                elif kind == padded:  # a padded FSDP1 flat shard: the padding is static
                     fgrad: torch.Tensor = grad  # type: ignore[assignment]  # as above
                     if fgrad.__class__ is not route[2] or fgrad.dtype != route[3] or fgrad.device != route[4]:
                         return None
                     lists[route[1]].append(fgrad[: fgrad.numel() - route[5]] if route[5] else fgrad)
+                else:  # FSDP1 over TP: a flat shard in runs of (slot, start, stop), static as the padding
+                    rgrad: torch.Tensor = grad  # type: ignore[assignment]  # as above
+                    if rgrad.__class__ is not route[2] or rgrad.dtype != route[3] or rgrad.device != route[4]:
+                        return None
+                    for run_slot, start, stop in route[1]:
+                        lists[run_slot].append(rgrad[start:stop])
         except AttributeError:  # a grad gone (None) or no longer a DTensor
             return None
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
@@ -173,7 +187,7 @@ class _Batch(NamedTuple):
 
 def _batches(routes: list[Optional[tuple]]) -> Optional[list[_Batch]]:
     """Batches for ``LayoutPlan._apply_batches``, or None where that path does not apply (Partial
-    grads, padded FSDP1 shards, or plain and DTensor grads in one group)."""
+    grads, padded FSDP1 shards or FSDP1-over-TP runs, or plain and DTensor grads in one group)."""
     members: dict[int, list[int]] = {}
     for i, route in enumerate(routes):
         if route is None:

@@ -34,16 +34,19 @@ def _encode(error: Optional[BaseException]) -> bytes:
     return f"{type(error).__name__}\0{error}".encode("utf-8", "replace")[: MESSAGE_BYTES - 1]
 
 
-def gather(error: Optional[BaseException], device: torch.device) -> list[Optional[tuple[str, str]]]:
-    """Error path only, all ranks together: every rank's (exception class name, message) or None."""
+def gather(
+    error: Optional[BaseException], device: torch.device, group: Optional[dist.ProcessGroup] = None
+) -> list[Optional[tuple[str, str]]]:
+    """Error path only, every rank of ``group`` together: each rank's (exception class name,
+    message) or None, in group-rank order."""
     payload = _encode(error)
     mine = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
     mine[0] = 1 if error is not None else 0
     if payload:
         mine[1 : 1 + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     mine = mine.to(device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
     out: list[Optional[tuple[str, str]]] = []
     for buf in everyone:
         raw = bytes(buf.cpu().tolist())
@@ -65,12 +68,14 @@ def _exception_class(name: str) -> type[Exception]:
     return RankInputError
 
 
-def raise_everywhere(error: Optional[BaseException], device: torch.device) -> None:
-    """Called by every rank once the reduced flag says some rank failed: raise on every rank."""
-    failures = gather(error, device)
+def raise_everywhere(error: Optional[BaseException], device: torch.device, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Called by every rank of ``group`` once the reduced flag says some rank failed: raise on
+    every rank. Ranks are named by their global rank."""
+    failures = gather(error, device, group)
     if error is not None:
         raise error
-    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(failures)))
+    bad = [(ranks[i], f) for i, f in enumerate(failures) if f is not None]
     rank, (name, message) = bad[0]
     others = f" (and {len(bad) - 1} more rank(s): {', '.join(str(r) for r, _ in bad[1:])})" if len(bad) > 1 else ""
     cls = _exception_class(name)

@@ -1,8 +1,9 @@
 """Communication: one all-reduce of a few float64 numbers per call, the same on every rank.
 
-The partials of all ranks are combined over the default process group: every rank of every
-pipeline stage takes part, so each rank issues exactly one collective per call, whatever it
-holds (no early return for a rank without gradients: that is a hang, AReaL #1139).
+The partials of all ranks are combined over the call's group (the ranks that hold the model; by
+default the default process group): every rank of every pipeline stage takes part, so each rank
+issues exactly one collective per call, whatever it holds (no early return for a rank without
+gradients: that is a hang, AReaL #1139).
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def reduce_partials(
         is_nan = torch.isnan(value)
         packed = torch.cat([torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present]), riders])
         if stage.distributed:
-            dist.all_reduce(packed, op=reduction_op(norm_type))
+            dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
         total = torch.where(packed[1] > 0, math.nan, packed[0] * sign)
     else:  # the NaN flag slot is unused (SUM propagates NaN) but keeps the length fixed
         packed = torch.cat([torch.stack([partial, torch.zeros_like(partial), present]), riders])
         if stage.distributed:
-            dist.all_reduce(packed, op=reduction_op(norm_type))
+            dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
         # p == 0 counts elements; the weights make the sum inexact in the last bits.
         total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
     return torch.where(packed[2] > 0, total, 0.0), packed[packed_length(0) :]
@@ -110,7 +111,7 @@ def reduce_partials_on_host(
         head = [value, 0.0, float(has_elements)]
     packed = torch.tensor(head + list(extra), dtype=torch.float64)
     if stage.distributed:
-        dist.all_reduce(packed, op=reduction_op(norm_type))
+        dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
     values = packed.tolist()
     if values[2] <= 0:  # no rank holds an element
         return 0.0, values[3:]

@@ -80,10 +80,10 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
     return out.float().pow(2).mean() * 100.0  # x100: norms well above 1, so clipping happens
 
 
-def batch(device: torch.device) -> torch.Tensor:
+def batch(device: torch.device, seed: int = 1234) -> torch.Tensor:
     """Random tokens in which every vocabulary row occurs: no embedding row gets an exact-zero
     gradient, so the p <= 0 references (min |g|, count of non-zeros, negative p) are not trivial."""
-    g = torch.Generator().manual_seed(1234)
+    g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (BATCH * SEQ,), generator=g)
     tokens[torch.randperm(BATCH * SEQ, generator=g)[:VOCAB]] = torch.arange(VOCAB)
     return tokens.view(BATCH, SEQ).to(device)
@@ -109,6 +109,11 @@ class Built:
     local_grads: Callable[[], list[torch.Tensor]]  # this rank's local grad tensors (to save/restore)
     pp_group: Optional[GroupLike] = None
     reference_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # single-process model
+    # Several models in one world: ``group`` (passed to clip_grad_norm_) holds the ranks of this
+    # rank's model, whose local_full/reference_grads names start with ``model``; its reference norm
+    # is over those names only, and its result must be identical across ``group`` only.
+    group: Optional[GroupLike] = None
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,6 +258,32 @@ def build_2d(ctx: Ctx) -> Built:
     return Built(model, plain_full(model), local_grad_tensors(model))
 
 
+def build_fsdp1_tp(ctx: Ctx) -> Built:
+    """The 2-D recipe with FSDP1: TP on mesh["tp"], then FSDP1 (FULL_SHARD, use_orig_params=False)
+    on mesh["dp"], one unit per Linear. FSDP1 flattens the TP pieces (plain tensors): fc1's flat
+    parameter holds 2 TP pieces of everything, fc2's a Shard(1) weight beside a Replicate bias (two
+    weights in one flat shard), the root's embedding and norm none, the head's none."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh_2d = mesh(ctx, (ctx.world // 2, 2), ("dp", "tp"))
+    model = new_model(ctx.device)
+    parallelize_module(model, mesh_2d["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    fsdp = FSDP(model, device_mesh=mesh_2d["dp"], use_orig_params=False, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+                device_id=ctx.device)
+    loss_of(fsdp(batch(ctx.device))).backward()
+
+    def full() -> dict[str, torch.Tensor]:  # flat shards gathered over dp, TP pieces over tp
+        return {clean_name(n): g for n, g in _fsdp1.full_flat_grads(fsdp).items()}
+
+    return Built(fsdp, full, local_grad_tensors(fsdp))
+
+
 def _pipeline_groups(ctx: Ctx) -> tuple[int, int, dist.ProcessGroup, DeviceMesh]:
     """pp=2: ranks [0, W/2) hold stage 0, [W/2, W) stage 1; rank r pairs with r +- W/2."""
     pp_mesh = mesh(ctx, (2, ctx.world // 2), ("pp", "dp"))
@@ -388,6 +419,61 @@ def build_ep(ctx: Ctx) -> Built:
     return Built(model, plain_full(model), local_grad_tensors(model), reference_grads=ref)
 
 
+def build_ep_meta(ctx: Ctx) -> Built:
+    """The MoE of ``build_ep`` as large models are built: on the meta device, experts marked by
+    module (``mark_sharded(model.experts, group)``, remembered by name), then materialised with
+    ``load_state_dict(..., assign=True)``, which replaces every parameter object. A mark on the
+    meta parameters themselves would be lost with them (distclip raises for that)."""
+    world = dist.group.WORLD
+    assert world is not None  # the default process group is initialised
+    owned = [e for e in range(MoE.NUM_EXPERTS) if _expert_owner(e, ctx.world) == ctx.rank]
+    with torch.device("meta"):
+        model = MoE(torch.device("meta"), owned)
+    distclip.mark_sharded(model.experts, world)  # also on a rank that holds no expert: one code path
+    checkpoint = {k: v.detach().clone() for k, v in MoE(ctx.device, owned).state_dict().items()}  # this rank's shard
+    model.load_state_dict(checkpoint, assign=True)
+    assert not any(p.is_meta for p in model.parameters())  # every parameter object was replaced
+    loss_of(model(batch(ctx.device), world)).backward()
+    reference = MoE(ctx.device, list(range(MoE.NUM_EXPERTS)))
+    loss_of(reference(batch(ctx.device), None)).backward()
+    ref = {n: _grad(p).detach().double().cpu() for n, p in reference.named_parameters()}
+    return Built(model, plain_full(model), local_grad_tensors(model), reference_grads=ref)
+
+
+def build_two_models(ctx: Ctx) -> Built:
+    """Two models in one world: ranks [0, W/2) train model A, FSDP2 over their half (the group
+    given as a 1-D DeviceMesh); ranks [W/2, W) train model B, DDP over their half (the group given
+    as a ProcessGroup), on another batch. Each rank clips its own model with ``group=`` its half;
+    each model's reference is its own single-process norm."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    halves = mesh(ctx, (2, ctx.world // 2), ("model", "dp"))  # every rank creates both halves' groups
+    half = halves["dp"]  # this rank's half
+    which = halves.get_local_rank("model")
+    seeds = (1234, 4321)  # model B sees another batch: other grads, another norm
+    reference: dict[str, torch.Tensor] = {}
+    for name, seed in zip("AB", seeds):
+        single = new_model(ctx.device)
+        loss_of(single(batch(ctx.device, seed))).backward()
+        reference.update({f"{name}.{n}": _grad(p).detach().double().cpu() for n, p in single.named_parameters()})
+    model = new_model(ctx.device)
+    wrapped: nn.Module
+    group: GroupLike
+    if which == 0:
+        for sub in (model.fc1, model.fc2, model.head):
+            fully_shard(sub, mesh=half)
+        fully_shard(model, mesh=half)
+        wrapped, group = model, half
+    else:
+        group = half.get_group()
+        wrapped = DDP(model, process_group=group, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    loss_of(wrapped(batch(ctx.device, seeds[which]))).backward()
+    prefix = "AB"[which] + "."
+    return Built(wrapped, plain_full(wrapped, prefix), local_grad_tensors(wrapped), reference_grads=reference,
+                 group=group, model=prefix)
+
+
 class LoRABlock(nn.Module):
     """A frozen Linear(16, 16) plus a trainable rank-2 adapter Linear(16, 2): in one FSDP1 flat
     parameter of 304 elements the 32 trainable ones come last, so at 4 ranks only the last rank's
@@ -506,8 +592,11 @@ SCENARIOS = (
     Scenario("TP + plain", build_tp, lambda w: True),
     Scenario("HSDP", lambda ctx: build_fsdp2(ctx, hsdp=True), lambda w: w % 2 == 0),
     Scenario("2D TP+FSDP", build_2d, lambda w: True),
+    Scenario("FSDP1 over TP", build_fsdp1_tp, lambda w: w % 2 == 0),
     Scenario("PP x FSDP", build_pp_fsdp, lambda w: w % 2 == 0),
+    Scenario("two models, group=", build_two_models, lambda w: w % 2 == 0),
     Scenario("EP uneven experts", build_ep, lambda w: True),
+    Scenario("EP meta + assign", build_ep_meta, lambda w: True),
     Scenario("tied embed PP", build_tied_pp, lambda w: w % 2 == 0),
     Scenario("tied embed PP x FSDP2", lambda ctx: build_tied_pp(ctx, fsdp=True), lambda w: w % 2 == 0),
     Scenario("FSDP1 LoRA", build_fsdp1_lora, lambda w: True),
@@ -549,7 +638,16 @@ def clip(ctx: Ctx, built: Built, max_norm: float, norm_type: float) -> torch.Ten
         params = built.parameters.parameters() if isinstance(built.parameters, nn.Module) else built.parameters
         total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
         return total.full_tensor() if hasattr(total, "full_tensor") else total
-    return distclip.clip_grad_norm_(built.parameters, max_norm, norm_type, pp_group=built.pp_group)
+    return distclip.clip_grad_norm_(built.parameters, max_norm, norm_type, pp_group=built.pp_group, group=built.group)
+
+
+def _model_ranks(built: Built, world: int) -> list[int]:
+    """The ranks holding this rank's model: those of ``built.group``, or the whole world."""
+    if built.group is None:
+        return list(range(world))
+    if isinstance(built.group, DeviceMesh):
+        return [int(r) for r in built.group.mesh.flatten().tolist()]
+    return dist.get_process_group_ranks(built.group)
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -708,19 +806,22 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
             detail, hung = _failure(errors)
             not_run(i, f"reference failed: {detail}")
             return rows, True
-        ref = reference_norm(state["before"], norm_type)
+        # this rank's model's norm (the world's one model, unless the layout holds several)
+        ref = reference_norm({n: g for n, g in state["before"].items() if n.startswith(built.model)}, norm_type)
         max_norm = ref * 0.5
 
         def clip_once(m: float = max_norm, p: float = norm_type) -> float:
             return float(clip(ctx, built, m, p).detach().double().cpu())
 
         total, err = _attempt(clip_once)
-        outcomes = agree((total, err))
-        errors = [e for _, e in outcomes]
-        results = [t for t, _ in outcomes]
+        outcomes = agree((total, err, ref, built.model))
+        errors = [o[1] for o in outcomes]
+        results = [o[0] for o in outcomes]
+        shown_ref = outcomes[0][2]  # a row shows rank 0's model; the other models' numbers go in its detail
+        others = _other_models(outcomes)
         if any(errors):
             detail, hung = _failure(errors)
-            rows.append(Row(scenario.name, norm_type, ref, math.nan, math.nan, False, detail))
+            rows.append(Row(scenario.name, norm_type, shown_ref, math.nan, math.nan, False, _with_models(detail, others)))
             if hung:
                 not_run(i + 1, "not run: the process group was rebuilt after the timeout above")
                 return rows, True
@@ -734,9 +835,10 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
             rel = abs(result - ref) / ref if ref else abs(result)
             if not rel <= 1e-6:
                 return False, "norm differs from reference"
-            if not all(torch.allclose(after[n], before[n] * coef, rtol=1e-5, atol=1e-8) for n in before):
+            mine = [n for n in before if n.startswith(built.model)]  # the other models are clipped by their own norms
+            if not all(torch.allclose(after[n], before[n] * coef, rtol=1e-5, atol=1e-8) for n in mine):
                 return False, "clipped grads differ from reference"
-            if len({repr(v) for v in results}) != 1:
+            if len({repr(results[r]) for r in _model_ranks(built, ctx.world)}) != 1:
                 return False, f"norm differs across ranks: {results}"
             if state["sanity"]:
                 return False, state["sanity"]
@@ -746,16 +848,32 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
         verdicts = agree((verdict, err))  # verdict: (ok, detail), or None when compare raised
         errors = [e for _, e in verdicts]
         result = results[0]
-        rel = abs(result - ref) / ref if ref else abs(result)
+        rel = abs(result - shown_ref) / shown_ref if shown_ref else abs(result)
         if any(errors):
             detail, hung = _failure(errors)
-            rows.append(Row(scenario.name, norm_type, ref, result, rel, False, f"comparison failed: {detail}"))
+            rows.append(Row(scenario.name, norm_type, shown_ref, result, rel, False,
+                            _with_models(f"comparison failed: {detail}", others)))
             not_run(i + 1, "not run: comparison failed above")
             return rows, True
         ok = all(v[0] for v, _ in verdicts)
         detail = next((v[1] for v, _ in verdicts if not v[0] and v[1]), "")
-        rows.append(Row(scenario.name, norm_type, ref, result, rel, ok, detail))
+        rows.append(Row(scenario.name, norm_type, shown_ref, result, rel, ok, _with_models(detail, others)))
     return rows, False
+
+
+def _other_models(outcomes: list) -> dict[str, tuple[float, float]]:
+    """{model: (reference, result)} of every model but rank 0's, from the first rank holding it
+    (empty when the world holds one model); outcomes are the agreed (total, error, ref, model)."""
+    others: dict[str, tuple[float, float]] = {}
+    for total, _, ref, model in outcomes:
+        if model != outcomes[0][3] and model not in others:
+            others[model] = (ref, math.nan if total is None else total)
+    return others
+
+
+def _with_models(detail: str, others: dict[str, tuple[float, float]]) -> str:
+    shown = [f"model {m.rstrip('.')}: reference {r:.8g}, result {t:.8g}" for m, (r, t) in others.items()]
+    return "; ".join(x for x in (detail, *shown) if x)
 
 
 def select(world: int, names: list[str] | None = None) -> list[Scenario]:

@@ -94,6 +94,10 @@ def main():
         print(f"grad norms {[round(n, 6) for n in record.norms]} (identical on all {len(every_rank)} ranks)")
         print(f"logged grad_norm: {float(trainer.logged_metrics['grad_norm']):.6f}")
         print("OK: lightning_model_parallel")
+    # Leave no gloo threads running into interpreter shutdown (which aborts the process:
+    # "terminate called without an active exception"), as the other examples do.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

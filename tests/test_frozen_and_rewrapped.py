@@ -164,5 +164,5 @@ def test_underflow_single_process(scale, dtype):
         p.grad = g
         params.append(p)
     ref = float(torch.linalg.vector_norm(torch.cat([g.double() for g in grads])))
-    total = float(distclip.get_total_norm(params))
+    total = float(distclip.clip.total_grad_norm(params))
     assert abs(total - ref) <= 1e-6 * ref, (total, ref)

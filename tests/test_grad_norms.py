@@ -76,7 +76,7 @@ def check(label: str, parameters, full: dict[str, torch.Tensor], pp_group=None, 
             with Counter() as again:
                 got2 = distclip.grad_norms(parameters, p, groups=groups, pp_group=pp_group)
             plain = parameters if isinstance(parameters, nn.Module) else [t for _, t in parameters]
-            total = float(distclip.get_total_norm(plain, p, pp_group=pp_group))
+            total = float(distclip.clip.total_grad_norm(plain, p, pp_group=pp_group))
             if groups is None:
                 ref = {n: _ref_norm([g], p) for n, g in full.items()}
             else:

@@ -210,9 +210,16 @@ def test_adapter_has_torchtitans_signature():
 
     from distclip.integrations.torchtitan import clip_grad_norm_ as ours_clip
 
-    assert inspect.signature(ours_clip).parameters.keys() == inspect.signature(titan_clip).parameters.keys()
-    for name, param in inspect.signature(titan_clip).parameters.items():
-        assert inspect.signature(ours_clip).parameters[name].default == param.default, name
+    ours, titans = inspect.signature(ours_clip).parameters, inspect.signature(titan_clip).parameters
+    # torchtitan's parameters, in its order and with its defaults; distclip's own come after them,
+    # keyword-only with a default, so every torchtitan call site binds exactly as before
+    assert list(ours)[: len(titans)] == list(titans)
+    for name, param in titans.items():
+        assert ours[name].default == param.default, name
+        assert ours[name].kind == param.kind, name
+    extra = [ours[name] for name in list(ours)[len(titans):]]
+    assert [p.name for p in extra] == ["group"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in extra)
 
 
 def test_against_torchtitan_on_four_ranks():

@@ -111,17 +111,17 @@ def _misconfigured(rank, world):
     out = {}
     built = verify.build_pp_fsdp(ctx)
     try:
-        distclip.get_total_norm(built.parameters)  # pp_group forgotten on every rank
+        distclip.clip.total_grad_norm(built.parameters)  # pp_group forgotten on every rank
         out["pp forgotten"] = "no error"
     except distclip.LayoutMismatchError as e:
         out["pp forgotten"] = str(e)
-    out["pp given"] = float(distclip.get_total_norm(built.parameters, pp_group=built.pp_group))
+    out["pp given"] = float(distclip.clip.total_grad_norm(built.parameters, pp_group=built.pp_group))
     built = verify.build_ep(ctx)
     for expert in built.parameters.experts.values():
         for p in expert.parameters():
             del p._distclip_annotation  # mark_sharded forgotten
     try:
-        distclip.get_total_norm(built.parameters)
+        distclip.clip.total_grad_norm(built.parameters)
         out["marks forgotten"] = "no error"
     except distclip.LayoutMismatchError as e:
         out["marks forgotten"] = str(e)
@@ -170,7 +170,7 @@ def _dtensor_tied_across_stages(rank, world):
     span = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("a", "b"))["a"]  # {r, r + w/2}
     bad = dparam(full_grad((4,), 9), span, [Shard(0)])
     try:
-        distclip.get_total_norm([bad], pp_group=pp_mesh["pp"])
+        distclip.clip.total_grad_norm([bad], pp_group=pp_mesh["pp"])
         spans = "no error"
     except ValueError as e:
         spans = str(e)
@@ -218,7 +218,7 @@ params = [plain((3, 4)), plain((100000,)), plain((5,), torch.bfloat16), plain((6
 ran = 0
 for p in (1.0, 2.0, 3.0, math.inf, -math.inf, 0.0, 0.5, -2.0):
     for fn in ("clip", "total"):
-        t = distclip.clip_grad_norm_(params, 1.0, p) if fn == "clip" else distclip.get_total_norm(params, p)
+        t = distclip.clip_grad_norm_(params, 1.0, p) if fn == "clip" else distclip.clip.total_grad_norm(params, p)
         assert t.device == meta and not t.is_complex()
         ran += 1
 # bad input on this rank: its own error, raised without any host read

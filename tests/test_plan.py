@@ -33,11 +33,11 @@ def _ref(params, p=2.0):
 def test_dtype_changes_under_the_same_parameters():
     params = _params()
     for _ in range(2):
-        assert distclip.get_total_norm(params).dtype == torch.float32
+        assert distclip.clip.total_grad_norm(params).dtype == torch.float32
     for q in params:
         q.grad_dtype = None  # torch 2.13 checks grad dtypes unless told not to
         q.grad = q.grad.double() * 2
-    total = distclip.get_total_norm(params)
+    total = distclip.clip.total_grad_norm(params)
     assert total.dtype == torch.float64 and abs(float(total) - _ref(params)) < 1e-12 * _ref(params)
     # (A device change under the same parameter objects cannot be made on a CPU-only machine:
     # torch refuses a grad on another device. The plan checks the device like the dtype.)
@@ -45,13 +45,13 @@ def test_dtype_changes_under_the_same_parameters():
 
 def test_grads_set_to_none_and_lists_changing_order_or_length():
     params = _params()
-    distclip.get_total_norm(params)
+    distclip.clip.total_grad_norm(params)
     params[2].grad = None
-    assert abs(float(distclip.get_total_norm(params)) - _ref(params)) <= 1e-6 * _ref(params)
+    assert abs(float(distclip.clip.total_grad_norm(params)) - _ref(params)) <= 1e-6 * _ref(params)
     params[2].grad = full_grad((5,), 77)
     for variant in (params[::-1], params[:4], params + _params(2)):
         for _ in range(2):
-            assert abs(float(distclip.get_total_norm(variant)) - _ref(variant)) <= 1e-6 * _ref(variant)
+            assert abs(float(distclip.clip.total_grad_norm(variant)) - _ref(variant)) <= 1e-6 * _ref(variant)
 
 
 def test_a_plan_keeps_no_model_alive():
@@ -75,22 +75,22 @@ def _placement_changes(rank, world):
     plain = pparam(full[1])
     out = []
     for _ in range(2):
-        out.append((float(distclip.get_total_norm([shard, plain])), reference_norm(full, 2.0)))
+        out.append((float(distclip.clip.total_grad_norm([shard, plain])), reference_norm(full, 2.0)))
     # same parameter objects, grads now replicated DTensors: the weight must change
     shard.grad = distribute_tensor(full[0].clone(), mesh, [Replicate()])
-    out.append((float(distclip.get_total_norm([shard, plain])), reference_norm(full, 2.0)))
+    out.append((float(distclip.clip.total_grad_norm([shard, plain])), reference_norm(full, 2.0)))
     # a mark made after the plan was built: the plain grad is now one of `world` pieces
     piece = full_grad((5,), 3)
     plain.grad = piece.clone()
-    distclip.get_total_norm([shard, plain])
+    distclip.clip.total_grad_norm([shard, plain])
     distclip.mark_sharded(plain, dist.group.WORLD)
-    out.append((float(distclip.get_total_norm([shard, plain])), reference_norm([full[0]] + [piece] * world, 2.0)))
+    out.append((float(distclip.clip.total_grad_norm([shard, plain])), reference_norm([full[0]] + [piece] * world, 2.0)))
     # reordered list with different weights per entry
-    out.append((float(distclip.get_total_norm([plain, shard])), reference_norm([full[0]] + [piece] * world, 2.0)))
+    out.append((float(distclip.clip.total_grad_norm([plain, shard])), reference_norm([full[0]] + [piece] * world, 2.0)))
     # every norm type through a reused plan
     for p in (1.0, math.inf, 0.5, -2.0, 0.0):
         for _ in range(2):
-            out.append((float(distclip.get_total_norm([shard, plain], p)), reference_norm([full[0]] + [piece] * world, p)))
+            out.append((float(distclip.clip.total_grad_norm([shard, plain], p)), reference_norm([full[0]] + [piece] * world, p)))
     return out
 
 

@@ -71,7 +71,7 @@ def test_matches_float64_reference_and_clips_like_torch(p, foreach):
 def test_norm_zero_counts_nonzero_elements():
     params = make_params(shapes=((4, 5), (6,)))
     params[0].grad[0] = 0.0
-    assert float(distclip.get_total_norm(params, 0)) == 26 - 5
+    assert float(distclip.clip.total_grad_norm(params, 0)) == 26 - 5
 
 
 def test_accepts_tensor_generator_module_and_skips_missing_grads():
@@ -87,11 +87,11 @@ def test_accepts_tensor_generator_module_and_skips_missing_grads():
     after = float(distclip.get_total_norm(model))
     assert abs(after - expected / 4) < 1e-5 * expected  # the generator was still clipped
     single = model[0].weight
-    assert abs(float(distclip.get_total_norm(single)) - float(single.grad.double().norm())) < 1e-5
+    assert abs(float(distclip.clip.total_grad_norm(single)) - float(single.grad.double().norm())) < 1e-5
 
 
 def test_no_grads_returns_zero_like_torch():
-    assert torch.equal(distclip.get_total_norm([]), torch.nn.utils.get_total_norm([]))
+    assert torch.equal(distclip.clip.total_grad_norm([]), torch.nn.utils.get_total_norm([]))
     p = nn.Parameter(torch.ones(3))
     for nt in (2.0, math.inf, -math.inf, 0.0, -2.0):
         assert float(distclip.clip_grad_norm_([p], 1.0, nt)) == 0.0
@@ -99,11 +99,11 @@ def test_no_grads_returns_zero_like_torch():
 
 def test_result_dtype_and_mixed_dtypes():
     params = make_params(dtype=torch.bfloat16) + make_params(seed=1, dtype=torch.float16, shapes=((5, 5),))
-    total = distclip.get_total_norm(params)
+    total = distclip.clip.total_grad_norm(params)
     assert total.dtype == torch.float32
     assert abs(float(total) - reference(params, 2.0)) <= 1e-6 * float(total)
     with_fp64 = params + make_params(seed=2, dtype=torch.float64, shapes=((3,),))
-    assert distclip.get_total_norm(with_fp64).dtype == torch.float64
+    assert distclip.clip.total_grad_norm(with_fp64).dtype == torch.float64
 
 
 def test_bf16_norm_does_not_depend_on_how_grads_are_split():
@@ -116,7 +116,7 @@ def test_bf16_norm_does_not_depend_on_how_grads_are_split():
         p = nn.Parameter(torch.zeros_like(chunk))
         p.grad = chunk.clone()
         pieces.append(p)
-    a, b = float(distclip.get_total_norm([whole])), float(distclip.get_total_norm(pieces))
+    a, b = float(distclip.clip.total_grad_norm([whole])), float(distclip.clip.total_grad_norm(pieces))
     ref = float(flat.double().norm())
     assert abs(a - ref) < 1e-6 * ref and abs(b - ref) < 1e-6 * ref
 
@@ -133,7 +133,7 @@ def test_overflow_safe(dtype, value):
     total = distclip.clip_grad_norm_([p, q], 1.0)
     assert math.isfinite(float(total)) and abs(float(total) - expected) <= 1e-6 * expected
     assert float(p.grad.float().abs().max()) > 0  # clipped, not zeroed
-    assert abs(float(distclip.get_total_norm([p, q])) - 1.0) < 1e-2
+    assert abs(float(distclip.clip.total_grad_norm([p, q])) - 1.0) < 1e-2
     if dtype == torch.float32:
         assert float(torch.nn.utils.get_total_norm([torch.full((64,), value)])) == math.inf  # torch's bug
 
@@ -143,7 +143,7 @@ def test_overflow_safe(dtype, value):
 def test_nonfinite_grad_gives_nonfinite_norm_for_every_norm_type(bad, p):
     params = make_params(shapes=((10,), (5,)))
     params[0].grad[3] = bad
-    assert not math.isfinite(float(distclip.get_total_norm(params, p)))
+    assert not math.isfinite(float(distclip.clip.total_grad_norm(params, p)))
     before = [q.grad.clone() for q in params]
     with pytest.raises(RuntimeError, match="non-finite"):
         distclip.clip_grad_norm_(params, 1.0, p, error_if_nonfinite=True)
@@ -174,12 +174,12 @@ def test_bad_input_raises_before_touching_grads(kwargs, exc):
 
 def test_norm_type_string_inf_like_torch():
     params = make_params(shapes=((3, 4), (5,)))
-    assert float(distclip.get_total_norm(params, "inf")) == float(torch.nn.utils.get_total_norm([p.grad for p in params], "inf"))
+    assert float(distclip.clip.total_grad_norm(params, "inf")) == float(torch.nn.utils.get_total_norm([p.grad for p in params], "inf"))
 
 
 def test_clip_grads_with_norm_and_clip_grad_value_match_torch():
     ours, theirs = make_params(), make_params()
-    total = distclip.get_total_norm(ours)
+    total = distclip.clip.total_grad_norm(ours)
     distclip.clip_grads_with_norm_(ours, 1.0, total)
     torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.nn.utils.get_total_norm([p.grad for p in theirs]))
     for a, b in zip(ours, theirs):
@@ -202,7 +202,7 @@ def test_large_non_contiguous_grad_is_accurate():
     p.grad = torch.randn(1024, 512, generator=g).t()
     assert not p.grad.is_contiguous()
     ref = float(p.grad.double().norm())
-    assert abs(float(distclip.get_total_norm([p])) - ref) <= 1e-6 * ref
+    assert abs(float(distclip.clip.total_grad_norm([p])) - ref) <= 1e-6 * ref
 
 
 @pytest.mark.parametrize("layout", ["one tensor", "mid-size tensors", "many small tensors"])
@@ -218,7 +218,7 @@ def test_near_constant_grads_are_accurate(layout, value):
         p.grad = torch.full((n,), value) * (1 + 0.01 * (i % 3))
         params.append(p)
     ref = float(torch.cat([p.grad.double() for p in params]).norm())
-    assert abs(float(distclip.get_total_norm(params)) - ref) / ref < 1e-6
+    assert abs(float(distclip.clip.total_grad_norm(params)) - ref) / ref < 1e-6
 
 
 @pytest.mark.parametrize(

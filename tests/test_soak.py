@@ -130,7 +130,7 @@ def _soak(rank, world, calls):
                 phase.params[i].grad = grad
             hidden = {}
         p_norm = NORMS[call % len(NORMS)]
-        total = distclip.clip_grad_norm_(phase.params, 1e30, p_norm) if call % 2 else distclip.get_total_norm(phase.params, p_norm)
+        total = distclip.clip_grad_norm_(phase.params, 1e30, p_norm) if call % 2 else distclip.clip.total_grad_norm(phase.params, p_norm)
         if call % 7 == 0:
             checks += 1
             ref = reference_norm([f for i, f in enumerate(phase.full) if i not in hidden], p_norm)

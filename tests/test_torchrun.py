@@ -42,10 +42,10 @@ def test_main_job_passes_on_four_ranks():
     out = torchrun("-m", "distclip.verify")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = [line for line in out.stdout.splitlines() if "checks passed" in line]
-    assert summary and summary[-1].startswith("ALL PASS: 120/120"), out.stdout[-3000:]
-    assert "(15 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
+    assert summary and summary[-1].startswith("ALL PASS: 144/144"), out.stdout[-3000:]
+    assert "(18 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
     assert "FAIL" not in out.stdout.replace("FAILED", "")
-    assert "[15/15] TP + SP" in out.stdout  # progress, per layout
+    assert "[18/18] TP + SP" in out.stdout  # progress, per layout
     assert "UserWarning" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr[-3000:]
 
 
@@ -60,12 +60,13 @@ def test_torch_baseline_on_four_ranks_terminates_with_its_failures():
     assert out.returncode not in (0, None), out.stdout[-4000:] + out.stderr[-4000:]
     assert elapsed < 300, elapsed
     rows = table_rows(out.stdout)
-    assert len(rows) == 15 * len(TORCH_NORMS), out.stdout[-4000:]
+    assert len(rows) == 18 * len(TORCH_NORMS), out.stdout[-4000:]
     layouts = {layout for layout, _ in rows}
     ok = {name: all(rows[(name, p)][0] for p in TORCH_NORMS) for name in layouts}
     assert ok["DDP"], out.stdout[-4000:]
     wrong = ["FSDP1 FULL_SHARD flat", "FSDP1 FULL_SHARD orig", "FSDP1 SHARD_GRAD_OP", "FSDP2", "TP + plain",
-             "2D TP+FSDP", "PP x FSDP", "EP uneven experts", "tied embed PP", "tied embed PP x FSDP2", "FSDP1 LoRA", "TP + SP"]
+             "2D TP+FSDP", "FSDP1 over TP", "PP x FSDP", "EP uneven experts", "EP meta + assign", "tied embed PP",
+             "tied embed PP x FSDP2", "FSDP1 LoRA", "TP + SP"]
     assert not any(ok[name] for name in wrong), ok
     assert "hang/timeout" in rows[("FSDP2", "inf")][1], rows[("FSDP2", "inf")]
     assert "empty tensor" in rows[("FSDP2", "inf")][1]

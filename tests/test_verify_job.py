@@ -63,6 +63,6 @@ def test_layout_selection():
     from distclip import verify
 
     assert [s.name for s in verify.select(1, ["HSDP", "DDP"])] == ["DDP"]  # HSDP needs an even world
-    assert len(verify.select(4)) == len(verify.SCENARIOS) == 15
+    assert len(verify.select(4)) == len(verify.SCENARIOS) == 18
     with pytest.raises(ValueError, match="valid names: DDP, "):
         verify.select(4, ["PP"])

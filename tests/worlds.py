@@ -362,7 +362,7 @@ def nonfinite_everywhere(world: int) -> list[tuple[str, bool, str]]:
         q = pparam(full_grad((5,), 71))
         before = [local_of(p.grad).clone(), q.grad.clone()]
         for p_norm in NORMS:
-            total = distclip.get_total_norm([p, q], p_norm)
+            total = distclip.clip.total_grad_norm([p, q], p_norm)
             ok = not bool(torch.isfinite(total)) and same_on_every_rank(repr(float(total)))
             if p_norm in (1.0, 2.0, math.inf) and bad == math.inf:
                 ok = ok and float(total) == math.inf  # like torch: an inf grad gives an inf norm

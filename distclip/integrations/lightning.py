@@ -60,6 +60,8 @@ class GradientClipping(Callback):
         foreach (bool, optional): use foreach kernels (default: when available).
         pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group, if the
             LightningModule holds one pipeline stage.
+        group (ProcessGroup or DeviceMesh, optional): the ranks that hold this model, when it
+            lives on part of the world (default: every rank).
         log_norm (bool): log the pre-clip norm as ``log_name`` through ``LightningModule.log``
             when the trainer has a logger. Default ``True``.
         log_name (str): the logged key. Default ``"grad_norm"``.
@@ -80,6 +82,7 @@ class GradientClipping(Callback):
         foreach: bool | None = None,
         *,
         pp_group: GroupLike | None = None,
+        group: GroupLike | None = None,
         log_norm: bool = True,
         log_name: str = "grad_norm",
         log_group_norms: bool = False,
@@ -94,6 +97,7 @@ class GradientClipping(Callback):
         self.error_if_nonfinite = error_if_nonfinite
         self.foreach = foreach
         self.pp_group = pp_group
+        self.group = group
         self.log_norm = log_norm
         self.log_name = log_name
         self.log_group_norms = log_group_norms
@@ -129,7 +133,7 @@ class GradientClipping(Callback):
         per_name: Mapping[str, torch.Tensor] | None = None
         if logging and self.log_group_norms and grad_norms is not None:
             # Every per-name norm and the total in one collective, then a communication-free clip.
-            per_name = grad_norms(module, self.norm_type, groups=self.groups, pp_group=self.pp_group)
+            per_name = grad_norms(module, self.norm_type, groups=self.groups, pp_group=self.pp_group, group=self.group)
             norm = per_name["total"]
             if self.error_if_nonfinite and not bool(torch.isfinite(norm)):  # same value on every rank
                 raise RuntimeError(
@@ -138,7 +142,7 @@ class GradientClipping(Callback):
             distclip.clip_grads_with_norm_(module, self.max_norm, norm, self.foreach)
         else:
             norm = distclip.clip_grad_norm_(
-                module, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach, pp_group=self.pp_group
+                module, self.max_norm, self.norm_type, self.error_if_nonfinite, self.foreach, pp_group=self.pp_group, group=self.group
             )
         self.last_norm = norm
         if not logging:

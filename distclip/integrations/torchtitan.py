@@ -48,6 +48,8 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     pp_mesh: Any | None = None,
     ep_enabled: bool = False,
+    *,
+    group: Any | None = None,
 ) -> torch.Tensor:
     """Clip the gradient norm of ``parameters``; a drop-in for torchtitan's ``clip_grad_norm_``.
 
@@ -60,6 +62,8 @@ def clip_grad_norm_(
         pp_mesh (DeviceMesh, optional): the 1-D pipeline-parallel mesh; the norm is reduced across
             the pipeline stages.
         ep_enabled (bool): accepted for compatibility; expert DTensors need no special handling.
+        group (ProcessGroup or DeviceMesh, optional): distclip's: the ranks that hold this model
+            when it lives on part of the world (default: every rank).
 
     Returns:
         Total norm of the parameter gradients (viewed as a single vector), a plain tensor.
@@ -68,4 +72,4 @@ def clip_grad_norm_(
         raise TypeError(f"distclip: ep_enabled must be a bool, got {type(ep_enabled).__name__}")
     # torchtitan materialises generators too (they are consumed once, then clipped)
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    return distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh)
+    return distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh, group=group)
