@@ -196,6 +196,10 @@ def _world(rank, world):
     report = distclip.audit([("w", own[0]), ("b", own[1])], group=half)
     rec("audit with group=", report.ok and _close(report.norm, _ref(model_fulls, 2.0)), str(report.problems))
 
+    from distclip.integrations.torchtitan import clip_grad_norm_ as titan_clip
+
+    got = float(titan_clip(own, 1e9, group=half))  # the integrations pass group= through
+    rec("torchtitan adapter with group=", _close(got, _ref(model_fulls, 2.0)), f"{got}")
     # Only the ranks holding the model call: rank 2 and 3 do not take part at all.
     if model_id == 0:
         got = float(distclip.get_total_norm([q.grad for q in own], group=half))
