@@ -10,6 +10,7 @@ from distclip.audit import AuditReport, audit
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from distclip.layout import GroupLike, ParamsLike, mark_replicated, mark_sharded
 from distclip.norms import describe, describe_rows, grad_norms
+from distclip.rank_errors import RankInputError
 
 __all__ = [
     "clip_grad_norm_",
@@ -19,6 +20,7 @@ __all__ = [
     "mark_sharded",
     "mark_replicated",
     "LayoutMismatchError",
+    "RankInputError",
     "grad_norms",
     "describe",
     "describe_rows",

@@ -1,34 +1,28 @@
 """Agreement: detect ranks whose calls cannot belong to one model, on every rank at once.
 
-The check rides on the call's single all-reduce: each rank appends small integer hashes of
+Each rank's :class:`Signature` holds
 
 - its *call signature* (which function, ``norm_type``, ``max_norm``, ``error_if_nonfinite``,
-  pipeline size and stage size), which every rank of the world must share, and
+  pipeline size and stage size), which every rank of the group must share, and
 - its *stage layout* (the set of layout kinds it holds: DTensor mesh shapes and placements,
-  FSDP1 shards, plain and ``mark_replicated`` tensors), which every rank of a stage must share,
+  FSDP1 shards, plain and ``mark_replicated`` tensors), which every rank of a stage must share.
 
-encoded so that the reduction tells whether all values were equal: for SUM, ``n * sum(h^2) ==
-sum(h)^2`` only when all ``h`` are equal (exact in float64 for 16-bit ``h``); for MAX, ``max(h)
-== -max(-h)``. Every rank sees the same reduced numbers, so every rank reaches the same verdict
-and only then (error path only, all ranks together) gathers the details to say which rank differs.
+``packet`` encodes them as hashes on the call's single all-reduce and tests the reduced numbers;
+every rank sees the same numbers, so every rank reaches the same verdict, and only then (error
+path only, every rank together) :func:`raise_mismatch` gathers the details to say which rank
+differs.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from distclip.layout import Stage
-
-STAGE_SLOTS = 16  # stages compared individually; with more stages only the call signature is checked
-_H = 4  # hashes per signature: two 16-bit halves, each as (h, h^2) or (h, -h)
 
 
 class LayoutMismatchError(RuntimeError):
@@ -42,57 +36,11 @@ class Signature:
     stage: Stage
 
 
-def _halves(value: object) -> tuple[int, int]:
-    h = zlib.crc32(repr(value).encode())  # deterministic across processes, unlike hash()
+def crc_halves(value: object) -> tuple[int, int]:
+    """Two 16-bit halves of the crc32 of ``repr(value)``: deterministic across processes, unlike
+    ``hash()`` (``packet`` encodes them on the reduced vector)."""
+    h = zlib.crc32(repr(value).encode())
     return h >> 16, h & 0xFFFF
-
-
-def _encode(h: tuple[int, int], use_max: bool) -> list[float]:
-    if use_max:
-        return [float(h[0]), -float(h[0]), float(h[1]), -float(h[1])]
-    return [float(h[0]), float(h[0]) ** 2, float(h[1]), float(h[1]) ** 2]
-
-
-@functools.lru_cache(maxsize=64)
-def slots(sig: Signature, use_max: bool) -> tuple[float, ...]:
-    """The numbers this rank adds to the reduction (same length on every rank). Cached: a layout
-    plan keeps its kinds from call to call, so they are hashed once, not once per call."""
-    out = _encode(_halves(sig.call), use_max)
-    absent = [-math.inf] * _H if use_max else [0.0] * _H
-    mine = _encode(_halves(sorted(map(repr, sig.kinds))), use_max) if sig.stage.pp_size <= STAGE_SLOTS else absent
-    for s in range(STAGE_SLOTS):
-        out += mine if s == sig.stage.index else absent
-    return tuple(out)
-
-
-def mismatch(reduced: torch.Tensor, sig: Signature, use_max: bool, world_size: Optional[int] = None) -> torch.Tensor:
-    """0-dim bool tensor, computed on the device without a host sync: True on every rank if any
-    two ranks that must agree did not (``reduced`` is identical on every rank, so is this)."""
-    rows = 1 + (sig.stage.pp_size if sig.stage.pp_size <= STAGE_SLOTS else 0)
-    v = reduced[: _H * rows].view(rows, _H)  # row 0: the call; row 1 + s: stage s
-    if use_max:
-        return ((v[:, 0] != -v[:, 1]) | (v[:, 2] != -v[:, 3])).any()
-    world = float(world_size or sig.stage.group_size)
-
-    def differ(rows_v: torch.Tensor, count: float) -> torch.Tensor:
-        return ((count * rows_v[:, 1] != rows_v[:, 0] ** 2) | (count * rows_v[:, 3] != rows_v[:, 2] ** 2)).any()
-
-    return differ(v[:1], world) | differ(v[1:], float(sig.stage.size))
-
-
-def mismatch_values(reduced: Sequence[float], sig: Signature, use_max: bool, world_size: Optional[int] = None) -> bool:
-    """``mismatch`` on numbers already read on the host (CPU): the same tests in Python floats,
-    which are float64 too, so the verdict is the same bit for bit."""
-    rows = 1 + (sig.stage.pp_size if sig.stage.pp_size <= STAGE_SLOTS else 0)
-    v = [reduced[_H * i : _H * (i + 1)] for i in range(rows)]
-    if use_max:
-        return any(r[0] != -r[1] or r[2] != -r[3] for r in v)
-    world = float(world_size or sig.stage.group_size)
-
-    def differ(rows_v: list, count: float) -> bool:
-        return any(count * r[1] != r[0] ** 2 or count * r[3] != r[2] ** 2 for r in rows_v)
-
-    return differ(v[:1], world) or differ(v[1:], float(sig.stage.size))
 
 
 def raise_mismatch(sig: Signature) -> None:

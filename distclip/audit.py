@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
+from distclip._dtensor import partial_dims, spec_of
 from distclip.clip import total_grad_norm
 from distclip.layout import _ANNOTATION_ATTR, _SHARD_PLACEMENTS, DTensor, GroupLike, current_stage
 from distclip.norms import NamedParams, collect, grad_norms
@@ -80,7 +81,8 @@ def _whole(unit) -> torch.Tensor:
     from torch.distributed.tensor import Replicate
 
     grad = unit.tensor
-    placements = [Replicate() if pl.is_partial() else pl for pl in grad.placements]
+    dims = partial_dims(spec_of(grad))
+    placements = [Replicate() if i in dims else pl for i, pl in enumerate(grad.placements)]
     return grad.redistribute(grad.device_mesh, placements).to_local()
 
 

@@ -18,16 +18,17 @@ import numbers
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from distclip import agreement, rank_errors
+from distclip._dtensor import DTensor, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
+from distclip._torch import base_of, phase
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
-    DTensor,
     GroupLike,
     LocalLayout,
     LostMarks,
@@ -35,14 +36,14 @@ from distclip.layout import (
     Stage,
     as_param_list,
     current_stage,
-    is_partial_sum,
     local_grad_tensors,
     local_layout,
     reject_unknown_layouts,
 )
 from distclip.local_norms import coalesce, local_partial, scale_
+from distclip.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
 from distclip.plan import PlanCache
-from distclip.reduce import reduce_partial_grads, reduce_partials, reduce_partials_on_host, reduction_device
+from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "total_grad_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 
@@ -121,9 +122,11 @@ def _prepare(
     is kept: raising here would leave the other ranks of the group waiting in this call's
     collectives.
     """
-    params: list[torch.Tensor] = []
-    try:
+    seen: list[torch.Tensor] = []  # the parameters, for a failed rank's ``Partial`` collectives
+
+    def local() -> Call:
         params, module = as_param_list(parameters)
+        seen.extend(params)
         checked_max = _check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
         p = _check_norm_type(norm_type)
         stage = current_stage(pp_group, group)
@@ -137,18 +140,21 @@ def _prepare(
         # adjacent views merged so each group needs few kernels (separate tensors skip the pass)
         layout.groups = {key: coalesce(ts) if _may_be_views(ts) else ts for key, ts in layout.groups.items()}
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, given=given and module is None)
-    except Exception as error:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise
-        try:  # the reduction op the others most likely use, so the reduced flags stay meaningful
-            p = float(norm_type)  # type: ignore[arg-type]
-        except Exception:
-            p = 2.0
-        try:  # join the collectives of the group the others use; without a valid group there is none to join
-            stage = current_stage(None, group)
-        except Exception:
-            raise error from None
-        return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, params, error=error, given=given)
+
+    with phase("layout"):
+        call, error = rank_errors.attempt(local)
+    if call is not None:
+        return call
+    assert error is not None
+    try:  # the reduction op the others most likely use, so the reduced flags stay meaningful
+        p = float(norm_type)  # type: ignore[arg-type]
+    except Exception:
+        p = 2.0
+    try:  # join the collectives of the group the others use; without a valid group there is none to join
+        stage = current_stage(None, group)
+    except Exception:
+        raise error from None
+    return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, seen, error=error, given=given)
 
 
 def _may_be_views(tensors: list[torch.Tensor]) -> bool:
@@ -157,7 +163,7 @@ def _may_be_views(tensors: list[torch.Tensor]) -> bool:
     their own tensors (``DTensor.from_local`` keeps a view), skip the pass. Only speed depends on
     this answer."""
     for a, b in ((0, 1), (-2, -1)):
-        if len(tensors) > 1 and tensors[a]._base is not None and tensors[a]._base is tensors[b]._base:
+        if len(tensors) > 1 and base_of(tensors[a]) is not None and base_of(tensors[a]) is base_of(tensors[b]):
             return True
     return False
 
@@ -178,7 +184,7 @@ def _join_partial_reductions(call: Call) -> None:
     ones depends on the grads alone, so it can tell even when its other input is bad."""
     try:
         tensors = call.params if call.given else [p.grad for p in call.params]
-        partial = [(t, 0.0) for t in tensors if isinstance(t, DTensor) and is_partial_sum(t)]
+        partial = [(cast(DTensor, t), 0.0) for t in tensors if reducible_partial(t)]
         if partial:
             reduce_partial_grads(partial)
     except Exception:  # noqa: BLE001 - this rank raises its own error right after the main collective
@@ -191,7 +197,7 @@ def _scale_groups(layout: LocalLayout) -> dict:
         return layout.groups
     groups = dict(layout.groups)
     for grad, _ in layout.partial:
-        local = grad._local_tensor  # DTensor internals, as in ``layout.local_layout``
+        local = local_of(grad)
         key = (local.device, local.dtype, None)
         groups[key] = groups.get(key, []) + [local]
     return groups
@@ -213,50 +219,56 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         has_float64, groups = False, {}
     grad_device = next(iter(groups))[0] if groups else None
     device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
-    partial = local_partial(groups, norm_type, foreach, device)
+    with phase("local_norms"):
+        partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
     out_device = grad_device or device
-    use_max = math.isinf(norm_type)
-    sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
+    sig = None
+    if stage.distributed:
+        sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
+    packet = Packet(TOTAL_HEAD, sig, math.isinf(norm_type))
+    flags = {"has_float64": has_float64, "failed": call.error is not None}
     if host_reads_allowed(device):  # every rank reads the same reduced values: they act together
-        riders = [*agreement.slots(sig, use_max), float(has_float64), float(call.error is not None)] if stage.distributed else []
-        total_value, values = reduce_partials_on_host(partial, has_elements, norm_type, stage, riders)
-        if stage.distributed:
-            if values[-1] > 0:
-                rank_errors.raise_everywhere(call.error, device, stage.group)
-            if agreement.mismatch_values(values[:-2], sig, use_max):
-                agreement.raise_mismatch(sig)
-            has_float64 = values[-2] > 0  # any rank's float64 grad: every rank returns the same dtype
+        packed = packet.encode_host(total_head_host(partial.item(), has_elements, norm_type), **flags)
+        with phase("reduce"):
+            all_reduce(packed, norm_type, stage)
+        host = packet.decode_host(packed.tolist())
+        rank_errors.settle(host.failed, call.error, device, stage.group)
+        if host.disagreed:
+            assert sig is not None  # one process always agrees with itself
+            agreement.raise_mismatch(sig)
+        total_value = total_from_head_host(host.head, norm_type)
         total = torch.tensor(total_value, dtype=torch.float64, device=out_device)
+        # any rank's float64 grad: every rank returns the same dtype
         if call.error_if_nonfinite:
-            _raise_if_nonfinite(call, total, torch.tensor(has_float64))
-        return total, torch.float64 if has_float64 else torch.float32, None, total_value
-    if not stage.distributed:
-        total = reduce_partials(partial, has_elements, norm_type, stage)[0]
-        out_dtype = torch.float64 if has_float64 else torch.float32
-        _raise_if_nonfinite(call, total, torch.tensor(has_float64))
-        return total, out_dtype, None, None
+            _raise_if_nonfinite(call, total, torch.tensor(host.has_float64))
+        return total, torch.float64 if host.has_float64 else torch.float32, None, total_value
     # Accelerators: no host sync. A failure or disagreement poisons the norm and leaves the grads
     # alone; every decision that must agree is taken from the float64 total, identical on every rank.
-    riders = [*agreement.slots(sig, use_max), float(has_float64), float(call.error is not None)]
-    total, reduced = reduce_partials(partial, has_elements, norm_type, stage, riders)
+    packed = packet.encode_device(total_head(partial, has_elements, norm_type), device, **flags)
+    with phase("reduce"):
+        all_reduce(packed, norm_type, stage)
     if call.error is not None:  # after the collective, which the others wait for
         raise call.error
-    failed, has64 = reduced[-1] > 0, reduced[-2] > 0
-    disagreed = agreement.mismatch(reduced[:-2], sig, use_max)
-    poisoned = failed | disagreed
-    total = torch.where(poisoned, math.nan, total)
+    view = packet.decode_device(packed)
+    total = total_from_head(view.head, norm_type)
     # The dtype follows this rank's own grads (agreeing would be a host sync).
     out_dtype = torch.float64 if has_float64 else torch.float32
+    if not stage.distributed:
+        _raise_if_nonfinite(call, total, view.has_float64)
+        return total, out_dtype, None, None
+    poisoned = view.failed | view.disagreed
+    total = torch.where(poisoned, math.nan, total)
     if call.error_if_nonfinite and not bool(torch.isfinite(total)):
-        if bool(failed):
+        if bool(view.failed):
             raise rank_errors.RankInputError(
                 "distclip: another rank could not take part (bad input there), so no norm was computed and no "
                 "gradient was changed; that rank raised its own error (details are not gathered on accelerators)"
             )
-        if bool(disagreed):
+        if bool(view.disagreed):
+            assert sig is not None
             agreement.raise_mismatch(sig)
-    _raise_if_nonfinite(call, total, has64)
+    _raise_if_nonfinite(call, total, view.has_float64)
     return total.to(out_device), out_dtype, poisoned, None
 
 
@@ -396,8 +408,9 @@ def clip_grad_norm_(
         coef_value = call.max_norm / (total_value + 1e-6)
         if coef_value > 1.0:  # not min(): a NaN coefficient must stay NaN, as clamp keeps it
             coef_value = 1.0
-        if coef_value != 1.0:  # multiplying by exactly 1.0 changes nothing (~1 us per tensor)
-            scale_(_scale_groups(call.layout), torch.tensor(coef_value, dtype=torch.float64), foreach)
+        if coef_value != 1.0:  # multiplying by exactly 1.0 changes nothing: skip the pass over every grad
+            with phase("scale"):
+                scale_(_scale_groups(call.layout), torch.tensor(coef_value, dtype=torch.float64), foreach)
         return total.to(out_dtype)
     # From the float64 total, identical on every rank: so is every coefficient, bit for bit.
     coef = (call.max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -406,7 +419,8 @@ def clip_grad_norm_(
     # Multiplying by exactly 1.0 changes nothing; on CPU, where reading the coefficient is free,
     # that pass over every grad (~1 us per tensor) is skipped. Never on accelerators: a host sync.
     if not (host_reads_allowed(coef.device) and bool(coef == 1.0)):
-        scale_(_scale_groups(call.layout), coef, foreach)
+        with phase("scale"):
+            scale_(_scale_groups(call.layout), coef, foreach)
     return total.to(out_dtype)
 
 
@@ -460,10 +474,10 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         if dist.is_available() and dist.is_initialized():  # still join the Partial grads' collectives
             _join_partial_reductions(Call("clip_grad_value_", 2.0, None, False, Stage(True), params))
         raise
-    partial = [p.grad for p in params if isinstance(p.grad, DTensor) and is_partial_sum(p.grad)]
+    partial = [cast(DTensor, p.grad) for p in params if reducible_partial(p.grad)]
     if partial:
         _clamp_partial_grads(partial, clip_value)
-    plain = [p for p in params if not (isinstance(p.grad, DTensor) and is_partial_sum(p.grad))] if partial else params
+    plain = [p for p in params if not reducible_partial(p.grad)] if partial else params
     for tensors in local_grad_tensors(plain).values():
         tensors = coalesce(tensors)
         if foreach is False:
@@ -480,11 +494,8 @@ def _clamp_partial_grads(grads: list[DTensor], clip_value: float) -> None:
     # index travels in the weight's place
     for value, index in reduce_partial_grads([(g, float(i)) for i, g in enumerate(grads)]):
         grad = grads[int(index)]
-        spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
-        local = grad._local_tensor
+        spec, local = spec_of(grad), local_of(grad)
         clamped = value.clamp(-clip_value, clip_value).view(local.shape)
-        first = True  # this rank is the first of every partial mesh dim where the op is a sum
-        for dim, placement in enumerate(spec.placements):
-            if placement.is_partial() and getattr(placement, "reduce_op", None) == "sum":
-                first = first and spec.mesh.get_local_rank(dim) == 0
+        # this rank is the first of every partial mesh dim where the op is a sum
+        first = all(spec.mesh.get_local_rank(dim) == 0 for dim in partial_dims(spec) if is_sum_dim(spec, dim))
         local.copy_(clamped if first else torch.zeros_like(clamped))

@@ -11,8 +11,8 @@ Every decision that differs between the two goes through :func:`host_reads_allow
   needed); a disagreement or another rank's failure poisons the norm (NaN) and leaves every grad
   unscaled, all on the device.
 
-``DISTCLIP_HOST_READS=never`` forces the accelerator path on CPU, so the whole test suite can run
-it here (no GPU has been lent to this project); ``auto`` (the default) decides by device.
+``DISTCLIP_HOST_READS=never`` forces the accelerator path on CPU, so the test suite runs it on a
+CPU-only machine; ``auto`` (the default) decides by device.
 """
 
 from __future__ import annotations

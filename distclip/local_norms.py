@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from distclip._torch import base_of, flatten_dense_tensors
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import GroupKey
 
@@ -76,7 +77,7 @@ def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         n = t.numel()
         if n == 0:
             continue
-        t_base = t._base  # views share their root ``_base``; standalone tensors never merge
+        t_base = base_of(t)  # views share their root base; standalone tensors never merge
         if t_base is None or not t.is_contiguous():
             _flush(run, run_numel, out)
             run = []
@@ -230,7 +231,7 @@ class _Pieces:
                 if pad:
                     chunk.append(chunk[0].new_zeros(pad))
             # private but stable (DDP, FSDP1 and apex use it): one C++ call copies the whole chunk
-            flat = torch._utils._flatten_dense_tensors(chunk)
+            flat = flatten_dense_tensors(chunk)
             del chunk
             yield flat.view(-1, ROW), owner
             del flat

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distclip import _fsdp1, agreement
+from distclip import _fsdp1, agreement, rank_errors
 from distclip.clip import _FLOAT64, _check_norm_type
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
@@ -46,12 +46,8 @@ from distclip.local_norms import (
     accumulation_dtype,
     owned_piece_norms,
 )
-from distclip.reduce import (
-    _to_device,
-    reduce_partial_grads,
-    reduction_device,
-    reduction_op,
-)
+from distclip.packet import HostView, Packet
+from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
 
 __all__ = ["NameOrder", "clean_name", "describe", "describe_rows", "grad_norms"]
 
@@ -395,11 +391,25 @@ def grad_norms(
         float32 tensors (float64 if any rank holds a float64 grad), on the gradients' device.
         A tied weight counts once in ``"total"`` and in full in each entry that holds a copy.
     """
-    p = _check_norm_type(norm_type)
-    if groups is not None and not callable(groups):
-        raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
-    stage = current_stage(pp_group, group)
-    local = collect(parameters, stage)
+    def local_part() -> tuple[float, Stage, Local]:
+        p = _check_norm_type(norm_type)
+        if groups is not None and not callable(groups):
+            raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
+        stage = current_stage(pp_group, group)
+        return p, stage, collect(parameters, stage)
+
+    found, error = rank_errors.attempt(local_part)
+    if found is not None:
+        p, stage, local = found
+    else:  # bad input here: join the call's collectives holding nothing, then raise on every rank
+        assert error is not None
+        try:
+            stage = current_stage(None, group)
+        except Exception:
+            raise error from None
+        p = _fallback_norm_type(norm_type)
+        local = Local([], parameters if isinstance(parameters, nn.Module) else None, [], [], frozenset({("failed",)}), {}, [])
+    entry_groups = groups if callable(groups) else None
     sig = _local_sig(local, stage)
     order = NameOrder.cached(local.module, stage)
     if order is None:
@@ -409,16 +419,26 @@ def grad_norms(
     partial_values = _reduce_partial_units(local.units)
     device = reduction_device(stage) if stage.distributed else None
     for _attempt in range(2):
-        entry_names, entry_of = order.entries(groups)
-        packed, riders_at, call_sig = _pack(local, order, entry_names, entry_of, partial_values, p, stage, device, stale)
-        if stage.distributed:
-            dist.all_reduce(packed, op=reduction_op(p), group=stage.group)
-        if not stage.distributed or float(packed[riders_at]) == 0:  # nobody's names changed
+        entry_names, entry_of = order.entries(entry_groups)
+        packed, packet = _pack(local, order, entry_names, entry_of, partial_values, p, stage, device, stale, error is not None)
+        all_reduce(packed, p, stage)
+        # read on the host (a sync on accelerators, as reading which names are present is anyway)
+        view = packet.decode_host(packed.tolist())
+        rank_errors.settle(view.failed, error, packed.device, stage.group)
+        if not view.names_changed:
             break
         order = NameOrder.agree(sig, stage)
         order.store(local.module)
         stale = False
-    return _unpack(packed, riders_at, entry_names, p, stage, call_sig, local)
+    return _unpack(packed, view, entry_names, p, packet, local)
+
+
+def _fallback_norm_type(norm_type: object) -> float:
+    """A failed rank's norm type: the reduction op the others most likely use (MAX for ±inf)."""
+    try:
+        return math.inf if math.isinf(float(norm_type)) else 2.0  # type: ignore[arg-type]
+    except Exception:
+        return 2.0
 
 
 def _reduce_partial_units(units: list[Unit]) -> dict[int, torch.Tensor]:
@@ -431,9 +451,10 @@ def _reduce_partial_units(units: list[Unit]) -> dict[int, torch.Tensor]:
     return {int(i): value for value, i in reduce_partial_grads(wanted)}
 
 
-def _pack(local, order, entry_names, entry_of, partial_values, p, stage, device, stale):
-    """This rank's vector: per-entry weighted partials, the total's partial, per-entry flags, then
-    the riders ``[names changed, agreement slots..., has float64]``."""
+def _pack(local, order, entry_names, entry_of, partial_values, p, stage, device, stale, failed):
+    """This rank's vector (see ``packet``): its head is the per-entry weighted partials and the
+    total's partial, then per-entry flags; the packet adds the agreement slots and the flags
+    (names changed, has float64, failed)."""
     units = local.units
     n_entries = len(entry_names)
     tensors = [partial_values.get(i, u.tensor) for i, u in enumerate(units)]
@@ -487,28 +508,18 @@ def _pack(local, order, entry_names, entry_of, partial_values, p, stage, device,
         values[:n_entries].index_add_(0, ent_t[keep], (s * w_entry)[keep])
         values[n_entries] = (s * w_total).sum()
     has_float64 = any(u.tensor.dtype in _FLOAT64 for u in units)
-    riders = [1.0 if stale else 0.0]
     call = agreement.call_signature(f"grad_norms[{len(order.names)} names {order.crc:08x}, {len(entry_names)} entries]", p, None, False, stage)
-    call_sig = agreement.Signature(call, local.kinds, stage) if stage.distributed else None
-    if call_sig is not None:
-        riders += list(agreement.slots(call_sig, use_max))
-    riders.append(float(has_float64))
-    packed = torch.cat([values, flags, _to_device(riders, device)])
-    return packed, 2 * n, call_sig
+    packet = Packet(2 * n, agreement.Signature(call, local.kinds, stage) if stage.distributed else None, use_max)
+    packed = packet.encode_device(torch.cat([values, flags]), device, names_changed=stale, has_float64=has_float64, failed=failed)
+    return packed, packet
 
 
-def _unpack(packed, riders_at, entry_names, p, stage, call_sig, local) -> dict[str, torch.Tensor]:
+def _unpack(packed: torch.Tensor, view: HostView, entry_names: list[str], p: float, packet: Packet, local: Local) -> dict[str, torch.Tensor]:
     n = len(entry_names) + 1
     values, flags = packed[:n], packed[n : 2 * n]
-    disagreed = None
-    has_float64 = any(u.tensor.dtype in _FLOAT64 for u in local.units)
-    if call_sig is not None:
-        disagreed = agreement.mismatch(packed[riders_at + 1 : -1], call_sig, math.isinf(p))
-        if packed.device.type == "cpu":
-            if bool(disagreed):
-                agreement.raise_mismatch(call_sig)
-            disagreed = None
-            has_float64 = bool(packed[-1] > 0)
+    if view.disagreed:
+        assert packet.sig is not None  # one process always agrees with itself
+        agreement.raise_mismatch(packet.sig)
     has = flags >= _B
     if math.isinf(p):
         sign = 1.0 if p > 0 else -1.0
@@ -518,11 +529,9 @@ def _unpack(packed, riders_at, entry_names, p, stage, call_sig, local) -> dict[s
     else:
         total = values.pow(1.0 / p)
     total = torch.where(has, total, 0.0)
-    if disagreed is not None:
-        total = torch.where(disagreed, math.nan, total)
-    out_dtype = torch.float64 if has_float64 else torch.float32
+    out_dtype = torch.float64 if view.has_float64 else torch.float32
     grad_device = local.units[0].tensor.device if local.units else packed.device
-    held = (flags[:-1] >= 1).tolist()  # which names are present: a host read (sync on accelerators)
+    held = [f >= 1 for f in view.head[n : 2 * n - 1]]  # which names are present (read on the host above)
     results = total.to(device=grad_device, dtype=out_dtype).unbind()
     out = {name: results[i] for i, name in enumerate(entry_names) if held[i]}
     out[TOTAL] = results[-1]
@@ -589,13 +598,13 @@ def describe_rows(parameters: NamedParams, *, pp_group: Optional[GroupLike] = No
                 if seg.tp_spec is not None:  # FSDP1 over TP: the segment is one TP piece, itself sharded
                     kind, global_shape, pieces = _fsdp1_over_tp(kind, seg.tp_spec, pieces)
             elif isinstance(p, DTensor):
-                spec = p._spec
-                placements = grad._spec.placements if isinstance(grad, DTensor) else spec.placements
-                kind = f"DTensor on mesh {tuple(spec.mesh.shape)} {spec.mesh.mesh_dim_names or ''} {_placements_str(placements)}"
+                mesh = p.device_mesh  # public properties: describe is not on the hot path
+                placements = grad.placements if isinstance(grad, DTensor) else p.placements
+                kind = f"DTensor on mesh {tuple(mesh.shape)} {mesh.mesh_dim_names or ''} {_placements_str(placements)}"
                 if id(p) in partial:
                     kind += " (grad Partial: made whole by one all-reduce first)"
-                local_shape, global_shape = tuple(p._local_tensor.shape), tuple(p.shape)
-                pieces = shard_pieces(tuple(spec.mesh.shape), spec.placements)
+                local_shape, global_shape = tuple(p.to_local().shape), tuple(p.shape)
+                pieces = shard_pieces(tuple(mesh.shape), p.placements)
             elif info is not None:
                 kind = f"FSDP1 use_orig_params view of the local shard, sharded over {info.size} ranks"
                 local_shape, global_shape, pieces = tuple(p.shape), tuple(info.shape) if info.shape else None, info.size

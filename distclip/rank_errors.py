@@ -16,12 +16,13 @@ poisons the norm on the device instead, and the failing rank raises its own exce
 from __future__ import annotations
 
 import builtins
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 MESSAGE_BYTES = 1024
+_T = TypeVar("_T")
 
 
 class RankInputError(RuntimeError):
@@ -72,9 +73,20 @@ def raise_everywhere(error: Optional[BaseException], device: torch.device, group
     """Called by every rank of ``group`` once the reduced flag says some rank failed: raise on
     every rank. Ranks are named by their global rank."""
     failures = gather(error, device, group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(failures)))
+    raise_gathered(failures, error, ranks)
+
+
+def describe(error: BaseException) -> tuple[str, str]:
+    """What a failed rank shares of its error: (exception class name, message)."""
+    return type(error).__name__, str(error)
+
+
+def raise_gathered(failures: list[Optional[tuple[str, str]]], error: Optional[BaseException], ranks: list[int]) -> None:
+    """Every rank, with every rank's (class name, message) or None in group-rank order: the failed
+    rank raises its own exception, every other rank the same class naming the failed rank."""
     if error is not None:
         raise error
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(failures)))
     bad = [(ranks[i], f) for i, f in enumerate(failures) if f is not None]
     rank, (name, message) = bad[0]
     others = f" (and {len(bad) - 1} more rank(s): {', '.join(str(r) for r, _ in bad[1:])})" if len(bad) > 1 else ""
@@ -88,3 +100,26 @@ def raise_everywhere(error: Optional[BaseException], device: torch.device, group
     except Exception:  # an exception class whose constructor wants other arguments
         exc = RankInputError(text)
     raise exc
+
+
+def attempt(fn: Callable[[], _T]) -> tuple[Optional[_T], Optional[Exception]]:
+    """Step one of every function that communicates: run the local part (validation, discovery).
+
+    Without a process group an error is raised at once, as torch would. In a distributed job it is
+    returned instead: the rank still joins every collective of the call with the failure flag set
+    (``packet``), and :func:`settle` then raises on every rank together."""
+    try:
+        return fn(), None
+    except Exception as error:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise
+        return None, error
+
+
+def settle(any_failed: bool, error: Optional[BaseException], device: torch.device, group: Optional[dist.ProcessGroup]) -> None:
+    """After the collective that carried the failure flags, on every rank of ``group`` together:
+    raise everywhere if any rank failed (its own error on the failed rank)."""
+    if any_failed:
+        raise_everywhere(error, device, group)
+    if error is not None:  # cannot happen: this rank's own flag was set
+        raise error

@@ -15,7 +15,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from distclip.layout import DTensor, Stage
+from distclip._dtensor import DTensor, check_partial_ops, is_sum_dim, local_of, spec_of
+from distclip._torch import default_group_device
+from distclip.layout import Stage
 
 
 def reduction_device(stage: Stage) -> torch.device:
@@ -34,7 +36,7 @@ def reduction_device(stage: Stage) -> torch.device:
     backend = str(dist.get_backend()).lower()
     if not (torch.cuda.is_available() and ("nccl" in backend or "cuda" in backend or backend == "undefined")):
         return torch.device("cpu")
-    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    bound = default_group_device()
     if bound is not None:
         return torch.device(bound)
     current = torch.cuda.current_device()
@@ -49,87 +51,11 @@ def reduction_op(norm_type: float) -> dist.ReduceOp.RedOpType:
     return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
 
 
-def packed_length(n_extra: int) -> int:
-    """Length of the reduced vector, ``[value, nan flag, present, *extra]``, the same for every
-    norm type, so ranks that disagree on it still reduce vectors of one size."""
-    return 3 + n_extra
-
-
-def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
-    """Host numbers to ``device`` without a sync (pinned memory, non-blocking copy)."""
-    host = torch.tensor(values, dtype=torch.float64)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def reduce_partials(
-    partial: torch.Tensor, has_elements: bool, norm_type: float, stage: Stage, extra: Sequence[float] = ()
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine every rank's partial into the total norm (float64, identical on every rank).
-
-    Finite ``p`` sums ``[partial, 0, has_elements, *extra]``. For +-inf the reduction is a MAX,
-    which on some backends drops NaN (the comparison is false), so a NaN flag travels next to the
-    value. ``extra`` (the agreement check's numbers) rides along; it is returned reduced. No host
-    sync: every decision after the reduction is a ``torch.where``.
-    """
-    device = partial.device
-    present = torch.full((), float(has_elements), dtype=torch.float64, device=device)
-    riders = _to_device(list(extra), device)
-    if math.isinf(norm_type):
-        sign = 1.0 if norm_type > 0 else -1.0  # MIN(x) == -MAX(-x): one op for both
-        value = partial * sign
-        is_nan = torch.isnan(value)
-        packed = torch.cat([torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present]), riders])
-        if stage.distributed:
-            dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
-        total = torch.where(packed[1] > 0, math.nan, packed[0] * sign)
-    else:  # the NaN flag slot is unused (SUM propagates NaN) but keeps the length fixed
-        packed = torch.cat([torch.stack([partial, torch.zeros_like(partial), present]), riders])
-        if stage.distributed:
-            dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
-        # p == 0 counts elements; the weights make the sum inexact in the last bits.
-        total = packed[0].round() if norm_type == 0 else packed[0].pow(1.0 / norm_type)
-    return torch.where(packed[2] > 0, total, 0.0), packed[packed_length(0) :]
-
-
-def reduce_partials_on_host(
-    partial: torch.Tensor, has_elements: bool, norm_type: float, stage: Stage, extra: Sequence[float] = ()
-) -> tuple[float, list[float]]:
-    """``reduce_partials`` where reading the partial costs nothing (CPU): the same vector, reduced
-    by the same all-reduce, built with one copy from the host and read back with one, instead of a
-    dozen tiny tensor ops on each side (~0.1 ms per call on the CI machine). Returns the total and
-    the reduced ``extra`` as Python floats (float64, so every rank computes the same bits)."""
-    value = partial.item()
-    sign = 1.0
-    if math.isinf(norm_type):
-        sign = 1.0 if norm_type > 0 else -1.0  # MIN(x) == -MAX(-x), as in ``reduce_partials``
-        value *= sign
-        is_nan = math.isnan(value)
-        head = [-math.inf if is_nan else value, float(is_nan), float(has_elements)]
-    else:
-        head = [value, 0.0, float(has_elements)]
-    packed = torch.tensor(head + list(extra), dtype=torch.float64)
+def all_reduce(packed: torch.Tensor, norm_type: float, stage: Stage) -> None:
+    """The call's one collective: ``packed`` (see ``packet``) reduced in place over the call's group,
+    SUM for finite p, MAX for ±inf. Nothing to do in a single process."""
     if stage.distributed:
         dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
-    values = packed.tolist()
-    if values[2] <= 0:  # no rank holds an element
-        return 0.0, values[3:]
-    if math.isinf(norm_type):
-        return (math.nan if values[1] > 0 else values[0] * sign), values[3:]
-    return _root(values[0], norm_type), values[3:]
-
-
-def _root(total: float, norm_type: float) -> float:
-    """``total ** (1 / p)`` as ``reduce_partials`` computes it: p == 0 counts elements (rounded),
-    0 ** (negative) is inf."""
-    if norm_type == 0:
-        return float(round(total)) if math.isfinite(total) else total
-    if norm_type == 2:
-        return math.sqrt(total) if total >= 0 else math.nan  # correctly rounded, as torch's pow(x, 0.5)
-    if total == 0:
-        return 0.0 if norm_type > 0 else math.inf
-    return total ** (1.0 / norm_type)
 
 
 def reduce_partial_grads(partial: Sequence[tuple[DTensor, float]]) -> list[tuple[torch.Tensor, float]]:
@@ -143,22 +69,22 @@ def reduce_partial_grads(partial: Sequence[tuple[DTensor, float]]) -> list[tuple
     """
     buckets: dict[tuple, list[tuple[DTensor, float]]] = {}
     for grad, weight in partial:
-        spec = grad._spec  # DTensor internals, as in ``layout.local_layout``
-        dims = tuple(i for i, p in enumerate(spec.placements) if p.is_partial())
+        spec = spec_of(grad)
+        dims = check_partial_ops(spec)
         buckets.setdefault((spec.mesh, dims, grad.is_complex()), []).append((grad, weight))
     out: list[tuple[torch.Tensor, float]] = []
     for (mesh, dims, is_complex), members in buckets.items():
         dtype = torch.complex128 if is_complex else torch.float64
-        flat = torch.cat([g._local_tensor.reshape(-1).to(dtype) for g, _ in members])
+        flat = torch.cat([local_of(g).reshape(-1).to(dtype) for g, _ in members])
         for dim in dims:
             dist.all_reduce(flat, group=mesh.get_group(dim))
         offset = 0
         for grad, weight in members:
-            n = grad._local_tensor.numel()
+            n = local_of(grad).numel()
             value = flat[offset : offset + n]
             offset += n
             for dim in dims:
-                if grad._spec.placements[dim].reduce_op == "avg":
+                if not is_sum_dim(spec_of(grad), dim):  # an average
                     value = value / mesh.size(dim)
             out.append((value, weight))
     return out

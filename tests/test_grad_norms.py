@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -179,7 +180,8 @@ def world_layouts(rank: int, world: int) -> list[str]:
     if not any("reference" in e for e in caught):
         errors.append("a wrong per-name weight went unnoticed")
 
-    # validation: the same error on every rank before any collective
+    # validation: the same error on every rank; a failed rank still joins the call's collectives
+    # (one all-reduce, then the error messages' all-gather; the name order's agreement on a first call)
     with Counter() as c:
         for bad, exc in (("x", TypeError), (math.nan, ValueError)):
             try:
@@ -192,8 +194,21 @@ def world_layouts(rank: int, world: int) -> list[str]:
             errors.append("groups='fc' did not raise")
         except TypeError:
             pass
-    if c.count:
-        errors.append(f"validation issued {c.count} collectives")
+    if c.count > 3 * 2 + 1:
+        errors.append(f"validation issued {c.count} collectives (at most 7: 3 calls x (all-reduce + all-gather), one agreement)")
+    # bad input on one rank only: every rank raises at once, naming it, with no grad changed
+    before = [p.grad.clone() for p in model.parameters()]
+    start = time.perf_counter()
+    try:
+        distclip.grad_norms(model, "fro" if rank == 3 else 2.0)
+        errors.append("one rank's norm_type='fro' did not raise")
+    except TypeError as e:
+        if rank != 3 and "rank 3" not in str(e):
+            errors.append(f"the error does not name rank 3: {e}")
+    if time.perf_counter() - start > 5:
+        errors.append(f"one rank's bad input took {time.perf_counter() - start:.1f} s to raise everywhere")
+    if not all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters())):
+        errors.append("a grad changed although the call failed")
     return errors
 
 

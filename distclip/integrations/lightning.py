@@ -67,7 +67,7 @@ class GradientClipping(Callback):
         log_name (str): the logged key. Default ``"grad_norm"``.
         log_group_norms (bool): also log the pre-clip norm of each parameter (or group) as
             ``{log_name}/{name}``, computed with ``distclip.grad_norms`` in the same single
-            collective as the total (ignored if this distclip has no ``grad_norms``).
+            collective as the total.
         groups (callable, optional): ``parameter name -> group name`` (or ``None`` to leave it
             out) for ``log_group_norms``; default: one entry per parameter.
 
@@ -129,11 +129,10 @@ class GradientClipping(Callback):
         # clipped there too.
         module = self._clipped_module(trainer, pl_module)
         logging = self.log_norm and trainer.logger is not None  # the same on every rank
-        grad_norms = getattr(distclip, "grad_norms", None)
         per_name: Mapping[str, torch.Tensor] | None = None
-        if logging and self.log_group_norms and grad_norms is not None:
+        if logging and self.log_group_norms:
             # Every per-name norm and the total in one collective, then a communication-free clip.
-            per_name = grad_norms(module, self.norm_type, groups=self.groups, pp_group=self.pp_group, group=self.group)
+            per_name = distclip.grad_norms(module, self.norm_type, groups=self.groups, pp_group=self.pp_group, group=self.group)
             norm = per_name["total"]
             if self.error_if_nonfinite and not bool(torch.isfinite(norm)):  # same value on every rank
                 raise RuntimeError(

@@ -1,0 +1,219 @@
+"""The reduced vector: the one owner of what rides on a call's single all-reduce.
+
+Every function that communicates (``clip_grad_norm_``, ``get_total_norm``, ``grad_norms``) reduces
+one float64 vector over the call's group, laid out as
+
+    [ head (the caller's values) | agreement hashes | names changed | has float64 | failed ]
+
+- **head**: for a total norm ``[value, NaN flag, present]`` (:func:`total_head`); ``grad_norms``
+  puts its per-entry values and flags there.
+- **agreement** (:class:`~distclip.agreement.Signature`): the call signature, which every rank of
+  the group must share, then one row per pipeline stage (up to ``STAGE_SLOTS``) for the layout
+  kinds every rank of that stage must share. Each row is two 16-bit halves of a crc32, encoded so
+  that the reduction tells whether all values were equal: for SUM ``(h, h^2)``, since
+  ``n * sum(h^2) == sum(h)^2`` only when all ``h`` are equal (exact in float64 for 16-bit ``h``);
+  for MAX ``(h, -h)``, since ``max(h) == -max(-h)`` only then.
+- **flags** (:data:`FLAGS`): 0/1 per rank, tested ``> 0`` after the reduction (a count under SUM,
+  an OR under MAX).
+
+The same length for every norm type, so ranks that disagree on SUM vs MAX still reduce vectors of
+one size. Two forms side by side: the host form (CPU: Python floats, one copy each way) and the
+device form (accelerators: tensors, no host sync); they compute the same float64 bits
+(``tests/test_packet.py``). Nobody else indexes the vector.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from distclip.agreement import Signature, crc_halves
+
+__all__ = ["FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "total_head", "total_head_host", "total_from_head",
+           "total_from_head_host"]
+
+STAGE_SLOTS = 16  # stages compared individually; with more stages only the call signature is checked
+_H = 4  # numbers per agreement row: two 16-bit halves, each as (h, h^2) or (h, -h)
+FLAGS = ("names_changed", "has_float64", "failed")
+TOTAL_HEAD = 3  # [value, NaN flag, present]
+
+
+def _encode(h: tuple[int, int], use_max: bool) -> list[float]:
+    if use_max:
+        return [float(h[0]), -float(h[0]), float(h[1]), -float(h[1])]
+    return [float(h[0]), float(h[0]) ** 2, float(h[1]), float(h[1]) ** 2]
+
+
+@functools.lru_cache(maxsize=64)
+def agreement_slots(sig: Signature, use_max: bool) -> tuple[float, ...]:
+    """The agreement numbers this rank adds (same length on every rank). Cached: a layout plan
+    keeps its kinds from call to call, so they are hashed once, not once per call."""
+    out = _encode(crc_halves(sig.call), use_max)
+    absent = [-math.inf] * _H if use_max else [0.0] * _H
+    mine = _encode(crc_halves(sorted(map(repr, sig.kinds))), use_max) if sig.stage.pp_size <= STAGE_SLOTS else absent
+    for s in range(STAGE_SLOTS):
+        out += mine if s == sig.stage.index else absent
+    return tuple(out)
+
+
+def _rows(sig: Signature) -> int:
+    return 1 + (sig.stage.pp_size if sig.stage.pp_size <= STAGE_SLOTS else 0)
+
+
+class HostView(NamedTuple):
+    """A reduced vector read on the host."""
+
+    head: list[float]
+    disagreed: bool
+    names_changed: bool
+    has_float64: bool
+    failed: bool
+
+
+class DeviceView(NamedTuple):
+    """A reduced vector left on the device: 0-dim bool tensors, no host sync."""
+
+    head: torch.Tensor
+    disagreed: torch.Tensor
+    names_changed: torch.Tensor
+    has_float64: torch.Tensor
+    failed: torch.Tensor
+
+
+class Packet:
+    """The layout of one call's reduced vector: ``head`` caller values, the agreement slots of
+    ``sig`` (none without one: a single process), then :data:`FLAGS`.
+
+    Args:
+        head (int): number of caller values at the front.
+        sig (Signature, optional): what the ranks must agree on; None when not distributed.
+        use_max (bool): the vector is reduced with MAX (norm type ±inf), else SUM.
+    """
+
+    def __init__(self, head: int, sig: Optional[Signature], use_max: bool) -> None:
+        self.head, self.sig, self.use_max = head, sig, use_max
+        self.n_agreement = len(agreement_slots(sig, use_max)) if sig is not None else 0
+        self.flags_at = head + self.n_agreement
+        self.length = self.flags_at + len(FLAGS)
+
+    def _riders(self, flags: dict[str, bool]) -> list[float]:
+        unknown = set(flags) - set(FLAGS)
+        assert not unknown, unknown
+        slots = list(agreement_slots(self.sig, self.use_max)) if self.sig is not None else []
+        return slots + [1.0 if flags.get(name) else 0.0 for name in FLAGS]
+
+    # ------------------------------------------------------------------ host form (CPU)
+    def encode_host(self, head: Sequence[float], **flags: bool) -> torch.Tensor:
+        """The vector as one float64 CPU tensor, built from Python floats with one copy."""
+        assert len(head) == self.head
+        return torch.tensor(list(head) + self._riders(flags), dtype=torch.float64)
+
+    def decode_host(self, values: Sequence[float]) -> HostView:
+        """A reduced vector read back (``tensor.tolist()``), tested in Python floats (float64)."""
+        f = self.flags_at
+        return HostView(list(values[: self.head]), self._mismatch_host(values[self.head : f]),
+                        values[f] > 0, values[f + 1] > 0, values[f + 2] > 0)
+
+    def _mismatch_host(self, reduced: Sequence[float]) -> bool:
+        if self.sig is None:
+            return False
+        rows = _rows(self.sig)
+        v = [reduced[_H * i : _H * (i + 1)] for i in range(rows)]
+        if self.use_max:
+            return any(r[0] != -r[1] or r[2] != -r[3] for r in v)
+
+        def differ(rows_v: list, count: float) -> bool:
+            return any(count * r[1] != r[0] ** 2 or count * r[3] != r[2] ** 2 for r in rows_v)
+
+        return differ(v[:1], float(self.sig.stage.group_size)) or differ(v[1:], float(self.sig.stage.size))
+
+    # ------------------------------------------------------------------ device form (accelerators)
+    def encode_device(self, head: torch.Tensor, device: torch.device, **flags: bool) -> torch.Tensor:
+        """The vector on ``device``: ``head`` (a float64 tensor there) and the riders copied from
+        pinned host memory without a sync."""
+        assert head.numel() == self.head
+        return torch.cat([head.reshape(-1), _to_device(self._riders(flags), device)])
+
+    def decode_device(self, packed: torch.Tensor) -> DeviceView:
+        """A reduced vector tested on the device: the same float64 tests as ``decode_host``."""
+        f = self.flags_at
+        flags = packed[f:] > 0
+        return DeviceView(packed[: self.head], self._mismatch_device(packed[self.head : f]), flags[0], flags[1], flags[2])
+
+    def _mismatch_device(self, reduced: torch.Tensor) -> torch.Tensor:
+        if self.sig is None:
+            return torch.zeros((), dtype=torch.bool, device=reduced.device)
+        rows = _rows(self.sig)
+        v = reduced[: _H * rows].view(rows, _H)  # row 0: the call; row 1 + s: stage s
+        if self.use_max:
+            return ((v[:, 0] != -v[:, 1]) | (v[:, 2] != -v[:, 3])).any()
+
+        def differ(rows_v: torch.Tensor, count: float) -> torch.Tensor:
+            return ((count * rows_v[:, 1] != rows_v[:, 0] ** 2) | (count * rows_v[:, 3] != rows_v[:, 2] ** 2)).any()
+
+        return differ(v[:1], float(self.sig.stage.group_size)) | differ(v[1:], float(self.sig.stage.size))
+
+
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers to ``device`` without a sync (pinned memory, non-blocking copy)."""
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------- the total's head
+
+
+def total_head_host(value: float, has_elements: bool, norm_type: float) -> list[float]:
+    """``[value, NaN flag, present]`` of a partial read on the host. For ±inf the reduction is a
+    MAX (-inf negated: MIN(x) == -MAX(-x)), which on some backends drops NaN, so a NaN flag travels
+    next to the value; for finite p SUM propagates NaN and the flag slot stays 0."""
+    if math.isinf(norm_type):
+        value *= 1.0 if norm_type > 0 else -1.0
+        is_nan = math.isnan(value)
+        return [-math.inf if is_nan else value, float(is_nan), float(has_elements)]
+    return [value, 0.0, float(has_elements)]
+
+
+def total_head(partial: torch.Tensor, has_elements: bool, norm_type: float) -> torch.Tensor:
+    """``total_head_host`` on the device (no host sync)."""
+    present = torch.full((), float(has_elements), dtype=torch.float64, device=partial.device)
+    if math.isinf(norm_type):
+        value = partial * (1.0 if norm_type > 0 else -1.0)
+        is_nan = torch.isnan(value)
+        return torch.stack([torch.where(is_nan, -math.inf, value), is_nan.double(), present])
+    return torch.stack([partial, torch.zeros_like(partial), present])
+
+
+def total_from_head_host(head: Sequence[float], norm_type: float) -> float:
+    """The total norm from a reduced head: 0 where no rank holds an element."""
+    if head[2] <= 0:
+        return 0.0
+    if math.isinf(norm_type):
+        return math.nan if head[1] > 0 else head[0] * (1.0 if norm_type > 0 else -1.0)
+    return _root(head[0], norm_type)
+
+
+def total_from_head(head: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """``total_from_head_host`` on the device: the same float64 operations."""
+    if math.isinf(norm_type):
+        total = torch.where(head[1] > 0, math.nan, head[0] * (1.0 if norm_type > 0 else -1.0))
+    else:  # p == 0 counts elements; the weights make the sum inexact in the last bits
+        total = head[0].round() if norm_type == 0 else head[0].pow(1.0 / norm_type)
+    return torch.where(head[2] > 0, total, 0.0)
+
+
+def _root(total: float, norm_type: float) -> float:
+    """``total ** (1 / p)`` as ``total_from_head`` computes it: p == 0 counts elements (rounded),
+    0 ** (negative) is inf."""
+    if norm_type == 0:
+        return float(round(total)) if math.isfinite(total) else total
+    if norm_type == 2:
+        return math.sqrt(total) if total >= 0 else math.nan  # correctly rounded, as torch's pow(x, 0.5)
+    if total == 0:
+        return 0.0 if norm_type > 0 else math.inf
+    return total ** (1.0 / norm_type)
