@@ -2,31 +2,51 @@
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_grad_norms.py --out benchmarks/results
 
-Workloads from ``bench_clip.build_workload``: the 4 000-parameter FSDP2 model (real backward, grads
-are views into the reduce-scatter buffers) and 4 000 separate plain replicated grads (``ddp``).
-Methods: ``get_total_norm``, ``grad_norms`` per parameter, ``grad_norms`` with 10 groups. Every
-call is timed after warm-up (the name agreement happens in the first call), interleaved
-round-robin, as the median of the slowest rank per call.
+Workloads from ``workloads.LAYOUTS``: the 4 000-parameter FSDP2 model (real backward, grads are
+views into the reduce-scatter buffers) and 4 000 separate plain replicated grads (``ddp``).
+Methods: ``get_total_norm`` (of the parameters' grads, through a module holding them),
+``grad_norms`` per parameter, ``grad_norms`` with 10 groups. Every call is timed after warm-up
+(the name agreement happens in the first call), interleaved round-robin, as the median of the
+slowest rank per call. Every norm is checked against the workload's independent reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a file (torchrun benchmarks/bench_grad_norms.py): the package is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import distclip
+from benchmarks import env, measure, workloads
+from benchmarks.env import log
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import bench_clip  # noqa: E402 - importable only after the sys.path entry above
+LAYOUTS = ("fsdp2", "ddp")
+
+
+class Holder(nn.Module):
+    """A module holding the workload's parameters, so ``get_total_norm`` measures their grads
+    (given tensors are measured as they are, as torch does: a module is measured by its grads)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.ps = nn.ParameterList(params)
+
+
+def _ten(name: str) -> str:
+    return f"g{int(name[1:]) % 10}"
+
+
+def rel_err(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-30)
 
 
 def main() -> None:
@@ -34,61 +54,56 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {','.join(workloads.LAYOUTS)}")
     parser.add_argument("--out", type=str, default="")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
-    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size())))
-    torch.set_num_threads(threads)
-    device = torch.device("cpu")
+    device, backend, threads = env.launch()
     results = []
-    for layout in ("fsdp2", "ddp"):
-        w = bench_clip.build_workload(layout, "small", args.params, 0, 0, device)
+    for layout in (x for x in args.layouts.split(",") if x):
+        w = workloads.build_workload(layout, "small", args.params, 0, 0, device)
+        holder = w.module if w.module is not None else Holder(w.params)
         pairs = [(f"p{i}", p) for i, p in enumerate(w.params)]
-        methods = {
-            "get_total_norm": lambda w=w: distclip.clip.total_grad_norm(w.params),
+        fns: dict[str, Callable[[], object]] = {
+            "get_total_norm": lambda holder=holder: distclip.get_total_norm(holder),
             "grad_norms per parameter": lambda pairs=pairs: distclip.grad_norms(pairs),
             "grad_norms 10 groups": lambda pairs=pairs: distclip.grad_norms(pairs, groups=_ten),
         }
-        first = {}
-        for name, fn in methods.items():
-            first[name] = bench_clip.timed_call(fn, device) * 1e3
-        for _ in range(args.warmup):
-            for fn in methods.values():
-                fn()
-        times = {name: [] for name in methods}
-        for _ in range(args.repeats):
-            for name, fn in methods.items():
-                times[name].append(bench_clip.timed_call(fn, device))
-        row = {"layout": layout, "n_params": w.n_params, "local_MB": round(w.local_bytes / 2**20, 2)}
-        for name in methods:
-            slow = bench_clip.slowest_rank(times[name], device)
-            row[name] = {"median_ms": statistics.median(slow) * 1e3, "p10_ms": bench_clip.percentile([t * 1e3 for t in slow], 0.1),
-                         "p90_ms": bench_clip.percentile([t * 1e3 for t in slow], 0.9), "first_call_ms": first[name]}
-        base = row["get_total_norm"]["median_ms"]
-        for name in methods:
-            row[name]["x_get_total_norm"] = row[name]["median_ms"] / base
-        # correctness: the dict's total is get_total_norm's
+        first = {name: measure.timed_call(fn, device) * 1e3 for name, fn in fns.items()}
+        measure.interleaved(fns, args.warmup, device)
+        stats = measure.slowest_stats(measure.interleaved(fns, args.repeats, device), device)
+        row: dict = {"layout": layout, "n_params": w.n_params, "local_MB": round(w.local_bytes / 2**20, 2)}
+        base = stats["get_total_norm"]["median_ms"]
+        for name, s in stats.items():
+            row[name] = {
+                "median_ms": s["median_ms"],
+                "p10_ms": s["p10_ms"],
+                "p90_ms": s["p90_ms"],
+                "first_call_ms": first[name],
+                "x_get_total_norm": s["median_ms"] / base,
+            }
+        # correctness: the dict's total is get_total_norm's, and both are the reference norm
+        ref = workloads.reference_norm(w)
         got = distclip.grad_norms(pairs)
-        row["total_rel_err"] = abs(float(got["total"]) - float(distclip.clip.total_grad_norm(w.params))) / float(got["total"])
+        total = float(distclip.get_total_norm(holder))
+        row["total_rel_err"] = rel_err(float(got["total"]), total)
+        row["reference_rel_err"] = rel_err(total, ref)
+        row["n_names"] = len(got) - 1  # every parameter, plus "total"
         results.append(row)
-        if dist.get_rank() == 0:
-            print(f"{layout} ({w.n_params} params, {row['local_MB']} MB local):", flush=True)
-            for name in methods:
-                r = row[name]
-                print(f"  {name:26s} median {r['median_ms']:7.2f} ms  p10 {r['p10_ms']:7.2f}  p90 {r['p90_ms']:7.2f}  "
-                      f"x{r['x_get_total_norm']:.2f}  first call {r['first_call_ms']:.1f} ms", flush=True)
+        log(f"{layout} ({w.n_params} params, {row['local_MB']} MB local):")
+        for name in fns:
+            r = row[name]
+            log(
+                f"  {name:26s} median {r['median_ms']:7.2f} ms  p10 {r['p10_ms']:7.2f}  p90 {r['p90_ms']:7.2f}  "
+                f"x{r['x_get_total_norm']:.2f}  first call {r['first_call_ms']:.1f} ms"
+            )
+        log(f"  norm vs reference: rel. err {row['reference_rel_err']:.1e}; grad_norms total vs get_total_norm {row['total_rel_err']:.1e}")
     if dist.get_rank() == 0 and args.out:
-        out = Path(args.out) / f"grad_norms_w{dist.get_world_size()}_gloo.json"
-        meta = bench_clip.hardware_info(device, "gloo", threads)
-        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        out = Path(args.out) / f"grad_norms_w{dist.get_world_size()}_{backend}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": env.hardware_info(device, backend, threads), "results": results}, indent=1))
         print(f"wrote {out}")
-    dist.destroy_process_group()
-
-
-def _ten(name: str) -> str:
-    return f"g{int(name[1:]) % 10}"
+    env.shutdown()
 
 
 if __name__ == "__main__":
-    t0 = time.perf_counter()
     main()

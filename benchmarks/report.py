@@ -3,6 +3,7 @@
     python benchmarks/report.py                      # benchmarks/results/bench_w*_*.json (full runs)
     python benchmarks/report.py --quick              # the --quick smoke-test files instead
     python benchmarks/report.py a.json b.json --out some/dir
+    python benchmarks/report.py --no-plots           # the markdown summary only
 
 Writes ``summary.md`` (headline table, distclip's per-phase breakdown and the target checks per
 world size), ``time_vs_params.png`` (per-call median time vs number of parameter tensors, per
@@ -21,7 +22,8 @@ from typing import Iterable, Optional
 METHOD_ORDER = ["distclip", "torch", "torchtitan", "fsdp1", "minimal", "hand_rolled", "roofline", "distclip_nograd"]
 LAYOUT_ORDER = ["fsdp2", "tp_fsdp", "ddp", "fsdp1", "dtensor_sep", "plain_sep"]
 CLIP_ORDER = ["off", "on"]
-PHASES = ["plan", "local_norms", "reduce", "scale", "other"]  # as bench_clip.PHASES, without "total"
+PHASES = ["layout", "local_norms", "reduce", "scale", "other"]  # as phases.COLUMNS, without "total"
+PHASE_ALIASES = {"layout": "plan"}  # files written before the profiler ranges called the first phase "plan"
 COLORS = {
     "distclip": "C0",
     "torch": "C1",
@@ -184,6 +186,14 @@ def target_rows(results: list[dict], world: Optional[int] = None) -> list[dict]:
     return rows
 
 
+def phase_ms(phases: dict, phase: str) -> Optional[float]:
+    """One phase's ms from a row's ``phases`` (older files: the phase's old name)."""
+    for name in (phase, PHASE_ALIASES.get(phase)):
+        if name and name + "_ms" in phases:
+            return phases[name + "_ms"]
+    return None
+
+
 def format_value(v: object) -> str:
     if v is None:
         return "n/a"
@@ -319,19 +329,19 @@ def markdown(runs: list[tuple[dict, list[dict]]]) -> str:
             out += [
                 "",
                 (
-                    "distclip per phase (ms, median over calls; per call the rank that reaches the all-reduce last;"
-                    " plan = validation + layout discovery +"
+                    "distclip per phase (ms, profiled calls, median; per call the rank that reaches the all-reduce last;"
+                    " from the library's `distclip.<phase>` profiler ranges: layout = validation + layout discovery +"
                     " coalescing, local_norms = per-piece norms and the float64 partial, reduce = the all-reduce, scale = the"
-                    " foreach multiply, other = the rest of the call):"
+                    " foreach multiply, other = the rest of the call; older files: plan = layout):"
                 ),
                 "",
-                "| layout | params | clip | " + " | ".join(PHASES) + " | total | timed median |",
+                "| workload | params | clip | " + " | ".join(PHASES) + " | total | timed median |",
                 "|" + "---|" * (len(PHASES) + 5),
             ]
             for k, d in phased:
                 ph = d["phases"]
                 params = f"{k[2]} (large)" if k[1] == "large" else str(k[2])
-                vals = [f"{ph[p + '_ms']:.3f}" if p + "_ms" in ph else "–" for p in PHASES + ["total"]]
+                vals = [f"{v:.3f}" if (v := phase_ms(ph, p)) is not None else "–" for p in PHASES + ["total"]]
                 out.append(f"| {k[0]} | {params} | {k[3]} | " + " | ".join(vals) + f" | {d['median_ms']:.3f} |")
         errors = sorted({(r["layout"], r["method"], r["error"]) for r in results if r.get("error")})
         if errors:
@@ -453,7 +463,7 @@ def plot_phases(runs: list[tuple[dict, list[dict]]], path: Path) -> bool:
         ax = axes[i][0]
         bottom = [0.0] * len(rows)
         for j, ph in enumerate(PHASES):
-            vals = [max(0.0, d["phases"].get(ph + "_ms", 0.0)) for _, d in rows]
+            vals = [max(0.0, phase_ms(d["phases"], ph) or 0.0) for _, d in rows]
             ax.bar(range(len(rows)), vals, bottom=bottom, label=ph, color=f"C{j}")
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_yscale("log")
@@ -469,8 +479,10 @@ def plot_phases(runs: list[tuple[dict, list[dict]]], path: Path) -> bool:
     return True
 
 
-def generate(results_dir: Path, quick: bool = False, files: Optional[list[Path]] = None, out_dir: Optional[Path] = None) -> list[Path]:
-    """Write the summary and plots for the JSON files; returns the paths written."""
+def generate(
+    results_dir: Path, quick: bool = False, files: Optional[list[Path]] = None, out_dir: Optional[Path] = None, plots: bool = True
+) -> list[Path]:
+    """Write the summary and (``plots``) the plots for the JSON files; returns the paths written."""
     results_dir = Path(results_dir)
     out_dir = Path(out_dir or results_dir)
     files = files or find_files(results_dir, quick)
@@ -482,6 +494,8 @@ def generate(results_dir: Path, quick: bool = False, files: Optional[list[Path]]
     md = out_dir / f"summary{suffix}.md"
     md.write_text(markdown(runs))
     written = [md]
+    if not plots:
+        return written
     try:
         plot_time_vs_params(runs, out_dir / f"time_vs_params{suffix}.png")
         plot_roofline_ratio(runs, out_dir / f"roofline_ratio{suffix}.png")
@@ -499,8 +513,9 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: --results)")
     ap.add_argument("--quick", action="store_true", help="use the --quick result files and suffix outputs with _quick")
+    ap.add_argument("--no-plots", action="store_true", help="write the markdown summary only")
     args = ap.parse_args()
-    for p in generate(args.results, args.quick, args.files or None, args.out):
+    for p in generate(args.results, args.quick, args.files or None, args.out, plots=not args.no_plots):
         print(f"wrote {p}")
 
 

@@ -23,19 +23,34 @@ import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union, cast
+from typing import NamedTuple, Optional, Sequence, Union, cast
 
 import torch
 import torch.distributed as dist
 
-from distclip._dtensor import partial_dims, spec_of
+from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
-from distclip.layout import _ANNOTATION_ATTR, _SHARD_PLACEMENTS, DTensor, GroupLike, current_stage
+from distclip.layout import _ANNOTATION_ATTR, GroupLike, current_stage
 from distclip.norms import NamedParams, collect, grad_norms
 
 __all__ = ["AuditReport", "audit"]
 
 NORM_TYPES = (1.0, 2.0, math.inf)
+
+
+class Record(NamedTuple):
+    """One local gradient piece as a rank saw it; every rank's records are gathered to every rank."""
+
+    key: tuple  # which tensor: ("name", name, stage) or, for a mark_replicated one, ("tied", group size, k)
+    piece: tuple  # which piece of it (equal keys and pieces hold copies): ("plain",), ("dtensor", mesh shape, coords), ...
+    rank: int
+    name: str
+    kind: str  # the layout, as the problems describe it
+    digest: str  # hash of its bytes
+    numel: int
+    zero: bool  # empty or all zeros
+    marks: tuple[tuple[int, ...], ...]  # the sorted ranks of each mark_sharded group
+    stats: dict[float, float]  # per norm type: sum |g|^p (the max for inf)
 
 
 @dataclass
@@ -130,7 +145,7 @@ def audit(
             for n in pnames:
                 tied_key[(id(param), n)] = ("tied", size, tied_seen[size])
                 tied_seen[size] += 1
-    records = []
+    records: list[Record] = []
     for u in local.units:
         tensor = _whole(u) if u.partial else u.tensor
         annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
@@ -141,7 +156,7 @@ def audit(
             grad = cast(DTensor, u.param.grad)  # a unit is made only for a grad; a DTensor's is a DTensor
             mesh = grad.device_mesh
             coord: Sequence[int] = mesh.get_coordinate() or []
-            sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, _SHARD_PLACEMENTS))
+            sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, SHARD_PLACEMENTS))
             # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
             piece = ("dtensor", tuple(mesh.shape), sharded)
             kind = f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
@@ -157,7 +172,7 @@ def audit(
             kind = "mark_replicated tensor"
         piece = piece + _positions(annotation, rank)
         zero = tensor.numel() == 0 or not bool(tensor.detach().ne(0).any())
-        records.append((key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
+        records.append(Record(key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
     everyone: list = [records]
     if stage.distributed:
         everyone = [None] * stage.group_size
@@ -186,52 +201,55 @@ def audit(
     return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
 
 
-def _copy_problems(everyone: list) -> list[str]:
+def _copy_problems(everyone: list[list[Record]]) -> list[str]:
     problems = []
-    holders: dict[tuple, list] = defaultdict(list)
-    by_key: dict[tuple, list] = defaultdict(list)
+    holders: dict[tuple, list[Record]] = defaultdict(list)
+    by_key: dict[tuple, list[Record]] = defaultdict(list)
     for records in everyone:
         for r in records:
-            holders[(r[0], r[1])].append(r)
-            by_key[r[0]].append(r)
+            holders[(r.key, r.piece)].append(r)
+            by_key[r.key].append(r)
     for rs in holders.values():
         hashes = defaultdict(list)
         for r in rs:
-            hashes[r[5]].append(r[2])
+            hashes[r.digest].append(r.rank)
         if len(hashes) > 1:
             groups = sorted(hashes.values(), key=len, reverse=True)
-            names = sorted({r[3] for r in rs})
+            names = sorted({r.name for r in rs})
             problems.append(
-                f"{', '.join(names)}: a {rs[0][4]} that distclip counts as identical copies differs across ranks: "
+                f"{', '.join(names)}: a {rs[0].kind} that distclip counts as identical copies differs across ranks: "
                 + " vs ".join(f"ranks {sorted(g)}" for g in groups)
-                + (" (a tensor-parallel shard without mark_sharded, or replicas out of sync?)" if rs[0][4].startswith("plain") else "")
+                + (" (a tensor-parallel shard without mark_sharded, or replicas out of sync?)" if rs[0].kind.startswith("plain") else "")
             )
     for rs in by_key.values():
         for r in rs:
-            for group in r[8]:
-                same = [q[2] for q in rs if q[2] in group and q[2] != r[2] and q[5] == r[5] and q[1] != r[1] and not r[7]]
-                if same and r[2] < min(same):
+            for group in r.marks:
+                same = [q.rank for q in rs
+                        if q.rank in group and q.rank != r.rank and q.digest == r.digest and q.piece != r.piece and not r.zero]
+                if same and r.rank < min(same):
                     problems.append(
-                        f"{r[3]}: marked sharded over ranks {list(group)}, but ranks {[r[2], *same]} hold identical non-zero "
+                        f"{r.name}: marked sharded over ranks {list(group)}, but ranks {[r.rank, *same]} hold identical non-zero "
                         "gradients: these look like replicas, not pieces (mark_sharded over the wrong group?)"
                     )
     return problems
 
 
-def _reference(everyone: list) -> tuple[dict, dict]:
+def _reference(everyone: list[list[Record]]) -> tuple[dict, dict]:
     """Float64 norms from one copy (the lowest rank's) of every distinct piece: total and per name."""
-    first: dict[tuple, tuple] = {}
+    first: dict[tuple, Record] = {}
     for records in everyone:
         for r in records:
-            first.setdefault((r[0], r[1]), r)
+            first.setdefault((r.key, r.piece), r)
     by_name_pieces: dict[str, dict] = defaultdict(dict)
     for records in everyone:
         for r in records:
-            by_name_pieces[r[3]].setdefault((r[0][0] == "tied", r[0][2] if r[0][0] == "name" else r[0], r[1]), r)
+            # a tied tensor's copies on every stage are one piece; a named one's, one per stage
+            tied = r.key[0] == "tied"
+            by_name_pieces[r.name].setdefault((tied, r.key if tied else r.key[2], r.piece), r)
     total, per_name = {}, {}
     for p in NORM_TYPES:
-        total[p] = _combine([r[9][p] for r in first.values()], [r[6] for r in first.values()], p)
-        per_name[p] = {n: _combine([r[9][p] for r in pieces.values()], [r[6] for r in pieces.values()], p)
+        total[p] = _combine([r.stats[p] for r in first.values()], [r.numel for r in first.values()], p)
+        per_name[p] = {n: _combine([r.stats[p] for r in pieces.values()], [r.numel for r in pieces.values()], p)
                        for n, pieces in by_name_pieces.items()}
     return total, per_name
 

@@ -20,28 +20,29 @@ collective and can never hang on ranks that hold different things.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import ClassVar, Iterable, NamedTuple, Optional, Union
+from typing import Any, ClassVar, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from distclip import _fsdp1
-
-if dist.is_available():
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.placement_types import Partial, Shard, _StridedShard
-
-    _SHARD_PLACEMENTS: tuple[type, ...] = (Shard, _StridedShard)
-else:  # pragma: no cover - torch built without distributed
-    DeviceMesh = DTensor = Partial = type("_Unavailable", (), {})  # type: ignore[misc,assignment]
-    _SHARD_PLACEMENTS = ()
+from distclip._dtensor import (  # DTensor, DeviceMesh: re-exported
+    SHARD_PLACEMENTS,
+    DeviceMesh,
+    DTensor,
+    check_partial_ops,
+    local_of,
+    mesh_ranks,
+    spec_of,
+)
+from distclip._torch import WRAPPER_TAGS
 
 GroupLike = Union["dist.ProcessGroup", "DeviceMesh"]
 ParamsLike = Union[torch.Tensor, Iterable[torch.Tensor], nn.Module]
@@ -78,7 +79,7 @@ class Stage:
 
 def shard_pieces(mesh_shape: tuple[int, ...], placements: tuple) -> int:
     """Disjoint pieces a DTensor is cut into: the product of the sizes of its sharded mesh dims."""
-    return math.prod(size for size, p in zip(mesh_shape, placements) if isinstance(p, _SHARD_PLACEMENTS))
+    return math.prod(size for size, p in zip(mesh_shape, placements) if isinstance(p, SHARD_PLACEMENTS))
 
 
 def element_weight(pieces: int, stage_size: int, stage_copies: int = 1) -> float:
@@ -225,13 +226,12 @@ class LostMarks:
     a ``mark_sharded`` made on the old object would vanish and the norm would be silently wrong
     (4.0 instead of sqrt(32) for a Megatron-TP weight under FSDP2). A marked plain parameter gets a
     finalizer that holds only its ``__dict__``; its death is a lost mark when a wrapper tagged it
-    after the mark (FSDP2 sets ``_fsdp_orig_uid``, FSDP1 ``_fsdp_flattened``) and it was never
+    after the mark (``_torch.WRAPPER_TAGS``: FSDP2 and FSDP1 each set one) and it was never
     seen kept by FSDP1 (``use_orig_params=True`` keeps it), or when it was a meta-device parameter.
     A model that is simply freed (marked after wrapping, or kept by its wrapper) reports nothing.
     Module marks (``mark_sharded(module, group)``) follow the slot and are never lost this way.
     """
 
-    _TAGS = ("_fsdp_orig_uid", "_fsdp_flattened")
     found: ClassVar[list[str]] = []
 
     @classmethod
@@ -239,7 +239,7 @@ class LostMarks:
         attrs = param.__dict__
         if not attrs.get("_distclip_watched"):
             attrs["_distclip_watched"] = True
-            attrs["_distclip_tags_at_mark"] = frozenset(tag for tag in cls._TAGS if tag in attrs)
+            attrs["_distclip_tags_at_mark"] = frozenset(tag for tag in WRAPPER_TAGS if tag in attrs)
             finalizer = weakref.finalize(param, cls._on_death, attrs, tuple(param.shape), param.device.type == "meta")
             finalizer.atexit = False
 
@@ -254,7 +254,7 @@ class LostMarks:
         annotation = attrs.get(_ANNOTATION_ATTR)
         if annotation is None:
             return
-        tagged_after = any(tag in attrs for tag in cls._TAGS if tag not in attrs.get("_distclip_tags_at_mark", ()))
+        tagged_after = any(tag in attrs for tag in WRAPPER_TAGS if tag not in attrs.get("_distclip_tags_at_mark", ()))
         if (tagged_after and not attrs.get("_distclip_kept")) or was_meta:
             what = "mark_sharded" if annotation.sharded_over else "mark_replicated"
             how = "on the meta device, then replaced (load_state_dict(assign=True) or to_empty)" if was_meta else "then re-wrapped"
@@ -359,14 +359,14 @@ def reject_unknown_layouts(tensors: list[torch.Tensor]) -> None:
     views: set[tuple[int, int]] = set()
     for p in marked:
         g = p.grad
-        local = g._local_tensor if isinstance(g, DTensor) else g  # DTensor internals, as in ``local_layout``
+        local = local_of(g) if isinstance(g, DTensor) else g
         ids.update((id(g), id(local)))
         if local.numel():
             views.add((local.data_ptr(), local.numel()))
     for t in tensors:
         if _ANNOTATION_ATTR in t.__dict__:
             continue
-        local = t._local_tensor if isinstance(t, DTensor) else t
+        local = local_of(t) if isinstance(t, DTensor) else t
         if id(t) in ids or id(local) in ids or (local.numel() and (local.data_ptr(), local.numel()) in views):
             raise ValueError(
                 "distclip.get_total_norm: a tensor given is the gradient of a parameter marked with "
@@ -463,6 +463,8 @@ class LocalLayout:
     kinds: frozenset = frozenset()
     partial: list[tuple[DTensor, float]] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # only with ``track=True``
+    # only with ``track=True``: each parameter's route (None: no grad), for ``plan.LayoutPlan``
+    routes: list[Optional[Route]] = field(default_factory=list)
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -482,8 +484,8 @@ def module_parameters(module: nn.Module) -> list[torch.Tensor]:
     """``list(module.parameters())``, in the same order, without building names.
 
     ``nn.Module.parameters`` builds a dotted name for every submodule and parameter, and FSDP1
-    rewrites each name again: 1.3 ms per call for an FSDP1 model of 80 units (1 449 modules),
-    more than its whole norm. This walk reads the same ``_parameters`` dicts in the same order
+    rewrites each name again: for an FSDP1 model of many small units that costs more than its
+    whole norm (``benchmarks/README.md``). This walk reads the same ``_parameters`` dicts in the same order
     (pre-order, each module and each parameter once) and costs a fraction of that. A root whose
     class overrides ``parameters``/``named_parameters`` (other than FSDP1's renaming) keeps its own.
     """
@@ -532,39 +534,6 @@ def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:
         )
 
 
-def _dtensor_weight(grad: DTensor, stage: Stage, annotation: Optional[Annotation], ranks_of: dict) -> float:
-    """Weight of a DTensor grad's local tensor (of its reduced value, if it is ``Partial``)."""
-    mesh, placements = grad.device_mesh, grad.placements
-    if stage.ranks is not None:  # before the size test: a mesh outside the group says more
-        if mesh not in ranks_of:
-            ranks_of[mesh] = frozenset(mesh.mesh.flatten().tolist())
-        check_inside_group(ranks_of[mesh], stage, f"a DTensor mesh {tuple(mesh.shape)}")
-    if stage.size % mesh.size() != 0:
-        raise ValueError(
-            f"distclip: a DTensor gradient lives on a mesh of {mesh.size()} ranks, which does not divide "
-            f"the {stage.size} ranks of a pipeline stage; pass pp_group so each stage's mesh is inside one stage"
-        )
-    if stage.pp_ranks is not None or stage.ranks is not None:
-        if mesh not in ranks_of:
-            ranks_of[mesh] = frozenset(mesh.mesh.flatten().tolist())
-        _check_inside_stage(ranks_of[mesh], stage, f"a DTensor mesh {tuple(mesh.shape)}")
-    pieces = shard_pieces(tuple(mesh.shape), placements)  # Partial dims hold the whole (reduced) tensor
-    copies = 1
-    if annotation is not None:
-        for info in annotation.sharded_over:
-            _check_inside_stage(info.ranks, stage, "a mark_sharded group")
-        pieces *= annotation.pieces
-        if annotation.replicated_over is not None:
-            check_inside_group(annotation.replicated_over.ranks, stage, "a mark_replicated group")
-            copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
-    if stage.size % pieces != 0:
-        raise ValueError(
-            f"distclip: a gradient is split into {pieces} pieces, which does not divide the "
-            f"{stage.size} ranks of a pipeline stage"
-        )
-    return element_weight(pieces, stage.size, copies)
-
-
 def stage_copies(group_ranks: frozenset[int], pp_ranks: Optional[frozenset[int]]) -> int:
     """Pipeline stages holding a ``mark_replicated`` tensor: the members of its group that are in
     this rank's pipeline group (one rank per stage). Within a stage a plain tensor is replicated
@@ -572,12 +541,6 @@ def stage_copies(group_ranks: frozenset[int], pp_ranks: Optional[frozenset[int]]
     if pp_ranks is None:
         return 1
     return max(1, len(group_ranks & pp_ranks))
-
-
-def _dtensor_kind(param: DTensor) -> tuple:
-    spec = param._spec  # DTensor internals, see the DTensor branch of ``local_layout``
-    mesh = spec.mesh
-    return ("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(type(p).__name__ for p in spec.placements), str(param.dtype))
 
 
 def local_grad_tensors(parameters: ParamsLike) -> dict[tuple, list[torch.Tensor]]:
@@ -594,46 +557,346 @@ def local_grad_tensors(parameters: ParamsLike) -> dict[tuple, list[torch.Tensor]
     return groups
 
 
-def _reject_bare_flat_parameter(param: torch.Tensor) -> None:
+# ----------------------------------------------------------------------------- discovery
+#
+# ``local_layout`` is three parts: ``fingerprint`` reads every parameter (the agreement kinds and
+# the census), ``classify`` gives every gradient a typed route (which kind of local gradient it
+# is, with its weight), and the loop of ``local_layout`` puts each local tensor in its group. Every
+# weight comes from ``weigh``; what is worked out once per call lives in a ``DiscoveryCache``.
+
+
+class ReplicaRoute(NamedTuple):
+    """A plain tensor without marks, replicated across the stage (DDP, no wrapper): measured as is."""
+
+    weight: float
+
+
+class MarkedRoute(NamedTuple):
+    """A plain tensor marked with ``mark_sharded``/``mark_replicated``: measured as is, its weight
+    set by its marks."""
+
+    weight: float
+
+
+class DTensorRoute(NamedTuple):
+    """A DTensor grad that is not ``Partial``: its local tensor is measured, weighted by the mesh
+    dims its placements shard (and by its parameter's marks)."""
+
+    # The grad's DTensorSpec (FSDP2 reuses one per parameter: a plan compares it by identity); None
+    # where no route is kept (``local_layout`` without ``track``).
+    spec: Any
+    weight: float
+
+
+class PartialRoute(NamedTuple):
+    """A ``Partial`` (sum or average) DTensor grad: made whole by one all-reduce over its partial
+    mesh dims before it is measured; ``weight`` is that of the reduced value."""
+
+    spec: Any  # as for ``DTensorRoute``
+    weight: float
+
+
+class FlatShardRoute(NamedTuple):
+    """An FSDP1 parameter: a FlatParameter's local shard, measured without the zero padding that
+    ends it, or (``use_orig_params=True``) a view of that shard."""
+
+    weight: float
+    padding: int  # trailing padding elements left out (0 for a view)
+
+
+class FlatRunsRoute(NamedTuple):
+    """FSDP1 over TP, a FlatParameter whose segments are cut into different numbers of TP pieces
+    (TP-sharded weights next to plain ones): its local shard measured as runs of segments that
+    share a weight, each a slice (see ``Fsdp1Piece.runs``)."""
+
+    runs: tuple[tuple[int, int, float], ...]  # (start, stop, weight); padding excluded, never empty
+
+
+Route = Union[ReplicaRoute, MarkedRoute, DTensorRoute, PartialRoute, FlatShardRoute, FlatRunsRoute]
+
+_UNDISTRIBUTED = ReplicaRoute(1.0)  # every gradient without torch.distributed: whole on this rank
+
+
+def weigh(
+    stage: Stage,
+    pieces: int = 1,
+    annotation: Optional[Annotation] = None,
+    meshes: tuple[tuple[frozenset[int], str], ...] = (),
+    dtensor: bool = False,
+    how: str = "",
+) -> float:
+    """The weight of a local gradient: the one rule behind every route.
+
+    ``pieces``: how many disjoint pieces the gradient is cut into within a stage before its marks
+    (the product of the mesh sizes its DTensor placements shard, or its FSDP1 shards, 1 for a
+    plain tensor); ``meshes``: the global ranks it is cut over, with what they are (for the
+    messages). Each must lie inside the call's group and inside one pipeline stage; a DTensor
+    mesh (``dtensor``) must also tile the stage. ``mark_sharded`` groups multiply the pieces,
+    a ``mark_replicated`` group counts the stages holding a copy, and the pieces must divide the
+    stage (``how`` says what was counted).
+    """
+    for ranks, what in meshes:
+        if dtensor:
+            check_inside_group(ranks, stage, what)  # before the size test: a mesh outside the group says more
+            if stage.size % len(ranks) != 0:
+                raise ValueError(
+                    f"distclip: a DTensor gradient lives on a mesh of {len(ranks)} ranks, which does not divide "
+                    f"the {stage.size} ranks of a pipeline stage; pass pp_group so each stage's mesh is inside one stage"
+                )
+        _check_inside_stage(ranks, stage, what)
+    copies = 1
+    if annotation is not None:
+        for info in annotation.sharded_over:  # e.g. a Megatron-TP weight, an expert split over ep and tp
+            _check_inside_stage(info.ranks, stage, "a mark_sharded group")
+        pieces *= annotation.pieces
+        if annotation.replicated_over is not None:
+            check_inside_group(annotation.replicated_over.ranks, stage, "a mark_replicated group")
+            copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
+    if stage.size % pieces != 0:
+        raise ValueError(
+            f"distclip: a gradient is split into {pieces} pieces{how}, which does not divide the "
+            f"{stage.size} ranks of a pipeline stage"
+        )
+    return element_weight(pieces, stage.size, copies)
+
+
+class _DtypeCodes(dict):
+    """crc32 of each dtype's name, made on first use: ``hash`` of a string depends on the process,
+    ``hash`` of ints and tuples of ints does not."""
+
+    def __missing__(self, dtype: torch.dtype) -> int:
+        code = self[dtype] = zlib.crc32(str(dtype).encode())
+        return code
+
+
+class DiscoveryCache:
+    """What one ``local_layout`` call has worked out so far, shared by all its parameters.
+
+    Discovery runs once per parameter per call, so the work per parameter stays a few dict lookups
+    and an append: anything costlier is done once per distinct layout and kept here until the call
+    ends (never longer: the ids below are only stable while the call holds the tensors).
+
+    - ``replicas``: (dtype, device) -> the group list of unmarked plain grads.
+    - ``dtensor_routes``: ``id(DTensorSpec)`` of an unmarked DTensor grad -> its route and the
+      group list its local tensor joins (None: ``Partial``). FSDP2 shares a spec between a
+      parameter, its grad and the parameters of the same shape.
+    - ``dtensor_weights``: (mesh, placement types, dtype) -> route and group list, for grads made
+      with ``DTensor.from_local`` (a spec each): the weight depends only on which mesh dims shard.
+      Without ``track`` (no one reads the routes) those grads share that route, naming no spec.
+    - ``flat_routes``: ``id(param)`` -> route of an FSDP1 parameter (``fsdp1``: its ``Fsdp1Piece``).
+    - ``marked_routes``: weight -> the route of marked plain grads of that weight (routes are
+      values: grads of one weight share one).
+    - ``param_kinds``, ``kinds_by_structure``: the agreement kind of a DTensor *parameter*, by the
+      id of its spec, and by (mesh, placement types, dtype, marked).
+    - ``mesh_ids``, ``meshes``: equal meshes are often distinct objects (``mesh["dp"]`` makes a new
+      one each time) and a DeviceMesh hashes and compares in Python, so each mesh object is
+      compared by value once; the keys above hold the id of the first equal mesh seen.
+    - ``mesh_ranks``: the global ranks of each of those meshes.
+    - ``dtype_codes``: the census's code of each dtype.
+    """
+
+    def __init__(self, stage: Stage, fsdp1: dict[int, _fsdp1.Fsdp1Piece], track: bool) -> None:
+        self.stage = stage
+        self.fsdp1 = fsdp1
+        self.track = track  # routes are kept (``LocalLayout.routes``)
+        self.groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
+        self.replica = ReplicaRoute(element_weight(1, stage.size))  # what ``weigh(stage)`` gives
+        self.replicas: dict[tuple, list[torch.Tensor]] = {}
+        self.dtensor_routes: dict[int, tuple[Route, Optional[list[torch.Tensor]]]] = {}
+        self.dtensor_weights: dict[tuple, tuple[Union[DTensorRoute, PartialRoute], Optional[list[torch.Tensor]]]] = {}
+        self.flat_routes: dict[int, Route] = {}
+        self.marked_routes: dict[float, MarkedRoute] = {}
+        self.param_kinds: dict[int, tuple] = {}
+        self.kinds_by_structure: dict[tuple, tuple] = {}
+        self.mesh_ids: dict[int, int] = {}
+        self.meshes: dict = {}
+        self.mesh_ranks: dict[int, frozenset[int]] = {}
+        self.dtype_codes = _DtypeCodes()
+
+    def mesh_id(self, mesh: DeviceMesh) -> int:
+        found = self.mesh_ids.get(id(mesh))
+        if found is None:
+            found = self.mesh_ids[id(mesh)] = id(self.meshes.setdefault(mesh, mesh))
+        return found
+
+    def ranks(self, mesh: DeviceMesh) -> frozenset[int]:
+        key = self.mesh_id(mesh)
+        found = self.mesh_ranks.get(key)
+        if found is None:
+            found = self.mesh_ranks[key] = mesh_ranks(mesh)
+        return found
+
+    def dtensor_route(self, spec: Any, grad: torch.Tensor) -> tuple[Route, Optional[list[torch.Tensor]]]:
+        """The route of an unmarked DTensor grad whose spec is new to this call (and the group list
+        its local tensor joins, None if it is ``Partial``)."""
+        mesh = spec.mesh
+        structure = (self.mesh_ids.get(id(mesh)) or self.mesh_id(mesh), tuple(map(type, spec.placements)), grad.dtype)
+        found = self.dtensor_weights.get(structure)
+        if found is None:
+            weight = _dtensor_weight(spec, self, None)
+            if check_partial_ops(spec):
+                found = (PartialRoute(None, weight), None)
+            else:
+                found = (DTensorRoute(None, weight), self.groups[(grad.device, grad.dtype, weight)])
+            self.dtensor_weights[structure] = found
+        route, bucket = found
+        if bucket is None:
+            check_partial_ops(spec)  # the structure holds placement types only, not a Partial's reduce op
+        if self.track:  # a route of its own, naming its spec
+            found = (PartialRoute(spec, route.weight) if bucket is None else DTensorRoute(spec, route.weight), bucket)
+        self.dtensor_routes[id(spec)] = found
+        return found
+
+    def flat_route(self, param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, annotation: Optional[Annotation]) -> Route:
+        """The route of an FSDP1 parameter (worked out once per call: ``fingerprint`` and
+        ``classify`` both ask)."""
+        found = self.flat_routes.get(id(param))
+        if found is None:
+            found = self.flat_routes[id(param)] = _flat_route(param, piece, annotation, self.stage)
+        return found
+
+    def dtensor_kind(self, spec: Any, dtype: torch.dtype, marked: bool) -> tuple:
+        """The agreement kind of a DTensor parameter whose spec is new to this call: its mesh,
+        placement types and dtype (``marked``: and its ``mark_replicated``)."""
+        # Parameters made with DTensor.from_local have a spec each: the kind is built once per
+        # (mesh, placement types, dtype, marked), not once per parameter.
+        key = (self.mesh_id(spec.mesh), tuple(map(type, spec.placements)), dtype, marked)
+        kind = self.kinds_by_structure.get(key)
+        if kind is None:
+            mesh = spec.mesh
+            kind = ("DTensor", tuple(mesh.shape), mesh.mesh_dim_names, tuple(type(p).__name__ for p in spec.placements),
+                    str(dtype)) + (("mark_replicated",) if marked else ())
+            self.kinds_by_structure[key] = kind
+        if not marked:  # marks are per parameter, a spec may be shared
+            self.param_kinds[id(spec)] = kind
+        return kind
+
+
+def _dtensor_weight(spec: Any, cache: DiscoveryCache, annotation: Optional[Annotation]) -> float:
+    """Weight of a DTensor grad's local tensor (of its reduced value, if it is ``Partial``:
+    ``Partial`` dims hold the whole tensor)."""
+    mesh = spec.mesh
+    shape = tuple(mesh.shape)
+    return weigh(cache.stage, shard_pieces(shape, spec.placements), annotation,
+                 ((cache.ranks(mesh), f"a DTensor mesh {shape}"),), dtensor=True)
+
+
+def _flat_route(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, annotation: Optional[Annotation], stage: Stage) -> Route:
+    """An FSDP1 parameter's route: its shard, or under FSDP1 over TP with runs one weight per run."""
+    if annotation is not None:  # kept inside its wrapper (use_orig_params=True): its death is a free
+        LostMarks.kept(param)
+    # FSDP1 over TP: the TP meshes too lie inside the stage
+    meshes = tuple((ranks, "a DTensor (tensor-parallel) mesh inside FSDP1") for ranks in piece.tp_ranks) if piece.tp_ranks else ()
+    if piece.runs is None:
+        return FlatShardRoute(weigh(stage, piece.pieces, annotation, meshes), piece.trailing_padding)
+    how = " (FSDP1 shards x tensor-parallel pieces)"
+    return FlatRunsRoute(tuple((start, stop, weigh(stage, pieces, annotation, meshes, how=how)) for start, stop, pieces in piece.runs))
+
+
+def _reject_bare_flat_parameter() -> None:
     # FSDP1 marks the original parameters it flattens; without the module their shard group is
     # unknown and counting them as replicated would silently give a wrong norm.
-    if _fsdp1.is_fsdp1_managed(param):
-        raise TypeError(
-            "distclip: got an FSDP1-managed parameter without its module; pass the FSDP-wrapped module "
-            "itself as `parameters` so its sharding group can be found"
-        )
+    raise TypeError(
+        "distclip: got an FSDP1-managed parameter without its module; pass the FSDP-wrapped module "
+        "itself as `parameters` so its sharding group can be found"
+    )
 
 
-def _fsdp1_kind(piece: _fsdp1.Fsdp1Piece, extra: int, copies: int, stage: Stage, dtype: torch.dtype) -> tuple:
-    """The agreement kind of an FSDP1 parameter: its weight, or under FSDP1 over TP with runs the
-    weight of every segment of the flat parameter (alike on every rank, whatever its shard holds)."""
-    if piece.runs is None:
-        return ("FSDP1", element_weight(piece.pieces * extra, stage.size, copies), str(dtype))
-    return ("FSDP1", tuple(element_weight(p * extra, stage.size, copies) for p in piece.segment_pieces), str(dtype))
+def fingerprint(params: list[torch.Tensor], annotations: list[Optional[Annotation]], cache: DiscoveryCache) -> frozenset:
+    """What every rank of the stage must hold alike (``LocalLayout.kinds``, see ``agreement``),
+    read from the *parameters* (``annotations``: their marks), with or without a grad: a frozen
+    parameter, or one whose grad is None on this rank only, is no disagreement.
+
+    - One kind per layout held: ("plain", dtype), ("mark_replicated", dtype), a DTensor
+      parameter's mesh, placement types and dtype, an FSDP1 parameter's weight (under FSDP1 over
+      TP with runs, the weight of every segment: alike on every rank, whatever its shard holds).
+      ``mark_sharded`` tensors have none: ranks may hold any number of experts.
+    - A census: how many parameters, and a digest of their (dtype, DTensor or not, global
+      shape). A forgotten pp_group (stages hold different parameters) or a forgotten
+      ``mark_sharded`` on experts (ranks hold different numbers of "replicated" tensors) shows
+      here. Left out: ``mark_sharded`` tensors (any number per rank) and FSDP1's (their local
+      views differ per rank). The digest is a sum: the order of the parameters does not count.
+
+    Every parameter passes here, so this is also where an FSDP1-managed parameter passed without
+    its module is refused.
+    """
+    kinds: set[tuple] = set()
+    plain: set[torch.dtype] = set()
+    replicated: set[torch.dtype] = set()  # plain tensors and FSDP1 parameters marked with mark_replicated
+    census: list[int] = []
+    count = census.append
+    fsdp1, codes, param_kinds, managed = cache.fsdp1, cache.dtype_codes, cache.param_kinds, _fsdp1.is_fsdp1_managed
+    for param, annotation in zip(params, annotations):
+        if annotation is not None and annotation.sharded_over:
+            if not isinstance(param, DTensor) and id(param) not in fsdp1 and managed(param):
+                _reject_bare_flat_parameter()
+            continue
+        dtype = param.dtype
+        if isinstance(param, DTensor):
+            spec = spec_of(param)
+            if annotation is not None or id(spec) not in param_kinds:  # else its kind is in already
+                kinds.add(cache.dtensor_kind(spec, dtype, annotation is not None))
+            count(hash((codes[dtype], True, param.shape)))
+        elif fsdp1 and id(param) in fsdp1:
+            if annotation is None:
+                kinds.add(_flat_kind(param, fsdp1[id(param)], cache))
+            else:
+                replicated.add(dtype)
+        else:
+            if managed(param):
+                _reject_bare_flat_parameter()
+            (plain if annotation is None else replicated).add(dtype)
+            count(hash((codes[dtype], False, param.shape)))
+    kinds.update(("plain", str(dtype)) for dtype in plain)
+    kinds.update(("mark_replicated", str(dtype)) for dtype in replicated)
+    kinds.add(("parameters held (count, digest of dtypes and shapes)", len(census), sum(census) & _MASK))
+    return frozenset(kinds)
 
 
-def _add_fsdp1_runs(index: int, grad: torch.Tensor, piece: _fsdp1.Fsdp1Piece, extra: int, copies: int, kind: str,
-                    stage: Stage, dtype: torch.dtype, groups: dict, kinds: set, entries: Optional[list]) -> None:
-    """FSDP1 over TP, a FlatParameter whose segments are cut into different numbers of TP pieces
-    (TP-sharded weights next to plain ones): one local tensor per run of segments that share their
-    pieces, a slice of the flat shard, each under its own weight (``extra``: ``mark_sharded`` pieces)."""
-    assert piece.runs is not None
-    for start, stop, run_pieces in piece.runs:
-        pieces = run_pieces * extra
-        if stage.size % pieces != 0:
-            raise ValueError(
-                f"distclip: a gradient is split into {pieces} pieces (FSDP1 shards x tensor-parallel pieces), which "
-                f"does not divide the {stage.size} ranks of a pipeline stage"
-            )
-        weight = element_weight(pieces, stage.size, copies)
-        tensor = grad[start:stop]
-        groups[(tensor.device, tensor.dtype, weight)].append(tensor)
-        if entries is not None:
-            entries.append(Entry(index, tensor, weight, False, start))
-    if kind == "FSDP1":
-        kinds.add(_fsdp1_kind(piece, extra, copies, stage, dtype))
-    elif kind:
-        kinds.add((kind, str(dtype)))
+def _flat_kind(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, cache: DiscoveryCache) -> tuple:
+    """The agreement kind of an unmarked FSDP1 parameter: its weight, or under FSDP1 over TP with
+    runs the weight of every segment of the flat parameter."""
+    route = cache.flat_route(param, piece, None)
+    if isinstance(route, FlatShardRoute):
+        return ("FSDP1", route.weight, str(param.dtype))
+    return ("FSDP1", tuple(weigh(cache.stage, pieces) for pieces in piece.segment_pieces), str(param.dtype))
+
+
+def classify(
+    param: torch.Tensor, grad: torch.Tensor, annotation: Optional[Annotation], cache: DiscoveryCache
+) -> tuple[Route, Optional[list[torch.Tensor]]]:
+    """Which kind of local gradient ``grad`` (of ``param``, marked with ``annotation``) is: its
+    typed route, and the group list its local tensor joins (None where the route places it: a
+    ``Partial`` grad, FSDP1 runs).
+
+    Unmarked plain and DTensor grads, the common case, are a lookup in ``cache``; marks are per
+    parameter, so a marked grad is weighed every time."""
+    if isinstance(grad, DTensor):
+        spec = spec_of(grad)
+        if annotation is None:
+            found = cache.dtensor_routes.get(id(spec))
+            return found if found is not None else cache.dtensor_route(spec, grad)
+        weight = _dtensor_weight(spec, cache, annotation)
+        if check_partial_ops(spec):
+            return PartialRoute(spec, weight), None
+        return DTensorRoute(spec, weight), cache.groups[(grad.device, grad.dtype, weight)]
+    piece = cache.fsdp1.get(id(param)) if cache.fsdp1 else None
+    if piece is not None:
+        route = cache.flat_route(param, piece, annotation)
+        if isinstance(route, FlatShardRoute):
+            return route, cache.groups[(grad.device, grad.dtype, route.weight)]
+        return route, None
+    if annotation is None:  # DDP, no wrapper: a plain tensor replicated across the stage
+        where = (grad.dtype, grad.device)
+        bucket = cache.replicas.get(where)
+        if bucket is None:
+            bucket = cache.replicas[where] = cache.groups[(grad.device, grad.dtype, cache.replica.weight)]
+        return cache.replica, bucket
+    weight = weigh(cache.stage, 1, annotation)
+    marked = cache.marked_routes.get(weight)
+    if marked is None:
+        marked = cache.marked_routes[weight] = MarkedRoute(weight)
+    return marked, cache.groups[(grad.device, grad.dtype, weight)]
 
 
 def local_layout(
@@ -643,197 +906,72 @@ def local_layout(
 
     Raises (before any collective and before any gradient is touched) on layouts that cannot be
     counted: a FlatParameter passed without its FSDP module, a shard group that does not fit inside
-    a pipeline stage, a mark lost by re-wrapping. This loop runs once per parameter per call, so it
-    stays lean: a DTensor layout is worked out once per DTensorSpec seen in the call.
+    a pipeline stage, a mark lost by re-wrapping.
 
     With ``track``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
-    each local tensor comes from, for per-parameter norms. With ``grads`` (one tensor per entry of
-    ``params``: ``get_total_norm`` measuring the tensors it is given), those are measured instead
-    of ``params[i].grad``.
+    each local tensor comes from, for per-parameter norms, and ``LocalLayout.routes`` holds each
+    parameter's route (for a layout plan). With ``grads`` (one tensor per entry of ``params``:
+    ``get_total_norm`` measuring the tensors it is given), those are measured instead of
+    ``params[i].grad``.
     """
     SlotMarks.apply()
     LostMarks.raise_if_any()
+    if grads is None:
+        grads = list(map(_grad_of, params))
+    if not stage.distributed:
+        return _undistributed_layout(grads, track)
+    cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {}, track)
+    annotations: list[Optional[Annotation]] = list(map(dict.get, map(_dict_of, params), repeat(_ANNOTATION_ATTR)))
+    layout = LocalLayout(cache.groups, fingerprint(params, annotations, cache))
+    partial, entries = layout.partial, layout.entries
+    routes: list[Optional[Route]] = [None] * len(params) if track else []
+    for index, (param, grad, annotation) in enumerate(zip(params, grads, annotations)):
+        if grad is None:
+            continue
+        route, bucket = classify(param, grad, annotation, cache)
+        cls = route.__class__
+        if cls is ReplicaRoute:
+            local = grad
+        elif cls is DTensorRoute:
+            local = local_of(grad)
+        elif cls is MarkedRoute or cls is PartialRoute:
+            local = grad
+        elif cls is FlatShardRoute:
+            padding = route.padding  # type: ignore[union-attr]
+            local = grad[: grad.numel() - padding] if padding else grad
+        else:  # FSDP1 runs: one slice of the flat shard per run, each in its own group
+            for start, stop, weight in route.runs:  # type: ignore[union-attr]
+                piece = grad[start:stop]
+                cache.groups[(piece.device, piece.dtype, weight)].append(piece)
+                if track:
+                    entries.append(Entry(index, piece, weight, False, start))
+            if track:
+                routes[index] = route
+            continue
+        if bucket is not None:
+            bucket.append(local)
+        else:  # only a Partial grad has no group: it is made whole first
+            partial.append((grad, route.weight))  # type: ignore[arg-type,union-attr]  # a DTensor grad's route
+        if track:
+            entries.append(Entry(index, local, route.weight, bucket is None))  # type: ignore[union-attr]
+            routes[index] = route
+    layout.routes = routes
+    return layout
+
+
+def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], track: bool) -> LocalLayout:
+    """Without torch.distributed every gradient is whole on this rank: weight 1, no agreement."""
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
     entries: list[Entry] = []
-    if not stage.distributed:
-        for i, p in enumerate(params):
-            g = p.grad if grads is None else grads[i]
-            if g is not None:
-                groups[(g.device, g.dtype, 1.0)].append(g)
-                if track:
-                    entries.append(Entry(i, g, 1.0))
-        return LocalLayout(groups, entries=entries)
-    fsdp1 = _fsdp1.fsdp1_pieces(module) if module is not None else {}
-    # Per-call caches, so the work per parameter is a few dict lookups and an append: anything
-    # costlier is done once per distinct DTensorSpec, (mesh, placement types, dtype) or plain
-    # (dtype, device). The caches hold the group lists themselves (None: a Partial grad).
-    by_spec: dict[int, tuple[Optional[list[torch.Tensor]], float]] = {}
-    by_structure: dict[tuple, tuple[Optional[list[torch.Tensor]], float]] = {}
-    plain: dict[tuple, list[torch.Tensor]] = {}
-    kind_of_spec: dict[int, tuple] = {}
-    kind_of_structure: dict[tuple, tuple] = {}
-    # Equal meshes are often distinct objects (``mesh["dp"]`` makes a new one each time), and a
-    # DeviceMesh hashes and compares in Python: each mesh object is compared by value once, and
-    # the keys above hold the id of the first equal mesh seen (meshes live as long as the call).
-    mesh_ids: dict[int, int] = {}
-    meshes: dict = {}
-
-    def mesh_id(mesh) -> int:
-        found = mesh_ids.get(id(mesh))
-        if found is None:
-            found = mesh_ids[id(mesh)] = id(meshes.setdefault(mesh, mesh))
-        return found
-
-    kinds: set[tuple] = set()
-    partial: list[tuple[DTensor, float]] = []
-    ranks_of: dict = {}
-    plain_weight = element_weight(1, stage.size)
-    # A census of the parameters every rank of the stage must hold alike: their number and a
-    # digest of (dtype, DTensor or not, global shape). A forgotten pp_group (stages hold different
-    # parameters) or forgotten mark_sharded on experts (ranks hold different numbers of
-    # "replicated" tensors) shows here. Left out: marked-sharded tensors (any number per rank) and
-    # FSDP1's (their local views differ per rank). ``hash`` of ints and tuples of ints does not
-    # depend on the process, unlike ``hash`` of strings, hence the crc32 codes for dtypes.
-    census_count = census_digest = 0
-    dtype_code: dict[torch.dtype, int] = {}
-    for index, param in enumerate(params):
-        grad = param.grad if grads is None else grads[index]
-        annotation: Optional[Annotation] = param.__dict__.get(_ANNOTATION_ATTR)
-        sharded = annotation is not None and bool(annotation.sharded_over)
-        if not sharded and id(param) not in fsdp1:
-            code = dtype_code.get(param.dtype)
-            if code is None:
-                code = dtype_code[param.dtype] = zlib.crc32(str(param.dtype).encode())
-            census_count += 1
-            census_digest = (census_digest + hash((code, isinstance(param, DTensor), *param.shape))) & _MASK
-        if isinstance(param, DTensor):
-            # The agreement compares what ranks hold as *parameters*: a frozen parameter, or one
-            # whose grad is None on this rank only, is no disagreement.
-            if not sharded:
-                pspec = param._spec
-                spec_kind = kind_of_spec.get(id(pspec))
-                if spec_kind is None:
-                    # Parameters made with DTensor.from_local have a spec each: the kind is built
-                    # once per (mesh, placement types, dtype), not once per parameter.
-                    pkey = (mesh_id(pspec.mesh), tuple(map(type, pspec.placements)), param.dtype, annotation is not None)
-                    spec_kind = kind_of_structure.get(pkey)
-                    if spec_kind is None:
-                        spec_kind = _dtensor_kind(param) + (("mark_replicated",) if annotation is not None else ())
-                        kind_of_structure[pkey] = spec_kind
-                    kind_of_spec[id(pspec)] = spec_kind
-                kinds.add(spec_kind)
-        if grad is None:
-            if not isinstance(param, DTensor) and not sharded:
-                if id(param) in fsdp1:
-                    kinds.add(_fsdp1_kind(fsdp1[id(param)], 1, 1, stage, param.dtype))
-                else:
-                    _reject_bare_flat_parameter(param)
-                    kinds.add(("mark_replicated" if annotation else "plain", str(param.dtype)))
-            continue
-        if isinstance(grad, DTensor):
-            # DTensor's private ``_spec`` and ``_local_tensor``: this runs once per parameter per
-            # call, and the public ``to_local()`` (an autograd Function) plus the ``device_mesh``
-            # and ``placements`` properties cost several times the rest of the loop (4000 TP
-            # grads: 13 ms -> 5 ms). FSDP2 reuses one spec per parameter, so the spec's identity
-            # keys the layout; the grads keep their specs alive during the call, so ids are stable.
-            spec = getattr(grad, "_spec", None)
-            local = grad._local_tensor if spec is not None else grad.to_local()
-            if annotation is not None:  # marks are per parameter: no caching
-                weight = _dtensor_weight(grad, stage, annotation, ranks_of)
-                if _is_partial(grad):
-                    partial.append((grad, weight))
-                else:
-                    groups[(grad.device, grad.dtype, weight)].append(local)
-                if track:
-                    entries.append(Entry(index, grad if _is_partial(grad) else local, weight, _is_partial(grad)))
-                continue
-            key = id(spec if spec is not None else grad)
-            entry = by_spec.get(key)
-            if entry is None:
-                if spec is not None:  # the private spec again: the public properties cost more
-                    mesh, placements = spec.mesh, spec.placements
-                else:
-                    mesh, placements = grad.device_mesh, grad.placements
-                # The weight depends only on which mesh dims shard: placement types suffice.
-                structure = (mesh_id(mesh), tuple(map(type, placements)), grad.dtype)
-                entry = by_structure.get(structure)
-                if entry is None:
-                    weight = _dtensor_weight(grad, stage, None, ranks_of)
-                    bucket = None if _is_partial(grad) else groups[(grad.device, grad.dtype, weight)]
-                    entry = by_structure[structure] = (bucket, weight)
-                by_spec[key] = entry
-            if entry[0] is None:
-                partial.append((grad, entry[1]))
-            else:
-                entry[0].append(local)
+    routes: list[Optional[Route]] = [None] * len(grads) if track else []
+    for i, g in enumerate(grads):
+        if g is not None:
+            groups[(g.device, g.dtype, 1.0)].append(g)
             if track:
-                entries.append(Entry(index, local if entry[0] is not None else grad, entry[1], entry[0] is None))
-            continue
-        if annotation is None and not fsdp1:
-            _reject_bare_flat_parameter(param)
-            # The common case (DDP, no wrapper): a plain tensor replicated across the stage.
-            where = (grad.dtype, grad.device)
-            bucket = plain.get(where)
-            if bucket is None:
-                bucket = plain[where] = groups[(grad.device, grad.dtype, plain_weight)]
-                kinds.add(("plain", str(param.dtype)))
-            bucket.append(grad)
-            if track:
-                entries.append(Entry(index, grad, plain_weight))
-            continue
-        pieces, copies, tensor, kind = 1, 1, grad, "plain"
-        fsdp1_piece = fsdp1.get(id(param))
-        if fsdp1_piece is not None:
-            pieces, padding, kind = fsdp1_piece.pieces, fsdp1_piece.trailing_padding, "FSDP1"
-            for tp_ranks in fsdp1_piece.tp_ranks:  # FSDP1 over TP: the TP mesh too lies inside the stage
-                _check_inside_stage(tp_ranks, stage, "a DTensor (tensor-parallel) mesh inside FSDP1")
-            if padding:
-                tensor = grad[: grad.numel() - padding]
-        else:
-            _reject_bare_flat_parameter(param)
-        if annotation is not None:
-            if kind == "FSDP1":  # kept inside its wrapper (use_orig_params=True): its death is a free
-                LostMarks.kept(param)
-            if sharded:  # e.g. a Megatron-TP weight inside FSDP1, an expert split over ep and tp
-                for info in annotation.sharded_over:
-                    _check_inside_stage(info.ranks, stage, "a mark_sharded group")
-                pieces, kind = pieces * annotation.pieces, ""
-            if annotation.replicated_over is not None:
-                check_inside_group(annotation.replicated_over.ranks, stage, "a mark_replicated group")
-                copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
-                kind = kind and "mark_replicated"
-        if stage.size % pieces != 0:
-            raise ValueError(
-                f"distclip: a gradient is split into {pieces} pieces, which does not divide the "
-                f"{stage.size} ranks of a pipeline stage"
-            )
-        if fsdp1_piece is not None and fsdp1_piece.runs is not None:
-            _add_fsdp1_runs(index, grad, fsdp1_piece, pieces // fsdp1_piece.pieces, copies, kind, stage, param.dtype,
-                            groups, kinds, entries if track else None)
-            continue
-        weight = element_weight(pieces, stage.size, copies)
-        if kind == "FSDP1":
-            kinds.add(("FSDP1", weight, str(param.dtype)))
-        elif kind:
-            kinds.add((kind, str(param.dtype)))
-        groups[(tensor.device, tensor.dtype, weight)].append(tensor)
-        if track:
-            entries.append(Entry(index, tensor, weight))
-    kinds.add(("parameters held (count, digest of dtypes and shapes)", census_count, census_digest))
-    return LocalLayout(groups, frozenset(kinds), partial, entries)
+                entries.append(Entry(i, g, 1.0))
+                routes[i] = _UNDISTRIBUTED
+    return LocalLayout(groups, entries=entries, routes=routes)
 
 
-def _is_partial(grad: DTensor) -> bool:
-    partial = [p for p in grad._spec.placements if isinstance(p, Partial)]
-    for p in partial:
-        if p.reduce_op not in ("sum", "avg"):
-            raise ValueError(
-                f"distclip: a gradient is a DTensor with placement {p}; only Partial sums and averages "
-                "can be measured (redistribute it to Shard/Replicate first)"
-            )
-    return bool(partial)
-
-
-def is_partial_sum(grad: DTensor) -> bool:
-    """Whether ``grad`` is a ``Partial`` sum/average DTensor (never raises)."""
-    return any(isinstance(p, Partial) and p.reduce_op in ("sum", "avg") for p in grad._spec.placements)
+_grad_of = operator.attrgetter("grad")
+_dict_of = operator.attrgetter("__dict__")

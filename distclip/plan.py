@@ -24,54 +24,105 @@ import operator
 import weakref
 from collections import OrderedDict
 from itertools import repeat
-from typing import Callable, NamedTuple, Optional, cast
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
-from distclip.layout import DTensor, LocalLayout, Marks, Stage, local_layout
+from distclip._dtensor import DTensor, local_of, spec_of
+from distclip.layout import (
+    DTensorRoute,
+    FlatRunsRoute,
+    FlatShardRoute,
+    LocalLayout,
+    Marks,
+    PartialRoute,
+    Route,
+    Stage,
+    local_layout,
+)
 
-_PLAIN, _DTENSOR, _PARTIAL, _PADDED, _RUNS = range(5)
+
+class Structure(NamedTuple):
+    """What a DTensor grad's layout depends on, compared when its spec is another object. The
+    placements themselves, not only their types: a Partial's reduce op decides how its grad is
+    made whole (and a "max" one must be refused by discovery)."""
+
+    mesh: Any
+    placements: tuple
+    dtype: torch.dtype
+    device: torch.device  # of the local tensor
+
+
+# How a plan finds one parameter's local tensor(s) in a later call, and what it checks first. Each
+# is made from the route discovery gave the parameter (``layout.Route``); ``slot`` is the index of
+# a group in ``LayoutPlan.keys``.
+
+
+class PlainStep(NamedTuple):
+    """The grad itself (``ReplicaRoute``, ``MarkedRoute``, an FSDP1 view without padding): still
+    of the same class, dtype and device."""
+
+    slot: int
+    cls: type
+    dtype: torch.dtype
+    device: torch.device
+
+
+class PaddedStep(NamedTuple):
+    """A padded FSDP1 flat shard (``FlatShardRoute``): checked as ``PlainStep``, measured without
+    its padding (static for the FlatParameter)."""
+
+    slot: int
+    cls: type
+    dtype: torch.dtype
+    device: torch.device
+    padding: int
+
+
+class RunsStep(NamedTuple):
+    """FSDP1 over TP (``FlatRunsRoute``): a flat shard measured in runs, static as the padding."""
+
+    runs: tuple[tuple[int, int, int], ...]  # (slot, start, stop)
+    cls: type
+    dtype: torch.dtype
+    device: torch.device
+
+
+class DTensorStep(NamedTuple):
+    """A DTensor grad's local tensor (``DTensorRoute``): the same spec object (FSDP2 reuses one
+    per parameter) or, failing that, the same structure."""
+
+    slot: int
+    spec: Any
+    structure: Structure
+
+
+class PartialStep(NamedTuple):
+    """A ``Partial`` DTensor grad (``PartialRoute``): checked as ``DTensorStep``, made whole
+    before it is measured, under ``weight``."""
+
+    weight: float
+    spec: Any
+    structure: Structure
+
+
+Step = Union[PlainStep, PaddedStep, RunsStep, DTensorStep, PartialStep]
 
 
 class LayoutPlan:
     """One parameter list's layout: per parameter, how to get its local tensor and which group
-    it joins, plus the agreement kinds (computed once per plan, not per call)."""
+    it joins (``routes``), plus the agreement kinds (computed once per plan, not per call)."""
 
     def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache) -> None:
         layout = local_layout(params, module, stage, track=True)
         self.kinds = layout.kinds
         self.keys: list[tuple] = list(layout.groups)
         slot = {key: i for i, key in enumerate(self.keys)}
-        # One tuple per distinct structure: thousands of retained tuples would bring Python's full
-        # garbage collection forward into this call (measured: a 180 ms pause at 4000 TP grads).
-        structures: dict[tuple, tuple] = {}
-        self.routes: list[Optional[tuple]] = [None] * len(params)
-        for entry in layout.entries:
-            grad = params[entry.index].grad
-            assert grad is not None  # an entry is made only for a parameter with a grad
-            if entry.partial:
-                partial_grad = cast(DTensor, grad)  # only a DTensor grad is partial
-                spec = partial_grad._spec  # DTensor internals, as in ``layout.local_layout``
-                structure = _structure(spec, partial_grad)
-                self.routes[entry.index] = (_PARTIAL, entry.weight, spec, structures.setdefault(structure, structure))
-            elif isinstance(grad, DTensor):
-                key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
-                spec = grad._spec
-                structure = _structure(spec, grad)
-                self.routes[entry.index] = (_DTENSOR, slot[key], spec, structures.setdefault(structure, structure))
-            elif entry.offset is not None:  # FSDP1 over TP: one run of a flat shard, of several
-                key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
-                run = (slot[key], entry.offset, entry.offset + entry.tensor.numel())
-                found = self.routes[entry.index]
-                if found is None:
-                    self.routes[entry.index] = (_RUNS, (run,), type(grad), grad.dtype, grad.device)
-                else:
-                    self.routes[entry.index] = found[:1] + (found[1] + (run,),) + found[2:]
-            else:
-                key = (entry.tensor.device, entry.tensor.dtype, entry.weight)
-                kind = _PLAIN if entry.tensor is grad else _PADDED
-                self.routes[entry.index] = (kind, slot[key], type(grad), grad.dtype, grad.device, grad.numel() - entry.tensor.numel())
+        # One structure object per distinct structure: a plan holding thousands of tuples per
+        # parameter more would bring Python's full garbage collection forward into a later call.
+        structures: dict[tuple, Structure] = {}
+        self.routes: list[Optional[Step]] = [_step(route, p.grad, slot, structures) for route, p in zip(layout.routes, params)]
         self.grad_types = [type(p.grad) for p in params]  # NoneType where there is no grad
         self.batches = _batches(self.routes)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
@@ -99,7 +150,7 @@ class LayoutPlan:
 
     def _apply_batches(self, grads: list) -> Optional[LocalLayout]:
         """The common case (plain and DTensor grads only), checked a batch at a time with C-level
-        ``map`` calls instead of Python per parameter (4 000 grads: ~1 ms instead of ~3 ms). None
+        ``map`` calls instead of Python per parameter (a fraction of ``_apply_each``'s cost). None
         if a DTensor's spec is another object (``_apply_each`` compares its structure)."""
         assert self.batches is not None
         lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
@@ -114,64 +165,85 @@ class LayoutPlan:
                     return None
                 lists[batch.slot] = list(tensors)
             else:
-                if not all(map(operator.is_, map(_spec, tensors), batch.specs)):
+                if not all(map(operator.is_, map(spec_of, tensors), batch.specs)):
                     return None
-                lists[batch.slot] = list(map(_local_tensor, tensors))
+                lists[batch.slot] = list(map(local_of, tensors))
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, [])
 
     def _apply_each(self, params: list[torch.Tensor]) -> Optional[LocalLayout]:
-        """The plan checked parameter by parameter (any route, and DTensor specs by structure)."""
+        """The plan checked parameter by parameter (any step, and DTensor specs by structure)."""
         lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
         partial: list[tuple[DTensor, float]] = []
-        dtensor, plain, partial_kind, padded = _DTENSOR, _PLAIN, _PARTIAL, _PADDED
+        plain_step, dtensor_step, partial_step, padded_step = PlainStep, DTensorStep, PartialStep, PaddedStep
+        steps: list[Any] = self.routes  # told apart by class below, which mypy does not follow
         try:
-            for p, route in zip(params, self.routes):
-                grad = p.grad
-                if route is None:
+            for p, step in zip(params, steps):
+                grad: Any = p.grad
+                if step is None:
                     if grad is not None:
                         return None
                     continue
-                kind = route[0]
-                if kind == dtensor:
-                    # Made for a DTensor grad; a None or plain grad fails ``_spec`` (AttributeError,
-                    # below). No isinstance or cast call on this per-parameter hot path.
-                    dgrad: DTensor = grad  # type: ignore[assignment]
-                    spec = dgrad._spec
-                    if spec is not route[2] and _structure(spec, dgrad) != route[3]:
+                kind = step.__class__
+                # Steps are unpacked, not read by field name: this loop runs per parameter. A None
+                # grad, or a plain one where a DTensor was, fails ``spec_of`` (AttributeError,
+                # below); a None grad fails the class checks.
+                if kind is dtensor_step:
+                    slot, spec, structure = step
+                    found = spec_of(grad)
+                    if found is not spec and _structure(found, grad) != structure:
                         return None
-                    lists[route[1]].append(dgrad._local_tensor)
-                elif kind == plain:
-                    tgrad: torch.Tensor = grad  # type: ignore[assignment]  # None fails the class check
-                    if tgrad.__class__ is not route[2] or tgrad.dtype != route[3] or tgrad.device != route[4]:
+                    lists[slot].append(local_of(grad))
+                elif kind is plain_step:
+                    slot, cls, dtype, device = step
+                    if grad.__class__ is not cls or grad.dtype != dtype or grad.device != device:
                         return None
-                    lists[route[1]].append(tgrad)
-                elif kind == partial_kind:
-                    pgrad: DTensor = grad  # type: ignore[assignment]  # a DTensor, as above
-                    spec = pgrad._spec
-                    if spec is not route[2] and _structure(spec, pgrad) != route[3]:
+                    lists[slot].append(grad)
+                elif kind is partial_step:
+                    weight, spec, structure = step
+                    found = spec_of(grad)
+                    if found is not spec and _structure(found, grad) != structure:
                         return None
-                    partial.append((pgrad, route[1]))
-                elif kind == padded:  # a padded FSDP1 flat shard: the padding is static
-                    fgrad: torch.Tensor = grad  # type: ignore[assignment]  # as above
-                    if fgrad.__class__ is not route[2] or fgrad.dtype != route[3] or fgrad.device != route[4]:
+                    partial.append((grad, weight))  # a DTensor, as checked
+                elif kind is padded_step:
+                    slot, cls, dtype, device, padding = step
+                    if grad.__class__ is not cls or grad.dtype != dtype or grad.device != device:
                         return None
-                    lists[route[1]].append(fgrad[: fgrad.numel() - route[5]] if route[5] else fgrad)
-                else:  # FSDP1 over TP: a flat shard in runs of (slot, start, stop), static as the padding
-                    rgrad: torch.Tensor = grad  # type: ignore[assignment]  # as above
-                    if rgrad.__class__ is not route[2] or rgrad.dtype != route[3] or rgrad.device != route[4]:
+                    lists[slot].append(grad[: grad.numel() - padding])
+                else:  # RunsStep
+                    runs, cls, dtype, device = step
+                    if grad.__class__ is not cls or grad.dtype != dtype or grad.device != device:
                         return None
-                    for run_slot, start, stop in route[1]:
-                        lists[run_slot].append(rgrad[start:stop])
+                    for run_slot, start, stop in runs:
+                        lists[run_slot].append(grad[start:stop])
         except AttributeError:  # a grad gone (None) or no longer a DTensor
             return None
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
 
 
+def _step(route: Optional[Route], grad: Any, slot: dict[tuple, int], structures: dict[tuple, Structure]) -> Optional[Step]:
+    """The plan's step for one parameter, from the route discovery gave it (None: no grad)."""
+    if route is None:
+        return None
+    if isinstance(route, (DTensorRoute, PartialRoute)):
+        found = _structure(route.spec, grad)
+        structure = structures.get(found)
+        if structure is None:
+            structure = structures[found] = Structure(*found)
+        if isinstance(route, PartialRoute):
+            return PartialStep(route.weight, route.spec, structure)
+        return DTensorStep(slot[(grad.device, grad.dtype, route.weight)], route.spec, structure)
+    if isinstance(route, FlatRunsRoute):
+        runs = tuple((slot[(grad.device, grad.dtype, weight)], start, stop) for start, stop, weight in route.runs)
+        return RunsStep(runs, type(grad), grad.dtype, grad.device)
+    where = slot[(grad.device, grad.dtype, route.weight)]
+    if isinstance(route, FlatShardRoute) and route.padding:
+        return PaddedStep(where, type(grad), grad.dtype, grad.device, route.padding)
+    return PlainStep(where, type(grad), grad.dtype, grad.device)
+
+
 _grad = operator.attrgetter("grad")
 _dtype = operator.attrgetter("dtype")
 _get_device = torch.Tensor.get_device
-_spec = operator.attrgetter("_spec")  # DTensor internals, as in ``layout.local_layout``
-_local_tensor = operator.attrgetter("_local_tensor")
 
 
 class _Batch(NamedTuple):
@@ -185,30 +257,30 @@ class _Batch(NamedTuple):
     specs: Optional[tuple]  # DTensor grads: the spec object each had
 
 
-def _batches(routes: list[Optional[tuple]]) -> Optional[list[_Batch]]:
+def _batches(steps: list[Optional[Step]]) -> Optional[list[_Batch]]:
     """Batches for ``LayoutPlan._apply_batches``, or None where that path does not apply (Partial
     grads, padded FSDP1 shards or FSDP1-over-TP runs, or plain and DTensor grads in one group)."""
     members: dict[int, list[int]] = {}
-    for i, route in enumerate(routes):
-        if route is None:
+    for i, step in enumerate(steps):
+        if step is None:
             continue
-        if route[0] not in (_PLAIN, _DTENSOR):
+        if not isinstance(step, (PlainStep, DTensorStep)):
             return None
-        members.setdefault(route[1], []).append(i)
+        members.setdefault(step.slot, []).append(i)
     out = []
     for slot, idx in members.items():
-        kinds = {routes[i][0] for i in idx}  # type: ignore[index]
-        if len(kinds) > 1:
-            return None
-        first = routes[idx[0]]
-        assert first is not None
+        chosen = [steps[i] for i in idx]
         take = operator.itemgetter(*idx) if len(idx) > 1 else (lambda grads, i=idx[0]: (grads[i],))
-        if first[0] == _PLAIN:
-            out.append(_Batch(slot, take, first[3], first[4], _index(first[4]), None))
+        if all(isinstance(step, PlainStep) for step in chosen):
+            first = chosen[0]
+            assert isinstance(first, PlainStep)
+            out.append(_Batch(slot, take, first.dtype, first.device, _index(first.device), None))
+        elif all(isinstance(step, DTensorStep) for step in chosen):
+            dsteps = [step for step in chosen if isinstance(step, DTensorStep)]
+            structure = dsteps[0].structure  # the dtype of the grads and the device of their local tensors
+            out.append(_Batch(slot, take, structure.dtype, structure.device, _index(structure.device), tuple(s.spec for s in dsteps)))
         else:
-            specs = tuple(routes[i][2] for i in idx)  # type: ignore[index]
-            grad_local = first[3][3]  # the device of the local tensor
-            out.append(_Batch(slot, take, first[3][2], grad_local, _index(grad_local), specs))
+            return None
     return out
 
 
@@ -216,10 +288,9 @@ def _index(device: torch.device) -> int:
     return -1 if device.index is None or device.type == "cpu" else device.index
 
 
-def _structure(spec, grad: DTensor) -> tuple:
-    # The placements themselves, not only their types: a Partial's reduce op decides how its grad
-    # is made whole (and a "max" one must be refused by discovery).
-    return (spec.mesh, tuple(spec.placements), grad.dtype, grad._local_tensor.device)
+def _structure(spec: Any, grad: Any) -> tuple:
+    """A DTensor grad's ``Structure``, as a plain tuple (equal to one)."""
+    return (spec.mesh, tuple(spec.placements), grad.dtype, local_of(grad).device)
 
 
 class PlanCache:

@@ -22,6 +22,7 @@ CASES = [  # (script, ranks, package it needs)
     ("fsdp1", 2, None),
     ("lightning_model_parallel", 4, "lightning"),
     ("torchtitan_swap", 4, "torchtitan"),
+    ("guarded_training", 2, None),
 ]
 
 
@@ -36,3 +37,5 @@ def test_example_runs(name, nproc, package, tmp_path):
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # cwd: logs go there
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"OK: {name}" in out.stdout, out.stdout[-3000:]
+    if name == "guarded_training" and importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "guarded_training.png").stat().st_size > 0  # the plot of norm and threshold

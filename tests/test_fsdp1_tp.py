@@ -71,8 +71,7 @@ def _check(fsdp, orig: bool, ref: dict) -> dict:
             if name not in norms or not abs(float(norms[name]) - want) <= 1e-5 * want:
                 fail(f"p={p}: grad_norms[{name!r}] {float(norms.get(name, math.nan))} vs reference {want}")
     # the later calls above ran on a layout plan: with use_orig_params=False on the route for runs
-    routes = [r[0] for cached in clip.PLANS.plans.values() for r in cached.routes if r is not None]
-    out["runs_route"] = plan._RUNS in routes
+    out["runs_route"] = any(isinstance(step, plan.RunsStep) for cached in clip.PLANS.plans.values() for step in cached.routes)
     rows = {r["name"]: r for r in distclip.describe_rows(fsdp)}
     out["pieces"] = {n: r["pieces"] for n, r in rows.items()}
     wrong_weight = [n for n, r in rows.items() if r["weight"] is not None and r["weight"] != r["pieces"] / 4]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
+from checks import count_collectives, reference_norm, same_on_every_rank
 from distclip import norms as norms_mod
 from distclip import verify
 from harness import run_world
@@ -21,30 +22,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 P_MAIN = (1.0, 2.0, math.inf)
 P_EXTRA = (0.0, -math.inf, 0.5, -2.0)
-
-
-class Counter:
-    """Collectives issued while active (all_reduce, all_gather_object, ... through ``dist``)."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor")
-
-    def __enter__(self):
-        self.count, self.saved = 0, {n: getattr(dist, n) for n in self.NAMES}
-        for n, f in self.saved.items():
-            def wrapper(*a, _f=f, **k):
-                self.count += 1
-                return _f(*a, **k)
-            setattr(dist, n, wrapper)
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(dist, n, f)
-
-
-def _ref_norm(tensors: list[torch.Tensor], p: float) -> float:
-    flat = torch.cat([t.double().reshape(-1) for t in tensors] + [torch.zeros(0, dtype=torch.float64)])
-    return float(torch.linalg.vector_norm(flat, p)) if flat.numel() else 0.0
 
 
 def _rel(a: float, b: float) -> float:
@@ -58,12 +35,6 @@ def _group(name: str):
     return None if head == "norm" else head  # LayerNorm left out of the groups (still in "total")
 
 
-def _same_everywhere(value) -> bool:
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, value)
-    return all(v == everyone[0] for v in everyone)
-
-
 def check(label: str, parameters, full: dict[str, torch.Tensor], pp_group=None, ps=P_MAIN, fresh=True,
           collectives: int = 1, duplicate: tuple = ()) -> list[str]:
     """Every check for one layout; returns failures (never raises, so one world reports all).
@@ -71,22 +42,22 @@ def check(label: str, parameters, full: dict[str, torch.Tensor], pp_group=None, 
     errors = []
     for p in ps:
         for groups in (None, _group):
-            first = Counter()
+            first = count_collectives()
             with first:
                 got = distclip.grad_norms(parameters, p, groups=groups, pp_group=pp_group)
-            with Counter() as again:
+            with count_collectives() as again:
                 got2 = distclip.grad_norms(parameters, p, groups=groups, pp_group=pp_group)
             plain = parameters if isinstance(parameters, nn.Module) else [t for _, t in parameters]
             total = float(distclip.clip.total_grad_norm(plain, p, pp_group=pp_group))
             if groups is None:
-                ref = {n: _ref_norm([g], p) for n, g in full.items()}
+                ref = {n: reference_norm([g], p) for n, g in full.items()}
             else:
                 members: dict[str, list] = {}
                 for n, g in full.items():
                     if _group(n) is not None:
                         members.setdefault(_group(n), []).append(g)
-                ref = {k: _ref_norm(v, p) for k, v in members.items()}
-            ref_total = _ref_norm([g for n, g in full.items() if n not in duplicate], p)
+                ref = {k: reference_norm(v, p) for k, v in members.items()}
+            ref_total = reference_norm([g for n, g in full.items() if n not in duplicate], p)
             tag = f"{label} p={p:g} groups={'yes' if groups else 'no'}"
             if set(got) != set(ref) | {"total"}:
                 errors.append(f"{tag}: keys {sorted(got)} vs {sorted(ref)}")
@@ -103,7 +74,7 @@ def check(label: str, parameters, full: dict[str, torch.Tensor], pp_group=None, 
                 errors.append(f"{tag}: {again.count} collectives in a later call (expected {collectives})")
             if fresh and p == ps[0] and groups is None and first.count != collectives + 1:
                 errors.append(f"{tag}: {first.count} collectives in the first call (expected {collectives + 1}: + names)")
-            if not _same_everywhere([(k, str(v.dtype), float(v).hex()) for k, v in got.items()]):
+            if not same_on_every_rank([(k, str(v.dtype), float(v).hex()) for k, v in got.items()]):
                 errors.append(f"{tag}: the dict differs across ranks")
     return errors
 
@@ -154,13 +125,13 @@ def world_layouts(rank: int, world: int) -> list[str]:
     extra = nn.Parameter(torch.ones(3))
     extra.grad = torch.full((3,), 2.0)
     distclip.mark_sharded(extra, dist.group.WORLD)
-    with Counter() as c:
+    with count_collectives() as c:
         got = distclip.grad_norms(pairs + [("expert.w", extra)] if rank == 1 else pairs)
     if c.count != 3:
         errors.append(f"re-agreement: {c.count} collectives (expected 3)")
     for n, g in dict(full, **{"expert.w": extra.grad}).items():
-        if n not in got or not _rel(float(got[n]), _ref_norm([g], 2.0)) <= 1e-6:
-            errors.append(f"re-agreement: {n} {got.get(n)} vs {_ref_norm([g], 2.0)}")
+        if n not in got or not _rel(float(got[n]), reference_norm([g], 2.0)) <= 1e-6:
+            errors.append(f"re-agreement: {n} {got.get(n)} vs {reference_norm([g], 2.0)}")
 
     # the mutant: a wrong per-name weight (every unit counted with weight 1) must fail the checks
     real = norms_mod.collect
@@ -182,7 +153,7 @@ def world_layouts(rank: int, world: int) -> list[str]:
 
     # validation: the same error on every rank; a failed rank still joins the call's collectives
     # (one all-reduce, then the error messages' all-gather; the name order's agreement on a first call)
-    with Counter() as c:
+    with count_collectives() as c:
         for bad, exc in (("x", TypeError), (math.nan, ValueError)):
             try:
                 distclip.grad_norms(model, bad)

@@ -218,7 +218,7 @@ def test_adapter_has_torchtitans_signature():
         assert ours[name].default == param.default, name
         assert ours[name].kind == param.kind, name
     extra = [ours[name] for name in list(ours)[len(titans):]]
-    assert [p.name for p in extra] == ["group"]
+    assert [p.name for p in extra] == ["group", "guard"]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in extra)
 
 

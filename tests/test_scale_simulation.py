@@ -26,6 +26,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from distclip import agreement, layout, reduce
 from distclip.layout import Annotation, GroupInfo, Stage
+from distclip.packet import TOTAL_HEAD, Packet
 
 CONFIGS = {
     # world: (pp, dp_replicate, dp_shard, tp, ep)  -- ep divides dp_replicate * dp_shard
@@ -178,8 +179,9 @@ def test_every_rank_issues_the_same_collective_and_agreement_holds(world, norm_t
     rows, shapes = [], set()
     for (s, _r, _d, _t), _rank in _ranks(pp, dr, ds, tp).items():
         stage = Stage(True, stage_size, frozenset(range(pp)), s, pp)
-        slots = agreement.slots(agreement.Signature(call, kinds_of_stage[s], stage), use_max)
-        shapes.add((reduce.reduction_op(norm_type), reduce.packed_length(len(slots))))
+        packet = Packet(TOTAL_HEAD, agreement.Signature(call, kinds_of_stage[s], stage), use_max)
+        slots = packet.encode_host([1.0, 0.0, 1.0]).tolist()
+        shapes.add((reduce.reduction_op(norm_type), packet.length))
         rows.append(slots)
     assert len(shapes) == 1  # one collective, same op and size on every rank
     table = torch.tensor(rows, dtype=torch.float64)
@@ -188,13 +190,18 @@ def test_every_rank_issues_the_same_collective_and_agreement_holds(world, norm_t
     def reduced(t):
         return t.max(0).values if use_max else t.sum(0)
 
-    assert not bool(agreement.mismatch(reduced(table), sig, use_max, world))
+    def disagreed(t):
+        return bool(Packet(TOTAL_HEAD, sig, use_max).decode_device(reduced(t)).disagreed)
+
+    assert sig.stage.group_size == world
+    assert not disagreed(table)
     # one rank of stage 1 holds a different layout: every rank's identical verdict flips
-    odd = agreement.slots(agreement.Signature(call, frozenset({("plain", 1.0, "float32")}), Stage(True, stage_size, None, 1, pp)), use_max)
+    odd_sig = agreement.Signature(call, frozenset({("plain", 1.0, "float32")}), Stage(True, stage_size, None, 1, pp))
+    odd = Packet(TOTAL_HEAD, odd_sig, use_max).encode_host([1.0, 0.0, 1.0]).tolist()
     table[stage_size * 1 + 5] = torch.tensor(odd, dtype=torch.float64)
-    assert bool(agreement.mismatch(reduced(table), sig, use_max, world))
+    assert disagreed(table)
     # one rank with another norm_type or max_norm
     table[stage_size * 1 + 5] = torch.tensor(rows[stage_size + 5])
-    other = agreement.slots(agreement.Signature(call[:2] + (0.5,) + call[3:], kinds_of_stage[0], Stage(True, stage_size, None, 0, pp)), use_max)
-    table[7] = torch.tensor(other, dtype=torch.float64)
-    assert bool(agreement.mismatch(reduced(table), sig, use_max, world))
+    other_sig = agreement.Signature(call[:2] + (0.5,) + call[3:], kinds_of_stage[0], Stage(True, stage_size, None, 0, pp))
+    table[7] = Packet(TOTAL_HEAD, other_sig, use_max).encode_host([1.0, 0.0, 1.0])
+    assert disagreed(table)

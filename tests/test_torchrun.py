@@ -1,18 +1,34 @@
-"""The main job launched exactly as users launch it: with torchrun, and with plain `python -m`."""
+"""The main job launched exactly as users launch it: with torchrun, and with plain `python -m`.
+
+Each job runs once per module (a fixture); one test per (layout, norm type) reads its row from the
+printed table, beside the tests of the job as a whole (exit code, summary, progress, warnings)."""
+
+from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 
+import pytest
+
+from distclip.verify import LAYOUT_NAMES, NORM_TYPES, select
+
 TORCH_NORMS = ("1", "2", "inf")  # p = 0 differs by definition (torch counts non-zero tensors)
+WORLD = 4
+# the layouts where torch's own function is right, and those where it is wrong, at 4 ranks
+TORCH_RIGHT = ["DDP"]
+TORCH_WRONG = ["FSDP1 FULL_SHARD flat", "FSDP1 FULL_SHARD orig", "FSDP1 SHARD_GRAD_OP", "FSDP2", "TP + plain",
+               "2D TP+FSDP", "FSDP1 over TP", "PP x FSDP", "EP uneven experts", "EP meta + assign", "tied embed PP",
+               "tied embed PP x FSDP2", "FSDP1 LoRA", "TP + SP"]
 
 
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args, nproc=4, timeout=600):
+def torchrun(*args, nproc=WORLD, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=_env())
 
@@ -26,8 +42,6 @@ def verify(*args, timeout=300):
 
 def table_rows(stdout):
     """{(layout, norm): (passed, detail)} from the printed table."""
-    from distclip.verify import LAYOUT_NAMES
-
     rows = {}
     for line in stdout.splitlines():
         # the longest name that fits ("tied embed PP x FSDP2" also starts with "tied embed PP ")
@@ -38,40 +52,96 @@ def table_rows(stdout):
     return rows
 
 
-def test_main_job_passes_on_four_ranks():
+def _tail(out):
+    return out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def _summary(out):
+    return [line for line in out.stdout.splitlines() if "checks passed" in line]
+
+
+def _id(name: str) -> str:
+    """A test id without spaces or commas: 'two models, group=' -> 'two_models_group'."""
+    return re.sub(r"[^\w.+-]+", "_", name).strip("_")
+
+
+# ----------------------------------------------------------------------------- the main job
+
+
+@pytest.fixture(scope="module")
+def main_job():
+    """`torchrun -m distclip.verify` on 4 ranks, once: (the finished process, its table's rows)."""
     out = torchrun("-m", "distclip.verify")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    summary = [line for line in out.stdout.splitlines() if "checks passed" in line]
+    return out, table_rows(out.stdout)
+
+
+def test_main_job_passes_on_four_ranks(main_job):
+    out, rows = main_job
+    assert out.returncode == 0, _tail(out)
+    summary = _summary(out)
     assert summary and summary[-1].startswith("ALL PASS: 144/144"), out.stdout[-3000:]
     assert "(18 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
     assert "FAIL" not in out.stdout.replace("FAILED", "")
     assert "[18/18] TP + SP" in out.stdout  # progress, per layout
     assert "UserWarning" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr[-3000:]
+    assert len(rows) == len(select(WORLD)) * len(NORM_TYPES), sorted(rows)
 
 
-def test_torch_baseline_on_four_ranks_terminates_with_its_failures():
-    """The negative control at 4 ranks: torch's function raises on the empty FSDP2 shards of ranks
-    2-3 only, inside its own collectives, so ranks 0-1 wait in torch's all-reduce. The job must
-    report that as a hang/timeout (short process-group timeout), rebuild the process group, finish
-    every other layout and exit non-zero in bounded time, instead of hanging until CI's timeout."""
+MAIN_IDS = [pytest.param(s.name, f"{p:g}", id=f"{_id(s.name)}-p{p:g}") for s in select(WORLD) for p in NORM_TYPES]
+
+
+@pytest.mark.parametrize(("layout", "norm"), MAIN_IDS)
+def test_main_job_row(main_job, layout, norm):
+    """One row of the table: distclip's norm and clipped grads match the float64 reference."""
+    out, rows = main_job
+    assert (layout, norm) in rows, f"no row for {layout} p={norm}:\n" + _tail(out)
+    passed, detail = rows[(layout, norm)]
+    assert passed, f"{layout} p={norm}: {detail}"
+    progress = [line for line in out.stdout.splitlines() if line.startswith("[") and f"] {layout:24s} " in line]
+    assert len(progress) == 1 and f" PASS {len(NORM_TYPES)}/{len(NORM_TYPES)} " in progress[0], progress
+
+
+# ----------------------------------------------------------------------------- torch's function, the negative control
+
+
+@pytest.fixture(scope="module")
+def torch_job():
+    """The negative control at 4 ranks, once: (the finished process, its rows, seconds taken)."""
     start = time.monotonic()
     out = torchrun("-m", "distclip.verify", "--impl", "torch", "--timeout", "10", "--norm-types", *TORCH_NORMS, timeout=400)
-    elapsed = time.monotonic() - start
-    assert out.returncode not in (0, None), out.stdout[-4000:] + out.stderr[-4000:]
+    return out, table_rows(out.stdout), time.monotonic() - start
+
+
+def test_torch_baseline_on_four_ranks_terminates_with_its_failures(torch_job):
+    """torch's function raises on the empty FSDP2 shards of ranks 2-3 only, inside its own
+    collectives, so ranks 0-1 wait in torch's all-reduce. The job must report that as a
+    hang/timeout (short process-group timeout), rebuild the process group, finish every other
+    layout and exit non-zero in bounded time, instead of hanging until CI's timeout."""
+    out, rows, elapsed = torch_job
+    assert out.returncode not in (0, None), _tail(out)
     assert elapsed < 300, elapsed
-    rows = table_rows(out.stdout)
     assert len(rows) == 18 * len(TORCH_NORMS), out.stdout[-4000:]
-    layouts = {layout for layout, _ in rows}
-    ok = {name: all(rows[(name, p)][0] for p in TORCH_NORMS) for name in layouts}
-    assert ok["DDP"], out.stdout[-4000:]
-    wrong = ["FSDP1 FULL_SHARD flat", "FSDP1 FULL_SHARD orig", "FSDP1 SHARD_GRAD_OP", "FSDP2", "TP + plain",
-             "2D TP+FSDP", "FSDP1 over TP", "PP x FSDP", "EP uneven experts", "EP meta + assign", "tied embed PP",
-             "tied embed PP x FSDP2", "FSDP1 LoRA", "TP + SP"]
-    assert not any(ok[name] for name in wrong), ok
     assert "hang/timeout" in rows[("FSDP2", "inf")][1], rows[("FSDP2", "inf")]
     assert "empty tensor" in rows[("FSDP2", "inf")][1]
-    summary = [line for line in out.stdout.splitlines() if "checks passed" in line]
+    summary = _summary(out)
     assert summary and summary[-1].startswith("FAILED:") and "world size 4, torch" in summary[-1], out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("layout", TORCH_RIGHT + TORCH_WRONG, ids=_id)
+def test_torch_baseline_layout(torch_job, layout):
+    """torch's function passes every norm type on DDP, and fails at least one on every other
+    layout listed (its rows are all there either way)."""
+    out, rows, _ = torch_job
+    missing = [p for p in TORCH_NORMS if (layout, p) not in rows]
+    assert not missing, f"{layout}: no rows for p={missing}\n" + out.stdout[-4000:]
+    ok = all(rows[(layout, p)][0] for p in TORCH_NORMS)
+    if layout in TORCH_RIGHT:
+        assert ok, {p: rows[(layout, p)] for p in TORCH_NORMS}
+    else:
+        assert not ok, f"torch's function passed every norm type on {layout}"
+
+
+# ----------------------------------------------------------------------------- plain python
 
 
 def test_unknown_layout_is_an_error_that_lists_the_valid_names():
@@ -81,6 +151,7 @@ def test_unknown_layout_is_an_error_that_lists_the_valid_names():
     assert "checks passed" not in out.stdout
     listed = verify("--list", timeout=60)
     assert listed.returncode == 0 and "PP x FSDP" in listed.stdout and "FSDP1 LoRA" in listed.stdout, listed.stdout
+    assert [line[:24].rstrip() for line in listed.stdout.splitlines()] == list(LAYOUT_NAMES), listed.stdout  # registry order
 
 
 def test_plain_python_starts_its_own_ranks_and_fails_cleanly():

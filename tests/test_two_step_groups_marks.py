@@ -28,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import Partial
 
+from checks import reference_norm
 from harness import run_world
 
 NORMS = (1.0, 2.0, math.inf, 0.5)
@@ -36,10 +37,6 @@ NORMS = (1.0, 2.0, math.inf, 0.5)
 def _full(shape, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g) * scale
-
-
-def _ref(fulls, p):
-    return float(torch.linalg.vector_norm(torch.cat([f.double().reshape(-1) for f in fulls]), p))
 
 
 def _close(a, b, rtol=1e-6):
@@ -108,12 +105,12 @@ def _world(rank, world):
         q.grad = distribute_tensor(p_full.clone(), mesh, [Shard(0)])
         shards.append(q)
     for p in NORMS:
-        ref = _ref(fulls, p)
+        ref = reference_norm(fulls, p)
         got = float(distclip.get_total_norm([q.grad for q in plain], p))
         rec(f"two-step plain grads p={p}", _close(got, ref), f"{got} vs {ref} (0.0 before the fix)")
         got = float(distclip.get_total_norm([q.grad for q in shards], p))
         rec(f"two-step DTensor grads p={p}", _close(got, ref), f"{got} vs {ref}")
-    ref = _ref(fulls, 2.0)
+    ref = reference_norm(fulls, 2.0)
     total = distclip.get_total_norm([q.grad for q in shards])
     distclip.clip_grads_with_norm_(shards, 1.0, total)
     coef = 1.0 / (ref + 1e-6)
@@ -124,7 +121,7 @@ def _world(rank, world):
     ln = _full((8,), 9)
     partial = DTensor.from_local(ln * weights[rank] / sum(weights), mesh, [Partial()], run_check=False)
     got = float(distclip.get_total_norm([partial, plain[0].grad]))
-    rec("two-step Partial grad", _close(got, _ref([ln, fulls[0]], 2.0)), f"{got}")
+    rec("two-step Partial grad", _close(got, reference_norm([ln, fulls[0]], 2.0)), f"{got}")
     # parameters given are measured as torch measures them (their values), with a warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -162,7 +159,7 @@ def _world(rank, world):
         torch.manual_seed(0)
         single = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3))
         single(torch.ones(2, 6)).pow(2).sum().backward()
-        ref1 = _ref([p.grad for p in single.parameters()], 2.0)
+        ref1 = reference_norm([p.grad for p in single.parameters()], 2.0)
         got = float(distclip.get_total_norm(fsdp))
         rec(f"FSDP1 module given (use_orig_params={orig})", _close(got, ref1), f"{got} vs {ref1}")
         del fsdp, grads
@@ -180,7 +177,7 @@ def _world(rank, world):
     for p in NORMS:
         for q, s in zip(own, saved):
             q.grad.to_local().copy_(s)
-        ref = _ref(model_fulls, p)
+        ref = reference_norm(model_fulls, p)
         got = float(distclip.clip_grad_norm_(own, ref / 2, p, group=half))
         coef = min(1.0, (ref / 2) / (ref + 1e-6))
         clipped = all(torch.allclose(q.grad.full_tensor(), f * coef, rtol=1e-5) for q, f in zip(own, model_fulls))
@@ -188,22 +185,22 @@ def _world(rank, world):
     for q, s in zip(own, saved):
         q.grad.to_local().copy_(s)
     mixed = float(distclip.get_total_norm([q.grad for q in own]))  # mutant: every rank in one call
-    rec("two models without group= mix the norms (the bug)", not _close(mixed, _ref(model_fulls, 2.0), 1e-3), f"{mixed}")
+    rec("two models without group= mix the norms (the bug)", not _close(mixed, reference_norm(model_fulls, 2.0), 1e-3), f"{mixed}")
     by_name = distclip.grad_norms([("w", own[0]), ("b", own[1])], group=half)
-    ok = _close(float(by_name["total"]), _ref(model_fulls, 2.0)) and _close(float(by_name["w"]), _ref(model_fulls[:1], 2.0))
+    ok = _close(float(by_name["total"]), reference_norm(model_fulls, 2.0)) and _close(float(by_name["w"]), reference_norm(model_fulls[:1], 2.0))
     rec("grad_norms with group=", ok)
     rec("describe with group=", "2 ranks per stage" in distclip.describe([("w", own[0])], group=half))
     report = distclip.audit([("w", own[0]), ("b", own[1])], group=half)
-    rec("audit with group=", report.ok and _close(report.norm, _ref(model_fulls, 2.0)), str(report.problems))
+    rec("audit with group=", report.ok and _close(report.norm, reference_norm(model_fulls, 2.0)), str(report.problems))
 
     from distclip.integrations.torchtitan import clip_grad_norm_ as titan_clip
 
     got = float(titan_clip(own, 1e9, group=half))  # the integrations pass group= through
-    rec("torchtitan adapter with group=", _close(got, _ref(model_fulls, 2.0)), f"{got}")
+    rec("torchtitan adapter with group=", _close(got, reference_norm(model_fulls, 2.0)), f"{got}")
     # Only the ranks holding the model call: rank 2 and 3 do not take part at all.
     if model_id == 0:
         got = float(distclip.get_total_norm([q.grad for q in own], group=half))
-        rec("only the holders call", _close(got, _ref(model_fulls, 2.0)))
+        rec("only the holders call", _close(got, reference_norm(model_fulls, 2.0)))
     else:
         rec("only the holders call", True)
     dist.barrier()
@@ -227,7 +224,7 @@ def _world(rank, world):
         rec("bad input in one group raises in that group", math.isnan(got) and unchanged, f"{got}")
     else:
         got = float(distclip.clip_grad_norm_(own, 1e9, group=half))
-        rec("bad input in one group raises in that group", _close(got, _ref(model_fulls, 2.0)))
+        rec("bad input in one group raises in that group", _close(got, reference_norm(model_fulls, 2.0)))
     dist.barrier()
     # A rank with no model at all in the default group: a clear error naming the way out.
     params = [] if model_id == 1 else [q.grad for q in own]
@@ -241,7 +238,7 @@ def _world(rank, world):
     # ---------------------------------------------------------------- 3. marks that survive
     owned = [e for e in range(4) if e % world == rank]
     x = _full((3, 6), 60)
-    ref_moe = _ref(_moe_reference(x), 2.0)
+    ref_moe = reference_norm(_moe_reference(x), 2.0)
     for how in ("module mark", "param mark"):
         with torch.device("meta"):
             moe = Experts(owned)
@@ -275,7 +272,7 @@ def _world(rank, world):
     piece = w_full.tensor_split(tp.size(), 0)[tp.get_local_rank()]
     layer.weight.grad = distribute_tensor(piece.clone(), halves["model"], [Shard(0)])
     got = float(distclip.get_total_norm(layer))
-    rec("module mark survives fully_shard", _close(got, _ref([w_full], 2.0)), f"{got} vs {_ref([w_full], 2.0)}")
+    rec("module mark survives fully_shard", _close(got, reference_norm([w_full], 2.0)), f"{got} vs {reference_norm([w_full], 2.0)}")
     del layer
     gc.collect()
 

@@ -1,10 +1,19 @@
 """The main job's own machinery (distclip.verify): outcomes agreed through the store even when a
-rank stops reporting, and the layout selection."""
+rank stops reporting, the layout registry and its selection, and the package's import order."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
 
 import pytest
 import torch.distributed as dist
 
 from harness import run_world
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "distclip"
+# distclip.verify's modules, each importing only those before it
+VERIFY_ORDER = ("models", "exchange", "scenarios", "runner", "report", "launch", "cli", "__main__")
 
 
 def _agreement_world(rank, world):
@@ -41,11 +50,10 @@ def _one_rank_raises_world(rank, world):
         dist.all_reduce(torch.ones(1))
         raise AssertionError("unreachable: rank 1 never joins")
 
-    verify.SCENARIOS = (verify.Scenario("raises on rank 1", build_raising_on_rank_1, lambda w: True),) + verify.SCENARIOS
-    verify.LAYOUT_NAMES = tuple(s.name for s in verify.SCENARIOS)
+    registry = (verify.Scenario("raises on rank 1", build_raising_on_rank_1, lambda w: True),) + verify.SCENARIOS
     ctx = verify.Ctx(rank, world, torch.device("cpu"), "distclip", timeout_s=5)
     lines = []
-    rows = verify.run(ctx, ["raises on rank 1", "DDP"], (2.0, -2.0), progress=lines.append)
+    rows = verify.run(ctx, ["raises on rank 1", "DDP"], (2.0, -2.0), progress=lines.append, scenarios=registry)
     return [(r.layout, r.norm_type, r.ok, r.detail) for r in rows], lines
 
 
@@ -66,3 +74,65 @@ def test_layout_selection():
     assert len(verify.select(4)) == len(verify.SCENARIOS) == 18
     with pytest.raises(ValueError, match="valid names: DDP, "):
         verify.select(4, ["PP"])
+    assert [s.name for s in verify.select(4, tags=["pipeline", "fsdp2"])] == ["PP x FSDP", "tied embed PP x FSDP2"]
+    assert [s.name for s in verify.select(1, tags=["pipeline"])] == []  # pipelines need two stages
+    assert [s.name for s in verify.select(4, ["DDP", "TP + SP"], tags=["tp"])] == ["TP + SP"]
+    with pytest.raises(ValueError, match="unknown tag"):
+        verify.select(4, tags=["fsdp3"])
+    mine = (verify.Scenario("mine", verify.build_ddp, lambda w: w == 3),)
+    assert verify.select(3, scenarios=mine) == list(mine) and verify.select(4, scenarios=mine) == []
+    with pytest.raises(ValueError, match="valid names: mine$"):
+        verify.select(3, ["DDP"], scenarios=mine)
+
+
+def test_registry():
+    """One line per layout: unique names, a builder each, tags from the vocabulary; the names the
+    tests and the table parser use are the registry's, in its order."""
+    from distclip import verify
+    from distclip.verify import LAYOUT_NAMES, scenarios
+
+    assert LAYOUT_NAMES == tuple(s.name for s in verify.SCENARIOS) == scenarios.LAYOUT_NAMES
+    assert len(set(LAYOUT_NAMES)) == len(LAYOUT_NAMES) and all(0 < len(n) <= 24 for n in LAYOUT_NAMES)  # the table's column
+    assert len({s.build for s in verify.SCENARIOS}) == len(verify.SCENARIOS)  # a builder per layout
+    for s in verify.SCENARIOS:
+        assert s.tags and set(s.tags) <= set(verify.TAGS) and len(set(s.tags)) == len(s.tags), (s.name, s.tags)
+    used = {t for s in verify.SCENARIOS for t in s.tags}
+    assert used == set(verify.TAGS), set(verify.TAGS) - used  # no tag without a layout
+    at = {w: {s.name for s in verify.select(w)} for w in (1, 2, 3, 4)}
+    assert at[4] == set(LAYOUT_NAMES) and at[2] == at[4]
+    assert at[1] == at[3] | {"TP + SP"} and "HSDP" not in at[1] and "TP + SP" not in at[3]
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_verify_package_imports_downward():
+    """distclip never imports distclip.verify; inside it, a module imports only modules before it
+    in VERIFY_ORDER (so no cycle), and __init__ only re-exports."""
+    for path in PACKAGE.rglob("*.py"):
+        if "verify" not in path.relative_to(PACKAGE).parts:
+            assert not any(n.startswith("distclip.verify") for n in _imports(path)), path
+    modules = {p.stem for p in (PACKAGE / "verify").glob("*.py")}
+    assert modules == set(VERIFY_ORDER) | {"__init__"}, modules
+    for i, name in enumerate(VERIFY_ORDER):
+        used = {n.split(".")[2] for n in _imports(PACKAGE / "verify" / f"{name}.py") if n.startswith("distclip.verify.")}
+        assert used <= set(VERIFY_ORDER[:i]), f"distclip.verify.{name} imports {sorted(used - set(VERIFY_ORDER[:i]))}"
+
+
+def test_package_keeps_the_names_tests_import():
+    import distclip.verify as verify
+
+    for name in ("Agreement", "Built", "Ctx", "LAYOUT_NAMES", "NORM_TYPES", "RanksLost", "SCENARIOS", "Scenario",
+                 "_quiet_torch_warnings", "_world_full", "batch", "build_2d", "build_ddp", "build_ep", "build_fsdp1",
+                 "build_fsdp1_lora", "build_fsdp2", "build_pp_fsdp", "build_tied_pp", "build_tp_sp", "clean_name",
+                 "loss_of", "main", "new_model", "plain_full", "reference_norm", "run", "select", "single_process_grads"):
+        assert hasattr(verify, name), name
+    assert set(verify.__all__) <= set(dir(verify))

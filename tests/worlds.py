@@ -4,6 +4,10 @@ Every rank builds the same full gradients from a fixed seed, cuts out its local 
 the layout, calls distclip, and checks: the norm against a float64 reference over the full
 gradients, the local clipped grads against ``local * coef_reference``, and that every rank
 returned the same bits. Each case returns records instead of raising, so one world reports all.
+
+``CASES`` is the registry (``Case(name, build, allowed, tags)``, the shape of
+``distclip.verify.Scenario``); ``WORLD_CHECKS`` the checks of a whole world beside them. The
+reference norm, "the same on every rank" and the collective counter live in ``checks.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.placement_types import Partial
 
 import distclip
+from checks import count_collectives, f64, reference_norm, same_on_every_rank
 
 NORMS = (1.0, 2.0, 3.0, math.inf, -math.inf, 0.0, 0.5, -2.0)
 
@@ -32,11 +37,6 @@ class Layout:
     pp_group: object = None
     rtol: float = 1e-6
     collectives: int = 1  # per call: 2 when Partial grads are made whole first
-
-
-def f64(t: torch.Tensor) -> torch.Tensor:
-    """Widen for the reference: complex grads keep their imaginary part."""
-    return t.to(torch.complex128) if t.is_complex() else t.double()
 
 
 def full_grad(shape: tuple[int, ...], seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -258,35 +258,49 @@ def many_small(world: int) -> Layout:
     return Layout(params, fulls)
 
 
-LAYOUTS: dict[str, tuple[Callable[[int], Layout], Callable[[int], bool]]] = {
-    "dtensor_1d": (dtensor_1d, lambda w: True),
-    "dtensor_2d_mixed_meshes_and_plain": (dtensor_2d_mixed, lambda w: w % 2 == 0),
-    "megatron_tp_mark_sharded": (megatron_tp, lambda w: True),
-    "experts_uneven_rank_without_experts": (experts_uneven, lambda w: True),
-    "pipeline_mixed_tied": (pipeline_mixed, lambda w: w % 2 == 0),
-    "mixed_dtypes": (mixed_dtypes, lambda w: True),
-    "overflow_fp32": (overflow_fp32, lambda w: True),
-    "experts_ep_x_tp_composite_marks": (experts_ep_x_tp, lambda w: True),
-    "megatron_tp_inside_fsdp2_marked_dtensor": (megatron_tp_in_fsdp2, lambda w: True),
-    "complex_grads": (complex_grads, lambda w: True),
-    "underflow": (underflow, lambda w: True),
-    "partial_grads": (partial_grads, lambda w: True),
-    "many_small_flattened": (many_small, lambda w: True),
-}
+def any_size(world: int) -> bool:
+    return True
+
+
+def even(world: int) -> bool:
+    return world % 2 == 0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hand-built layout: ``build(world)`` on every rank; ``allowed(world)`` says whether it
+    can be built at that world size. The same shape as ``distclip.verify.Scenario``."""
+
+    name: str
+    build: Callable[[int], Layout]
+    allowed: Callable[[int], bool]
+    tags: tuple[str, ...] = ()
+
+
+CASES: tuple[Case, ...] = (
+    Case("dtensor_1d", dtensor_1d, any_size, ("dtensor",)),
+    Case("dtensor_2d_mixed_meshes_and_plain", dtensor_2d_mixed, even, ("dtensor", "2d")),
+    Case("megatron_tp_mark_sharded", megatron_tp, any_size, ("marks",)),
+    Case("experts_uneven_rank_without_experts", experts_uneven, any_size, ("marks", "experts")),
+    Case("pipeline_mixed_tied", pipeline_mixed, even, ("pipeline", "dtensor", "marks", "tied")),
+    Case("mixed_dtypes", mixed_dtypes, any_size, ("dtensor", "dtypes")),
+    Case("overflow_fp32", overflow_fp32, any_size, ("dtensor", "numerics")),
+    Case("experts_ep_x_tp_composite_marks", experts_ep_x_tp, any_size, ("marks", "experts")),
+    Case("megatron_tp_inside_fsdp2_marked_dtensor", megatron_tp_in_fsdp2, any_size, ("marks", "dtensor", "2d")),
+    Case("complex_grads", complex_grads, any_size, ("dtensor", "dtypes", "marks")),
+    Case("underflow", underflow, any_size, ("dtensor", "numerics")),
+    Case("partial_grads", partial_grads, any_size, ("dtensor", "partial")),
+    Case("many_small_flattened", many_small, any_size, ("dtensor", "numerics")),
+)
+CASE_NAMES = tuple(c.name for c in CASES)
+
+
+def record_name(case: str, norm_type: float) -> str:
+    """The name ``check_layout`` gives the record of one (layout, norm type)."""
+    return f"{case} p={norm_type:g}"
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def reference_norm(full: list[torch.Tensor], p: float) -> float:
-    flat = torch.cat([f64(f).abs().reshape(-1) for f in full] + [torch.zeros(0, dtype=torch.float64)])
-    return float(torch.linalg.vector_norm(flat, p)) if flat.numel() else 0.0  # no elements: 0, like torch
-
-
-def same_on_every_rank(value: object) -> bool:
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, repr(value))
-    return len(set(everyone)) == 1
 
 
 def check_layout(name: str, layout: Layout, norms=NORMS) -> list[tuple[str, bool, str]]:
@@ -298,9 +312,9 @@ def check_layout(name: str, layout: Layout, norms=NORMS) -> list[tuple[str, bool
             local_of(p.grad).copy_(s)
         ref = reference_norm(layout.full, p_norm)
         max_norm = ref * 0.5 if ref else 1.0
-        calls = count_collectives()
-        total = distclip.clip_grad_norm_(iter(layout.params), max_norm, p_norm, pp_group=layout.pp_group)
-        n_calls = calls.stop()
+        with count_collectives() as calls:
+            total = distclip.clip_grad_norm_(iter(layout.params), max_norm, p_norm, pp_group=layout.pp_group)
+        n_calls = calls.count
         value = float(total.double())
         rel = abs(value - ref) / ref if ref else abs(value)
         coef = min(1.0, max_norm / (float(total) + 1e-6))
@@ -321,33 +335,10 @@ def check_layout(name: str, layout: Layout, norms=NORMS) -> list[tuple[str, bool
             agreed = float(torch.tensor(value, dtype=torch.float64).float())
         if not same_on_every_rank(agreed):
             errors.append("norm differs across ranks")
-        records.append((f"{name} p={p_norm:g}", not errors, "; ".join(errors)))
+        records.append((record_name(name, p_norm), not errors, "; ".join(errors)))
     for p, s in zip(with_grad, saved):
         local_of(p.grad).copy_(s)  # leave the grads as found
     return records
-
-
-class count_collectives:
-    """Count collectives issued through torch.distributed while active."""
-
-    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all", "barrier")
-
-    def __init__(self) -> None:
-        self.count, self.saved = 0, {}
-        for n in self.NAMES:
-            original = getattr(dist, n)
-            self.saved[n] = original
-
-            def wrapper(*a, _original=original, **k):
-                self.count += 1
-                return _original(*a, **k)
-
-            setattr(dist, n, wrapper)
-
-    def stop(self) -> int:
-        for n, f in self.saved.items():
-            setattr(dist, n, f)
-        return self.count
 
 
 def nonfinite_everywhere(world: int) -> list[tuple[str, bool, str]]:
@@ -396,13 +387,13 @@ def bad_input_same_error(world: int) -> list[tuple[str, bool, str]]:
     records = []
     before = local_of(ok_param.grad).clone()
     for name, call in cases.items():
-        calls = count_collectives()
-        try:
-            call()
-            err = "no exception"
-        except Exception as e:  # noqa: BLE001
-            err = f"{type(e).__name__}: {e}"
-        n_calls = calls.stop()
+        with count_collectives() as calls:
+            try:
+                call()
+                err = "no exception"
+            except Exception as e:  # noqa: BLE001
+                err = f"{type(e).__name__}: {e}"
+        n_calls = calls.count
         # Every rank got the same bad input: each raises its own error after the call's collective
         # (which tells every rank that some rank failed) and, where host reads are free, one gather
         # of the ranks' messages.
@@ -416,22 +407,31 @@ def empty_rank_one_collective(world: int) -> list[tuple[str, bool, str]]:
     mesh = init_device_mesh("cpu", (world,))
     full = full_grad((3, 3), 90)
     params = [] if dist.get_rank() == world - 1 and world > 1 else [distclip.mark_sharded(pparam(full), dist.group.WORLD)]
-    calls = count_collectives()
-    total = distclip.clip_grad_norm_(params, 1e9)
-    n = calls.stop()
+    with count_collectives() as calls:
+        total = distclip.clip_grad_norm_(params, 1e9)
+    n = calls.count
     del mesh
     expected = reference_norm([full], 2.0) * (world - 1 if world > 1 else 1) ** 0.5
     ok = n == 1 and abs(float(total) - expected) / expected < 1e-6 and same_on_every_rank(float(total))
     return [("rank without parameters", ok, f"{float(total)} vs {expected}, {n} collectives")]
 
 
+# Checks of a whole world beside the layouts: (name, check, how many records it returns).
+WORLD_CHECKS: tuple[tuple[str, Callable[[int], list[tuple[str, bool, str]]], int], ...] = (
+    ("nonfinite_everywhere", nonfinite_everywhere, 2 * (len(NORMS) + 1)),
+    ("bad_input_same_error", bad_input_same_error, 8),
+    ("empty_rank_one_collective", empty_rank_one_collective, 1),
+)
+
+
 def run_cases(rank: int, world: int, names: Optional[list[str]] = None) -> list[tuple[str, bool, str]]:
+    """Every case allowed at ``world`` (or those in ``names``) x NORMS, then, when all cases run,
+    the world checks, whose records are named ``"<check>: <record>"``."""
     records: list[tuple[str, bool, str]] = []
-    for name, (build, allowed) in LAYOUTS.items():
-        if allowed(world) and (names is None or name in names):
-            records.extend(check_layout(name, build(world)))
+    for case in CASES:
+        if case.allowed(world) and (names is None or case.name in names):
+            records.extend(check_layout(case.name, case.build(world)))
     if names is None:
-        records.extend(nonfinite_everywhere(world))
-        records.extend(bad_input_same_error(world))
-        records.extend(empty_rank_one_collective(world))
+        for check, run, _ in WORLD_CHECKS:
+            records.extend((f"{check}: {name}", ok, msg) for name, ok, msg in run(world))
     return records

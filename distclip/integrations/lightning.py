@@ -17,6 +17,13 @@ This callback clips the whole model with :func:`distclip.clip_grad_norm_` instea
   FSDP1's sharding groups are found;
 - logging the pre-clip norm as ``grad_norm`` (``log_norm=True``) when a logger is attached.
 
+With ``guard=distclip.GradGuard(...)`` the callback clips with the guard (adaptive threshold,
+agreed step skipping, see ``distclip.guard``) and a skipped step leaves the parameters and the
+optimizer state untouched on every rank: a fused optimizer (``fused=True``) without a GradScaler
+gets the verdict as its ``found_inf`` (no host sync); otherwise (non-fused optimizers, 16-bit AMP
+with a GradScaler) the verdict is read on the host (free on CPU) and, on a skipped step, the grads
+the optimizer would apply are set to ``None`` for that step, so it updates nothing.
+
 Do not also set ``Trainer(gradient_clip_val=...)``: that would clip twice, so :meth:`setup`
 raises on every rank before any collective.
 """
@@ -31,6 +38,7 @@ import torch
 from torch import nn
 
 import distclip
+from distclip.guard import GradGuard, GuardOutput, _inner_optimizers, takes_found_inf
 from distclip.layout import GroupLike
 
 try:
@@ -54,7 +62,8 @@ class GradientClipping(Callback):
     """Clip the gradient norm of the whole model with distclip once per optimizer step.
 
     Args:
-        max_norm (float): max norm of the gradients (non-negative).
+        max_norm (float, optional): max norm of the gradients (non-negative); required unless
+            ``guard`` is given.
         norm_type (float): p of the p-norm; ``inf`` allowed. Default ``2.0``.
         error_if_nonfinite (bool): raise on every rank if the norm is nan or inf.
         foreach (bool, optional): use foreach kernels (default: when available).
@@ -70,14 +79,20 @@ class GradientClipping(Callback):
             collective as the total.
         groups (callable, optional): ``parameter name -> group name`` (or ``None`` to leave it
             out) for ``log_group_norms``; default: one entry per parameter.
+        guard (distclip.GradGuard, optional): clip with this guard instead (its ``max_norm``,
+            ``norm_type``, policy and groups; pass neither ``max_norm`` nor ``norm_type``, nor
+            ``error_if_nonfinite``). Logs ``{log_name}/threshold`` and ``{log_name}/skipped``
+            besides the norm, and with ``log_group_norms`` the guard's group norms (the guard
+            needs ``groups=``).
 
-    After each clip, :attr:`last_norm` holds the norm (a plain tensor, identical on every rank).
+    After each clip, :attr:`last_norm` holds the norm (a plain tensor, identical on every rank)
+    and, with a guard, :attr:`last_output` the guard's :class:`~distclip.GuardOutput`.
     """
 
     def __init__(
         self,
-        max_norm: float,
-        norm_type: float = 2.0,
+        max_norm: float | None = None,
+        norm_type: float | None = None,
         error_if_nonfinite: bool = False,
         foreach: bool | None = None,
         *,
@@ -87,13 +102,29 @@ class GradientClipping(Callback):
         log_name: str = "grad_norm",
         log_group_norms: bool = False,
         groups: Callable[[str], str | None] | None = None,
+        guard: GradGuard | None = None,
     ) -> None:
         super().__init__()
+        if guard is not None:
+            if not isinstance(guard, GradGuard):
+                raise TypeError(f"GradientClipping: guard must be a distclip.GradGuard, got {type(guard).__name__}")
+            if max_norm is not None or norm_type is not None or error_if_nonfinite:
+                raise ValueError("GradientClipping: with guard=, set max_norm and norm_type on the GradGuard (it skips "
+                                 "non-finite steps instead of raising)")
+            if log_group_norms and guard.groups is None:
+                raise ValueError("GradientClipping: log_group_norms with a guard logs the guard's groups: GradGuard(groups=...)")
+            max_norm = guard.policy.cap
+            norm_type = guard.norm_type
+        if max_norm is None:
+            raise TypeError("GradientClipping needs max_norm (or guard=)")
         max_norm = float(max_norm)
         if math.isnan(max_norm) or max_norm < 0:
             raise ValueError(f"GradientClipping: max_norm must be a non-negative number, got {max_norm}")
         self.max_norm = max_norm
-        self.norm_type = float(norm_type)
+        self.norm_type = 2.0 if norm_type is None else float(norm_type)
+        self.guard = guard
+        self.last_output: GuardOutput | None = None
+        self._found_inf_set: list[Any] = []
         self.error_if_nonfinite = error_if_nonfinite
         self.foreach = foreach
         self.pp_group = pp_group
@@ -129,6 +160,9 @@ class GradientClipping(Callback):
         # clipped there too.
         module = self._clipped_module(trainer, pl_module)
         logging = self.log_norm and trainer.logger is not None  # the same on every rank
+        if self.guard is not None:
+            self._guarded_step(trainer, pl_module, module, optimizer, logging)
+            return
         per_name: Mapping[str, torch.Tensor] | None = None
         if logging and self.log_group_norms:
             # Every per-name norm and the total in one collective, then a communication-free clip.
@@ -151,3 +185,45 @@ class GradientClipping(Callback):
         for name, value in (per_name or {}).items():
             if name != "total":
                 pl_module.log(f"{self.log_name}/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _guarded_step(self, trainer: Trainer, pl_module: LightningModule, module: nn.Module, optimizer: Any, logging: bool) -> None:
+        """Clip with the guard; make the optimizer step that follows this hook a no-op if skipped."""
+        assert self.guard is not None
+        self._clear_found_inf()
+        out = self.guard.clip_(module, pp_group=self.pp_group, group=self.group)
+        self.guard._unstepped = None  # Lightning steps the optimizer itself, right after this hook
+        self.last_output, self.last_norm = out, out.total_norm
+        inner = _inner_optimizers(optimizer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # GradScaler.step overrides found_inf
+        if out._skip_host is None and scaler is None and takes_found_inf(inner):
+            flag = out.skip.to(torch.float32)
+            for o in inner:  # read by the fused kernel of the step that follows: no host sync
+                o.found_inf = flag
+                self._found_inf_set.append(o)
+        elif out._skip_host if out._skip_host is not None else bool(out.skip):  # the verdict; a host read on accelerators only
+            for o in inner:
+                for param_group in o.param_groups:
+                    for p in param_group["params"]:
+                        p.grad = None  # the optimizer skips parameters without a grad: nothing changes
+        if not logging:
+            return
+        pl_module.log(self.log_name, out.total_norm, on_step=True, on_epoch=False, sync_dist=False)
+        if out.threshold is not None:
+            pl_module.log(f"{self.log_name}/threshold", out.threshold.float(), on_step=True, on_epoch=False, sync_dist=False)
+        pl_module.log(f"{self.log_name}/skipped", out.skip.float(), on_step=True, on_epoch=False, sync_dist=False)
+        if self.log_group_norms:
+            for name, value in out.group_norms.items():
+                if name != "total":
+                    pl_module.log(f"{self.log_name}/{name}", value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _clear_found_inf(self) -> None:
+        for o in self._found_inf_set:
+            if hasattr(o, "found_inf"):
+                del o.found_inf
+        self._found_inf_set = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._clear_found_inf()  # after the optimizer step(s) of this batch
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._clear_found_inf()

@@ -25,6 +25,16 @@ scaled in place by ``min(1, max_norm / (norm + 1e-6))``. Differences:
   returns the grads' dtype; it is identical on every rank.
 - One all-reduce over the default process group per call (torchtitan: one per mesh plus one over
   ``pp_mesh``), so every rank must call it, as in torchtitan's training loop.
+
+Guarded steps (``distclip.GradGuard``: adaptive threshold, agreed skipping of NaN/inf steps and
+spikes): pass ``guard=`` and step through it::
+
+    guard = distclip.GradGuard(job_config.training.max_norm, adaptive="zclip", skip_above=6.0)
+    grad_norm = clip_grad_norm_(params, job_config.training.max_norm, foreach=True, pp_mesh=pp_mesh, guard=guard)
+    guard.step(self.optimizers)        # instead of self.optimizers.step(): skipped on every rank when the guard says so
+
+``guard.step`` takes torchtitan's ``OptimizersContainer`` (each fused optimizer gets the verdict as
+its ``found_inf``: no host sync) and the guard's ``state_dict`` belongs in the checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from typing import Any
 import torch
 
 import distclip
+from distclip.guard import GradGuard
 
 __all__ = ["clip_grad_norm_"]
 
@@ -50,6 +61,7 @@ def clip_grad_norm_(
     ep_enabled: bool = False,
     *,
     group: Any | None = None,
+    guard: GradGuard | None = None,
 ) -> torch.Tensor:
     """Clip the gradient norm of ``parameters``; a drop-in for torchtitan's ``clip_grad_norm_``.
 
@@ -64,6 +76,11 @@ def clip_grad_norm_(
         ep_enabled (bool): accepted for compatibility; expert DTensors need no special handling.
         group (ProcessGroup or DeviceMesh, optional): distclip's: the ranks that hold this model
             when it lives on part of the world (default: every rank).
+        guard (distclip.GradGuard, optional): distclip's: clip with this guard (its policy
+            decides the threshold and whether the step is skipped; ``max_norm`` and ``norm_type``
+            must be the guard's), then call ``guard.step(optimizers)`` instead of
+            ``optimizers.step()``. With ``error_if_nonfinite`` a non-finite norm raises on every
+            rank (a host read) instead of skipping.
 
     Returns:
         Total norm of the parameter gradients (viewed as a single vector), a plain tensor.
@@ -72,4 +89,12 @@ def clip_grad_norm_(
         raise TypeError(f"distclip: ep_enabled must be a bool, got {type(ep_enabled).__name__}")
     # torchtitan materialises generators too (they are consumed once, then clipped)
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    return distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh, group=group)
+    if guard is None:
+        return distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh, group=group)
+    if float(norm_type) != guard.norm_type or float(max_norm) != guard.policy.cap:
+        raise ValueError(f"distclip: max_norm={max_norm}, norm_type={norm_type} differ from the guard's ({guard.policy.cap}, "
+                         f"{guard.norm_type}): build the GradGuard from the same config")
+    out = guard.clip_(params, pp_group=pp_mesh, group=group)
+    if error_if_nonfinite and not bool(torch.isfinite(out.total_norm)):  # the same value on every rank
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be clipped")
+    return out.total_norm

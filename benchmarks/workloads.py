@@ -1,0 +1,337 @@
+"""The registry of named workloads: one builder and one registry line per layout.
+
+A builder gets a :class:`Build` (sizes, device, seeded generators) and returns a
+:class:`Workload`: the parameters with their grads set, what distclip is passed, the weight of
+each grad (1 / number of ranks holding each of its elements, for the independent reference norm)
+and the least code that is right for that one layout (the ``minimal`` column).
+
+Adding a layout: write ``build_<name>(b: Build) -> Workload`` and add one line to ``LAYOUTS``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from benchmarks import methods
+
+# Shapes of the "many small parameters" models, cycled: a weight, a bias, a non-square weight, a
+# norm scale. Every dimension is divisible by 4 (shards evenly over 2 and 4 ranks, and over a
+# (2, 2) mesh). Mean 552 elements (2.2 KB fp32) per tensor.
+SMALL_SHAPES = [(32, 32), (32,), (64, 16), (128,)]
+PARAMS_PER_BLOCK = 50  # one FSDP unit (fully_shard / FSDP1 wrap) per block
+SEP_ROWS, SEP_COLS = 4, 8  # local shape of each dtensor_sep grad
+
+
+def large_shapes(d: int) -> list[tuple[int, ...]]:
+    """One transformer-like layer: qkv, out-proj, mlp up, mlp down, two norm scales (~12 d^2)."""
+    return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)]
+
+
+class Block(nn.Module):
+    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.ps = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
+
+    def forward(self) -> torch.Tensor:  # d/dp sum(p*p) = 2p: random, finite grads
+        return sum((p * p).sum() for p in self.ps)
+
+
+class Model(nn.Module):
+    def __init__(self, blocks: list[list[tuple[int, ...]]]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(b) for b in blocks])
+
+    def forward(self) -> torch.Tensor:
+        return sum(block() for block in self.blocks)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor, else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+@dataclass
+class Workload:
+    layout: str  # a key of LAYOUTS
+    size: str  # "small" | "large"
+    n_params: int  # parameter tensors of the (unsharded) model
+    params: list[torch.Tensor]  # what is passed as `parameters` (FSDP1: the flat parameters)
+    module: Optional[nn.Module] = None  # FSDP1 root: distclip and FSDP1's own method get it
+    weights: list[float] = field(default_factory=list)  # per param: 1/(ranks holding each element)
+    mesh_desc: str = ""
+    minimal: Optional[Callable[[Workload, float], torch.Tensor]] = None  # set from the registry
+    info: dict = field(default_factory=dict)  # layout facts the minimal method needs (e.g. tp)
+
+    @property
+    def target(self) -> object:
+        """What distclip is given: the FSDP1 module, else the parameters."""
+        return self.module if self.module is not None else self.params
+
+    @property
+    def local_grads(self) -> list[torch.Tensor]:
+        return [local(p.grad) for p in self.params if p.grad is not None]
+
+    @property
+    def local_bytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.local_grads)
+
+    @property
+    def is_dtensor(self) -> bool:
+        return any(hasattr(p.grad, "device_mesh") for p in self.params if p.grad is not None)
+
+
+@dataclass
+class Build:
+    """What a builder gets: the model's shapes (``blocks``) and where and how to make it."""
+
+    layout: str
+    size: str
+    n: int  # requested parameter count (small sizes)
+    blocks: list[list[tuple[int, ...]]]
+    device: torch.device
+    fsdp2_grads: str = "backward"
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def n_params(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [s for b in self.blocks for s in b]
+
+    def gen(self, seed: int = 1234, per_rank: bool = True) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed + (self.rank if per_rank else 0))
+
+    def workload(
+        self,
+        params: list[torch.Tensor],
+        weights: list[float],
+        desc: str,
+        *,
+        module: Optional[nn.Module] = None,
+        info: Optional[dict] = None,
+        n_params: Optional[int] = None,
+    ) -> Workload:
+        n = self.n_params if n_params is None else n_params
+        return Workload(self.layout, self.size, n, params, module, weights, desc, info=info or {})
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+def _fill(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return t.normal_(generator=gen)
+
+
+def _dtensor_param(
+    local_shape: list[int] | tuple[int, ...], mesh: object, placements: list, shape: tuple[int, ...], gen: torch.Generator, device: torch.device
+) -> nn.Parameter:
+    """A DTensor parameter whose grad is its own random local tensor (``DTensor.from_local``)."""
+    from torch.distributed.tensor import DTensor
+
+    stride = contiguous_stride(tuple(shape))
+    p = nn.Parameter(DTensor.from_local(torch.empty(local_shape, device=device), mesh, placements, run_check=False, shape=shape, stride=stride))
+    grad = _fill(torch.empty(local_shape, device=device), gen)
+    p.grad = DTensor.from_local(grad, mesh, placements, run_check=False, shape=shape, stride=stride)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# builders
+# --------------------------------------------------------------------------------------------
+
+
+def build_fsdp2(b: Build) -> Workload:
+    """Real ``fully_shard`` per block and on the root, 1-D mesh of all ranks, meta init."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh(b.device.type, (b.world,))
+    with torch.device("meta"):
+        model = Model(b.blocks)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=b.device)
+    params = list(model.parameters())
+    gen = b.gen()
+    with torch.no_grad():
+        for p in params:
+            _fill(p.to_local(), gen)
+    if b.fsdp2_grads == "backward":  # real FSDP2 grads: views into each group's reduce-scatter output
+        model().backward()
+    else:  # one separate tensor per grad
+        for p in params:
+            grad = _fill(torch.empty(p.to_local().shape, device=b.device), gen)
+            p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    how = "a real backward" if b.fsdp2_grads == "backward" else "p.grad = ..."
+    return b.workload(params, [1.0] * len(params), f"fully_shard per block + root, 1-D mesh ({b.world},), grads from {how}")
+
+
+def build_tp_fsdp(b: Build) -> Workload:
+    """2-D mesh (dp, tp = 2): matrices alternate column/row-parallel over the whole mesh, 1-D
+    params on the dp submesh, replicated over tp."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    tp = 2 if b.world % 2 == 0 else 1
+    dp = b.world // tp
+    mesh = init_device_mesh(b.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    gen, dp_gen = b.gen(), torch.Generator(b.device).manual_seed(4321 + mesh.get_local_rank("dp"))  # identical on tp peers
+    params, weights, matrices = [], [], 0
+    for shape in b.shapes:
+        if len(shape) == 1:  # norm scale / bias: FSDP-sharded only, replicated over tp
+            sub, placements, g, w = mesh["dp"], [Shard(0)], dp_gen, 1.0 / tp
+        elif matrices % 2 == 0:  # column-parallel (qkv, up): rows over dp, then over tp
+            sub, placements, g, w = mesh, [Shard(0), Shard(0)], gen, 1.0
+        else:  # row-parallel (out-proj, down): rows over dp, columns over tp
+            sub, placements, g, w = mesh, [Shard(0), Shard(1)], gen, 1.0
+        matrices += len(shape) == 2
+        local_shape = list(shape)
+        for dim, pl in enumerate(placements):
+            local_shape[pl.dim] //= sub.size(dim)
+        params.append(_dtensor_param(local_shape, sub, placements, shape, g, b.device))
+        weights.append(w)
+    return b.workload(params, weights, f"2-D mesh dp={dp} x tp={tp}, norms on dp submesh", info={"tp": tp})
+
+
+def build_replicated(b: Build) -> Workload:
+    """DDP-style replicas: plain tensors, identical on every rank, each grad its own tensor."""
+    same = b.gen(99, per_rank=False)  # identical grads on every rank
+    params = []
+    for shape in b.shapes:
+        p = nn.Parameter(torch.empty(shape, device=b.device))
+        p.grad = _fill(torch.empty(shape, device=b.device), same)
+        params.append(p)
+    return b.workload(params, [1.0 / b.world] * len(params), f"replicated on {b.world} ranks, {len(params)} separate grads")
+
+
+def build_dtensor_sep(b: Build) -> Workload:
+    """``n`` separate DTensor grads, each its own (4, 8) local tensor (never views of one
+    buffer), Shard(0) on a 1-D mesh of all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh(b.device.type, (b.world,))
+    shape, local_shape = (SEP_ROWS * b.world, SEP_COLS), (SEP_ROWS, SEP_COLS)
+    gen = b.gen()
+    params = [_dtensor_param(local_shape, mesh, [Shard(0)], shape, gen, b.device) for _ in range(b.n)]
+    desc = f"{b.n} separate DTensor grads, Shard(0) on 1-D mesh ({b.world},), local {local_shape}"
+    return b.workload(params, [1.0] * len(params), desc, n_params=len(params))
+
+
+def build_fsdp1(b: Build) -> Workload:
+    """``FullyShardedDataParallel(FULL_SHARD, use_orig_params=False)``, one unit per block."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    with torch.device("meta"):
+        model = Model(b.blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1 deprecation / CPU warnings
+        fsdp = FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy({Block}),
+            param_init_fn=lambda m: m.to_empty(device=b.device, recurse=False),
+            device_id=b.device,
+            use_orig_params=False,
+        )
+    params = list(fsdp.parameters())  # FlatParameters, one local 1-D shard each
+    gen = b.gen()
+    for p in params:
+        grad = _fill(torch.empty(p.shape, device=b.device), gen)
+        pad = int(getattr(p, "_shard_numel_padded", 0))
+        if pad:
+            grad[grad.numel() - pad :] = 0  # FSDP keeps the padding of a real grad at zero
+        p.grad = grad
+    return b.workload(params, [1.0] * len(params), f"FSDP1 FULL_SHARD on {b.world} ranks, one unit per block", module=fsdp)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry
+# --------------------------------------------------------------------------------------------
+
+MODEL, SEP = "model", "sep"  # MODEL: run at --sizes and as the large model; SEP: at --sep-sizes only
+
+
+@dataclass(frozen=True)
+class Layout:
+    build: Callable[[Build], Workload]
+    minimal: Callable[[Workload, float], torch.Tensor]  # the least code right for this layout
+    kind: str  # MODEL or SEP
+    replicated: bool = False  # every rank holds the whole model (sizes the large model per rank)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "fsdp2": Layout(build_fsdp2, methods.minimal_sharded, MODEL),
+    "tp_fsdp": Layout(build_tp_fsdp, methods.minimal_tp_fsdp, MODEL),
+    "ddp": Layout(build_replicated, methods.minimal_replicated, MODEL, replicated=True),
+    "fsdp1": Layout(build_fsdp1, methods.minimal_flat, MODEL),
+    "dtensor_sep": Layout(build_dtensor_sep, methods.minimal_sharded, SEP),
+    "plain_sep": Layout(build_replicated, methods.minimal_replicated, SEP, replicated=True),
+}
+MODEL_LAYOUTS = [name for name, lay in LAYOUTS.items() if lay.kind == MODEL]
+SEP_LAYOUTS = [name for name, lay in LAYOUTS.items() if lay.kind == SEP]
+
+
+def small_blocks(n_params: int) -> list[list[tuple[int, ...]]]:
+    shapes = [SMALL_SHAPES[i % len(SMALL_SHAPES)] for i in range(n_params)]
+    return [shapes[i : i + PARAMS_PER_BLOCK] for i in range(0, n_params, PARAMS_PER_BLOCK)]
+
+
+def large_blocks(target_local_bytes: int, d: int, local_fraction: float) -> list[list[tuple[int, ...]]]:
+    per_layer = sum(math.prod(s) for s in large_shapes(d)) * 4 * local_fraction
+    layers = max(1, math.ceil(target_local_bytes / per_layer))
+    return [large_shapes(d) for _ in range(layers)]
+
+
+def build_workload(
+    layout: str, size: str, n_small: int, large_bytes: int, large_d: int, device: torch.device, fsdp2_grads: str = "backward"
+) -> Workload:
+    """The workload ``layout`` at ``n_small`` parameters (``size="small"``) or as the large
+    model of about ``large_bytes`` local grad bytes per rank in layers of hidden size ``large_d``."""
+    try:
+        spec = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})") from None
+    if size == "small":
+        blocks = small_blocks(n_small)
+    else:  # every rank holds all of a replicated model, 1/world of a sharded one
+        blocks = large_blocks(large_bytes, large_d, 1.0 if spec.replicated else 1.0 / dist.get_world_size())
+    w = spec.build(Build(layout, size, n_small, blocks, device, fsdp2_grads))
+    w.minimal = spec.minimal
+    return w
+
+
+def reference_norm(w: Workload) -> float:
+    """Independent 2-norm from the construction: each local grad weighted by 1/copies, float64."""
+    dev = w.local_grads[0].device if w.local_grads else torch.device("cpu")
+    acc = torch.zeros((), dtype=torch.float64, device=dev)
+    for p, weight in zip(w.params, w.weights):
+        if p.grad is not None:
+            acc += local(p.grad).double().pow(2).sum() * weight
+    dist.all_reduce(acc)
+    return float(acc.sqrt())
