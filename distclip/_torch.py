@@ -13,7 +13,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["base_of", "default_group_device", "flatten_dense_tensors", "WRAPPER_TAGS", "profiler_enabled", "phase", "default_store"]
+__all__ = [
+    "base_of", "default_group_device", "flatten_dense_tensors", "WRAPPER_TAGS", "profiler_enabled", "phase", "default_store",
+    "declares_amp_scaling_step",
+]
 
 # ``Tensor._base``: the tensor a view was made from (None for a tensor that owns its storage)
 base_of: Callable[[torch.Tensor], Optional[torch.Tensor]] = operator.attrgetter("_base")
@@ -49,3 +52,9 @@ def default_store() -> Any:
     """The default process group's key-value store (``distclip.verify`` exchanges outcomes
     through it, so a rank that hangs in a collective cannot block the others' reports)."""
     return dist.distributed_c10d._get_default_store()
+
+
+def declares_amp_scaling_step(optimizer: Any) -> bool:
+    """Whether an optimizer says its ``step`` honours ``found_inf``/``grad_scale`` as ``GradScaler``
+    sets them (torch's ``_step_supports_amp_scaling`` flag)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))

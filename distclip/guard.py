@@ -38,7 +38,7 @@ from distclip import clip as _clip
 from distclip import norms as _norms
 from distclip import rank_errors
 from distclip._dtensor import DTensor, local_of
-from distclip._torch import phase
+from distclip._torch import declares_amp_scaling_step, phase
 from distclip.layout import GroupLike, Stage, current_stage
 from distclip.local_norms import scale_
 from distclip.policies import HOST, DeviceMath, Policy, make_policy
@@ -211,12 +211,12 @@ _FUSED_FOUND_INF = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.
 def takes_found_inf(optimizers: list[Any]) -> bool:
     """Whether every optimizer skips its update on ``found_inf`` as ``GradScaler`` sets it: torch's
     Adam/AdamW/SGD/Adagrad with every param group ``fused`` (torchtitan sets ``fused`` per group),
-    or an optimizer that declares ``_step_supports_amp_scaling`` itself (a non-fused torch one
+    or an optimizer that declares it supports AMP scaling in its step itself (a non-fused torch one
     would raise on ``found_inf``)."""
     def one(o: Any) -> bool:
         if isinstance(o, _FUSED_FOUND_INF):
             return all(g.get("fused") for g in o.param_groups)
-        return bool(getattr(o, "_step_supports_amp_scaling", False))
+        return declares_amp_scaling_step(o)
 
     return all(one(o) for o in optimizers)
 
@@ -431,7 +431,7 @@ class GradGuard:
         - Where host reads are free (CPU) the verdict is a plain bool: a skipped step does not
           call the optimizer at all.
         - On accelerators, an optimizer that takes ``found_inf`` (torch's Adam, AdamW, SGD and
-          Adagrad with ``fused=True``, or any optimizer declaring ``_step_supports_amp_scaling``;
+          Adagrad with ``fused=True``, or any optimizer declaring AMP-scaling support in its step;
           also every optimizer of a container with ``.optimizers``, as torchtitan's) is stepped
           with the verdict as its ``found_inf``, as ``GradScaler`` does: the fused kernel skips
           the update and undoes the step counter, with no host sync. Any other optimizer costs

@@ -14,7 +14,7 @@ FENCES = {"_dtensor.py", "_fsdp1.py", "_torch.py"}
 PRIVATE = re.compile(
     r"\._spec\b|\._local_tensor\b|_StridedShard|\._base\b|_get_default_group|_get_default_store|_flatten_dense_tensors|"
     r"_fsdp_orig_uid|_fsdp_flattened|distributed_c10d|_profiler_enabled|\._handle\b|_use_orig_params|_param_extensions|"
-    r"_shard_param_infos|_is_flat_param|_all_handles|_shard_numel_padded|\._fqns\b|\._shapes\b|\._numels\b"
+    r"_shard_param_infos|_is_flat_param|_all_handles|_shard_numel_padded|\._fqns\b|\._shapes\b|\._numels\b|_step_supports_amp_scaling"
 )
 ROOT = pathlib.Path(distclip.__file__).parent
 
