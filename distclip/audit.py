@@ -28,10 +28,11 @@ from typing import NamedTuple, Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
+from distclip import rank_errors
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
-from distclip.layout import _ANNOTATION_ATTR, GroupLike, current_stage
-from distclip.norms import NamedParams, collect, grad_norms
+from distclip.layout import _ANNOTATION_ATTR, GroupLike, Stage, current_stage
+from distclip.norms import Local, NamedParams, collect, grad_norms
 
 __all__ = ["AuditReport", "audit"]
 
@@ -123,60 +124,78 @@ def audit(
         :class:`AuditReport` with ``ok``, ``problems`` (readable, naming parameters and ranks),
         ``norm`` (distclip's 2-norm), ``reference_norm`` and ``details``.
     """
-    stage = current_stage(pp_group, group)
-    items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]
-    if isinstance(parameters, torch.nn.Module):
-        items = parameters
-    else:
-        items = list(parameters)  # used three times
-    local = collect(items, stage)
-    rank = dist.get_rank() if stage.distributed else 0
-    from distclip import _fsdp1
-
-    fsdp1 = _fsdp1.shard_info(local.module) if local.module is not None else {}
-    tied_seen: dict[int, int] = defaultdict(int)
-    tied_key: dict[tuple, tuple] = {}
-    for param, pnames in zip(local.params, local.param_names):
-        annotation = param.__dict__.get(_ANNOTATION_ATTR)
-        if annotation is not None and annotation.replicated_over is not None:
-            # the k-th tied tensor of every rank is one tensor: its copies on the other stages and
-            # on the other data-parallel replicas (each with its own group) are all copies
-            size = len(annotation.replicated_over.ranks)
-            for n in pnames:
-                tied_key[(id(param), n)] = ("tied", size, tied_seen[size])
-                tied_seen[size] += 1
-    records: list[Record] = []
-    for u in local.units:
-        tensor = _whole(u) if u.partial else u.tensor
-        annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
-        marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
-        key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
-        piece: tuple
-        if isinstance(u.param, DTensor):
-            grad = cast(DTensor, u.param.grad)  # a unit is made only for a grad; a DTensor's is a DTensor
-            mesh = grad.device_mesh
-            coord: Sequence[int] = mesh.get_coordinate() or []
-            sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, SHARD_PLACEMENTS))
-            # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
-            piece = ("dtensor", tuple(mesh.shape), sharded)
-            kind = f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
-        elif id(u.param) in fsdp1:
-            piece = ("fsdp1", fsdp1[id(u.param)].rank)
-            # FSDP1 over TP: which TP piece the shard is of (equal TP coordinates hold copies)
-            piece += _fsdp1.tp_coordinate(u.segment.tp_spec if u.segment is not None else fsdp1[id(u.param)].tp_spec)
-            kind = "FSDP1 shard"
+    def local_part() -> tuple[Stage, Union[torch.nn.Module, list[tuple[str, torch.Tensor]]], Local, list[Record]]:
+        stage = current_stage(pp_group, group)
+        items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]
+        if isinstance(parameters, torch.nn.Module):
+            items = parameters
         else:
-            piece = ("plain",)
-            kind = "plain tensor (replicated across the stage)" if not marks else "mark_sharded tensor"
-        if key[0] == "tied":
-            kind = "mark_replicated tensor"
-        piece = piece + _positions(annotation, rank)
-        zero = tensor.numel() == 0 or not bool(tensor.detach().ne(0).any())
-        records.append(Record(key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
+            items = list(parameters)  # used three times
+        local = collect(items, stage)
+        rank = dist.get_rank() if stage.distributed else 0
+        from distclip import _fsdp1
+
+        fsdp1 = _fsdp1.shard_info(local.module) if local.module is not None else {}
+        tied_seen: dict[int, int] = defaultdict(int)
+        tied_key: dict[tuple, tuple] = {}
+        for param, pnames in zip(local.params, local.param_names):
+            annotation = param.__dict__.get(_ANNOTATION_ATTR)
+            if annotation is not None and annotation.replicated_over is not None:
+                # the k-th tied tensor of every rank is one tensor: its copies on the other stages and
+                # on the other data-parallel replicas (each with its own group) are all copies
+                size = len(annotation.replicated_over.ranks)
+                for n in pnames:
+                    tied_key[(id(param), n)] = ("tied", size, tied_seen[size])
+                    tied_seen[size] += 1
+        records: list[Record] = []
+        for u in local.units:
+            tensor = _whole(u) if u.partial else u.tensor
+            annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
+            marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
+            key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
+            piece: tuple
+            if isinstance(u.param, DTensor):
+                grad = cast(DTensor, u.param.grad)  # a unit is made only for a grad; a DTensor's is a DTensor
+                mesh = grad.device_mesh
+                coord: Sequence[int] = mesh.get_coordinate() or []
+                sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, SHARD_PLACEMENTS))
+                # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
+                piece = ("dtensor", tuple(mesh.shape), sharded)
+                kind = f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
+            elif id(u.param) in fsdp1:
+                piece = ("fsdp1", fsdp1[id(u.param)].rank)
+                # FSDP1 over TP: which TP piece the shard is of (equal TP coordinates hold copies)
+                piece += _fsdp1.tp_coordinate(u.segment.tp_spec if u.segment is not None else fsdp1[id(u.param)].tp_spec)
+                kind = "FSDP1 shard"
+            else:
+                piece = ("plain",)
+                kind = "plain tensor (replicated across the stage)" if not marks else "mark_sharded tensor"
+            if key[0] == "tied":
+                kind = "mark_replicated tensor"
+            piece = piece + _positions(annotation, rank)
+            zero = tensor.numel() == 0 or not bool(tensor.detach().ne(0).any())
+            records.append(Record(key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
+        return stage, items, local, records
+
+    found, error = rank_errors.attempt(local_part)
+    if found is None:  # bad input here: join the gather with this rank's error, then every rank raises
+        assert error is not None
+        try:
+            stage = current_stage(None, group)
+        except Exception:
+            raise error from None
+        failure: object = _Failed(*rank_errors.describe(error))
+        everyone_or_failed = [failure] * stage.group_size
+        if stage.distributed:
+            dist.all_gather_object(everyone_or_failed, failure, group=stage.group)
+        _raise_if_any_failed(everyone_or_failed, error, stage)
+    assert found is not None  # a failed rank raised above
+    stage, items, local, records = found
     everyone: list = [records]
     if stage.distributed:
         everyone = [None] * stage.group_size
         dist.all_gather_object(everyone, records, group=stage.group)
+        _raise_if_any_failed(everyone, None, stage)
     problems = _copy_problems(everyone)
     reference_total, reference_by_name = _reference(everyone)
     details = {}
@@ -199,6 +218,21 @@ def audit(
             elif not _close(float(got), ref_n, rtol):
                 problems.append(f"{name}: grad_norms {p:g}-norm {float(got):.9g} vs float64 reference {ref_n:.9g}")
     return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
+
+
+class _Failed(NamedTuple):
+    """What a rank that could not take part in ``audit`` gathers instead of its records."""
+
+    name: str
+    message: str
+
+
+def _raise_if_any_failed(everyone: list, error: Optional[BaseException], stage: Stage) -> None:
+    """Every rank together, after the gather: raise everywhere if some rank failed (the same
+    path as the norm functions, ``rank_errors``)."""
+    failures = [(e.name, e.message) if isinstance(e, _Failed) else None for e in everyone]
+    if any(f is not None for f in failures) or error is not None:
+        rank_errors.raise_gathered(failures, error, stage.global_ranks())
 
 
 def _copy_problems(everyone: list[list[Record]]) -> list[str]:

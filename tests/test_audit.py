@@ -4,6 +4,7 @@ shard and a mark_sharded over the wrong group; the same verdict on every rank; g
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,18 @@ def world_audit(rank: int, world: int) -> list[str]:
     run("Megatron TP marked right", _megatron(rank, "tp"), True)
     run("unmarked TP shard", _megatron(rank, None), False, must_mention=("w:", "without mark_sharded"))
     run("mark_sharded over the dp group", _megatron(rank, "dp"), False, must_mention=("w:", "wrong group"))
+
+    # bad input on one rank only (a non-named parameter): every rank raises at once, naming it
+    good = list(verify.build_ddp(ctx).parameters.named_parameters())
+    start = time.perf_counter()
+    try:
+        distclip.audit(good + [torch.zeros(2)] if rank == 1 else good)  # type: ignore[operator]
+        errors.append("one rank's bad input: audit did not raise")
+    except TypeError as e:
+        if rank != 1 and "rank 1" not in str(e):
+            errors.append(f"one rank's bad input: the error does not name rank 1: {e}")
+    if time.perf_counter() - start > 10:
+        errors.append(f"one rank's bad input took {time.perf_counter() - start:.1f} s to raise everywhere")
     return errors
 
 
