@@ -33,6 +33,7 @@ from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
 from distclip.layout import _ANNOTATION_ATTR, GroupLike, Stage, current_stage
 from distclip.norms import Local, NamedParams, collect, grad_norms
+from distclip.reduce import reduction_device
 
 __all__ = ["AuditReport", "audit"]
 
@@ -92,6 +93,12 @@ def _positions(annotation, rank: int) -> tuple:
     return tuple(sorted(info.ranks).index(rank) for info in annotation.sharded_over) if annotation else ()
 
 
+def _measured(record: Record, tensor: torch.Tensor) -> Record:
+    """``record`` with the hash, size and statistics of ``tensor`` (the local piece it names)."""
+    zero = tensor.numel() == 0 or not bool(tensor.detach().ne(0).any())
+    return record._replace(digest=_hash(tensor), numel=tensor.numel(), zero=zero, stats=_stats(tensor))
+
+
 def _whole(unit) -> torch.Tensor:
     """A ``Partial`` grad made whole with DTensor's own redistribute (collective over its mesh)."""
     from torch.distributed.tensor import Replicate
@@ -149,7 +156,6 @@ def audit(
                     tied_seen[size] += 1
         records: list[Record] = []
         for u in local.units:
-            tensor = _whole(u) if u.partial else u.tensor
             annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
             marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
             key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
@@ -173,29 +179,38 @@ def audit(
             if key[0] == "tied":
                 kind = "mark_replicated tensor"
             piece = piece + _positions(annotation, rank)
-            zero = tensor.numel() == 0 or not bool(tensor.detach().ne(0).any())
-            records.append(Record(key, piece, rank, u.name, kind, _hash(tensor), tensor.numel(), zero, marks, _stats(tensor)))
+            record = Record(key, piece, rank, u.name, kind, "", 0, True, marks, {})
+            # a Partial grad is measured once made whole, by a collective, after the failure check
+            records.append(record if u.partial else _measured(record, u.tensor))
         return stage, items, local, records
 
     found, error = rank_errors.attempt(local_part)
-    if found is None:  # bad input here: join the gather with this rank's error, then every rank raises
+    # Every rank learns whether any failed before the first collective a failed rank could not
+    # join: making a Partial grad whole is a collective over its mesh (a failed rank would leave
+    # its peers waiting there until the process-group timeout).
+    if found is None:
         assert error is not None
         try:
             stage = current_stage(None, group)
         except Exception:
             raise error from None
-        failure: object = _Failed(*rank_errors.describe(error))
-        everyone_or_failed = [failure] * stage.group_size
-        if stage.distributed:
-            dist.all_gather_object(everyone_or_failed, failure, group=stage.group)
-        _raise_if_any_failed(everyone_or_failed, error, stage)
+    else:
+        stage = found[0]
+    if stage.distributed:
+        failures = rank_errors.gather(error, reduction_device(stage), stage.group)
+        if any(f is not None for f in failures) or error is not None:
+            rank_errors.raise_gathered(failures, error, stage.global_ranks())
+    elif error is not None:
+        raise error
     assert found is not None  # a failed rank raised above
     stage, items, local, records = found
+    for i, u in enumerate(local.units):
+        if u.partial:
+            records[i] = _measured(records[i], _whole(u))
     everyone: list = [records]
     if stage.distributed:
         everyone = [None] * stage.group_size
         dist.all_gather_object(everyone, records, group=stage.group)
-        _raise_if_any_failed(everyone, None, stage)
     problems = _copy_problems(everyone)
     reference_total, reference_by_name = _reference(everyone)
     details = {}
@@ -218,21 +233,6 @@ def audit(
             elif not _close(float(got), ref_n, rtol):
                 problems.append(f"{name}: grad_norms {p:g}-norm {float(got):.9g} vs float64 reference {ref_n:.9g}")
     return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
-
-
-class _Failed(NamedTuple):
-    """What a rank that could not take part in ``audit`` gathers instead of its records."""
-
-    name: str
-    message: str
-
-
-def _raise_if_any_failed(everyone: list, error: Optional[BaseException], stage: Stage) -> None:
-    """Every rank together, after the gather: raise everywhere if some rank failed (the same
-    path as the norm functions, ``rank_errors``)."""
-    failures = [(e.name, e.message) if isinstance(e, _Failed) else None for e in everyone]
-    if any(f is not None for f in failures) or error is not None:
-        rank_errors.raise_gathered(failures, error, stage.global_ranks())
 
 
 def _copy_problems(everyone: list[list[Record]]) -> list[str]:

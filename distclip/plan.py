@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -37,7 +38,6 @@ from distclip.layout import (
     LocalLayout,
     Marks,
     PartialRoute,
-    Route,
     Stage,
     local_layout,
 )
@@ -56,10 +56,12 @@ class Structure(NamedTuple):
 
 # How a plan finds one parameter's local tensor(s) in a later call, and what it checks first. Each
 # is made from the route discovery gave the parameter (``layout.Route``); ``slot`` is the index of
-# a group in ``LayoutPlan.keys``.
+# a group in ``LayoutPlan.keys``. Classes with slots, not tuples: ``LayoutPlan._apply_each`` reads
+# their fields once per parameter per call, and a slot is the fastest field Python reads.
 
 
-class PlainStep(NamedTuple):
+@dataclass(slots=True)
+class PlainStep:
     """The grad itself (``ReplicaRoute``, ``MarkedRoute``, an FSDP1 view without padding): still
     of the same class, dtype and device."""
 
@@ -69,7 +71,8 @@ class PlainStep(NamedTuple):
     device: torch.device
 
 
-class PaddedStep(NamedTuple):
+@dataclass(slots=True)
+class PaddedStep:
     """A padded FSDP1 flat shard (``FlatShardRoute``): checked as ``PlainStep``, measured without
     its padding (static for the FlatParameter)."""
 
@@ -80,7 +83,8 @@ class PaddedStep(NamedTuple):
     padding: int
 
 
-class RunsStep(NamedTuple):
+@dataclass(slots=True)
+class RunsStep:
     """FSDP1 over TP (``FlatRunsRoute``): a flat shard measured in runs, static as the padding."""
 
     runs: tuple[tuple[int, int, int], ...]  # (slot, start, stop)
@@ -89,7 +93,8 @@ class RunsStep(NamedTuple):
     device: torch.device
 
 
-class DTensorStep(NamedTuple):
+@dataclass(slots=True)
+class DTensorStep:
     """A DTensor grad's local tensor (``DTensorRoute``): the same spec object (FSDP2 reuses one
     per parameter) or, failing that, the same structure."""
 
@@ -98,7 +103,8 @@ class DTensorStep(NamedTuple):
     structure: Structure
 
 
-class PartialStep(NamedTuple):
+@dataclass(slots=True)
+class PartialStep:
     """A ``Partial`` DTensor grad (``PartialRoute``): checked as ``DTensorStep``, made whole
     before it is measured, under ``weight``."""
 
@@ -122,7 +128,11 @@ class LayoutPlan:
         # One structure object per distinct structure: a plan holding thousands of tuples per
         # parameter more would bring Python's full garbage collection forward into a later call.
         structures: dict[tuple, Structure] = {}
-        self.routes: list[Optional[Step]] = [_step(route, p.grad, slot, structures) for route, p in zip(layout.routes, params)]
+        of_spec: dict[int, Structure] = {}  # by spec id: FSDP2 shares specs, and a mesh hashes in Python
+        self.routes: list[Optional[Step]] = [None] * len(params)
+        for index, (route, p) in enumerate(zip(layout.routes, params)):
+            if route is not None:
+                self.routes[index] = _step(route, p.grad, slot, structures, of_spec)
         self.grad_types = [type(p.grad) for p in params]  # NoneType where there is no grad
         self.batches = _batches(self.routes)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
@@ -184,59 +194,56 @@ class LayoutPlan:
                         return None
                     continue
                 kind = step.__class__
-                # Steps are unpacked, not read by field name: this loop runs per parameter. A None
-                # grad, or a plain one where a DTensor was, fails ``spec_of`` (AttributeError,
-                # below); a None grad fails the class checks.
+                # A None grad, or a plain one where a DTensor was, fails ``spec_of``
+                # (AttributeError, below); a None grad fails the class checks.
                 if kind is dtensor_step:
-                    slot, spec, structure = step
-                    found = spec_of(grad)
-                    if found is not spec and _structure(found, grad) != structure:
+                    spec = spec_of(grad)
+                    if spec is not step.spec and _structure(spec, grad) != step.structure:
                         return None
-                    lists[slot].append(local_of(grad))
+                    lists[step.slot].append(local_of(grad))
                 elif kind is plain_step:
-                    slot, cls, dtype, device = step
-                    if grad.__class__ is not cls or grad.dtype != dtype or grad.device != device:
+                    if grad.__class__ is not step.cls or grad.dtype != step.dtype or grad.device != step.device:
                         return None
-                    lists[slot].append(grad)
+                    lists[step.slot].append(grad)
                 elif kind is partial_step:
-                    weight, spec, structure = step
-                    found = spec_of(grad)
-                    if found is not spec and _structure(found, grad) != structure:
+                    spec = spec_of(grad)
+                    if spec is not step.spec and _structure(spec, grad) != step.structure:
                         return None
-                    partial.append((grad, weight))  # a DTensor, as checked
+                    partial.append((grad, step.weight))  # a DTensor, as checked
                 elif kind is padded_step:
-                    slot, cls, dtype, device, padding = step
-                    if grad.__class__ is not cls or grad.dtype != dtype or grad.device != device:
+                    if grad.__class__ is not step.cls or grad.dtype != step.dtype or grad.device != step.device:
                         return None
-                    lists[slot].append(grad[: grad.numel() - padding])
+                    lists[step.slot].append(grad[: grad.numel() - step.padding])
                 else:  # RunsStep
-                    runs, cls, dtype, device = step
-                    if grad.__class__ is not cls or grad.dtype != dtype or grad.device != device:
+                    if grad.__class__ is not step.cls or grad.dtype != step.dtype or grad.device != step.device:
                         return None
-                    for run_slot, start, stop in runs:
+                    for run_slot, start, stop in step.runs:
                         lists[run_slot].append(grad[start:stop])
         except AttributeError:  # a grad gone (None) or no longer a DTensor
             return None
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
 
 
-def _step(route: Optional[Route], grad: Any, slot: dict[tuple, int], structures: dict[tuple, Structure]) -> Optional[Step]:
-    """The plan's step for one parameter, from the route discovery gave it (None: no grad)."""
-    if route is None:
-        return None
-    if isinstance(route, (DTensorRoute, PartialRoute)):
-        found = _structure(route.spec, grad)
-        structure = structures.get(found)
+def _step(route: Any, grad: Any, slot: dict[tuple, int], structures: dict[tuple, Structure], of_spec: dict[int, Structure]) -> Step:
+    """The plan's step for one parameter, from the route (a ``layout.Route``) discovery gave it."""
+    kind = route.__class__
+    if kind is DTensorRoute or kind is PartialRoute:
+        spec = route.spec
+        structure = of_spec.get(id(spec))
         if structure is None:
-            structure = structures[found] = Structure(*found)
-        if isinstance(route, PartialRoute):
-            return PartialStep(route.weight, route.spec, structure)
-        return DTensorStep(slot[(grad.device, grad.dtype, route.weight)], route.spec, structure)
-    if isinstance(route, FlatRunsRoute):
+            found = _structure(spec, grad)
+            structure = structures.get(found)
+            if structure is None:
+                structure = structures[found] = Structure(*found)
+            of_spec[id(spec)] = structure
+        if kind is PartialRoute:
+            return PartialStep(route.weight, spec, structure)
+        return DTensorStep(slot[(grad.device, grad.dtype, route.weight)], spec, structure)
+    if kind is FlatRunsRoute:
         runs = tuple((slot[(grad.device, grad.dtype, weight)], start, stop) for start, stop, weight in route.runs)
         return RunsStep(runs, type(grad), grad.dtype, grad.device)
     where = slot[(grad.device, grad.dtype, route.weight)]
-    if isinstance(route, FlatShardRoute) and route.padding:
+    if kind is FlatShardRoute and route.padding:
         return PaddedStep(where, type(grad), grad.dtype, grad.device, route.padding)
     return PlainStep(where, type(grad), grad.dtype, grad.device)
 

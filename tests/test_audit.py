@@ -103,6 +103,22 @@ def world_audit(rank: int, world: int) -> list[str]:
             errors.append(f"one rank's bad input: the error does not name rank 1: {e}")
     if time.perf_counter() - start > 10:
         errors.append(f"one rank's bad input took {time.perf_counter() - start:.1f} s to raise everywhere")
+
+    # the same with Partial grads, which the good ranks make whole by a collective the bad rank
+    # cannot join: every rank must know of the failure first (the good ranks used to wait there
+    # until the process-group timeout)
+    sp = list(verify.build_tp_sp(ctx).parameters.named_parameters())
+    start = time.perf_counter()
+    try:
+        distclip.audit(sp + [("bad", "not a tensor")] if rank == 3 else sp)  # type: ignore[operator]
+        errors.append("one rank's bad input with Partial grads: audit did not raise")
+    except TypeError as e:
+        if rank != 3 and "rank 3" not in str(e):
+            errors.append(f"one rank's bad input with Partial grads: the error does not name rank 3: {e}")
+    except Exception as e:  # noqa: BLE001 - a gloo timeout is the failure this checks for
+        errors.append(f"one rank's bad input with Partial grads: {type(e).__name__}: {str(e)[:200]}")
+    if time.perf_counter() - start > 10:
+        errors.append(f"one rank's bad input with Partial grads took {time.perf_counter() - start:.1f} s to raise everywhere")
     return errors
 
 
