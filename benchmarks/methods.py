@@ -8,16 +8,14 @@ with no per-tensor work and no collective.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 import distclip
 from benchmarks import report
-
-if TYPE_CHECKING:
-    from benchmarks.workloads import Workload
+from benchmarks.workload import Workload
 
 METHOD_ORDER = report.METHOD_ORDER
 DEFAULT_METHODS = ["distclip", "torch", "torchtitan", "fsdp1", "minimal", "hand_rolled", "roofline"]

@@ -1,0 +1,147 @@
+"""distclip at two (or more) commits on the same workloads: the before/after of a change.
+
+Each commit is checked out into a git worktree under ``--workdir``; each round launches one
+torchrun world per commit, in an order that rotates by one each round, and every world imports
+distclip from its own worktree (``PYTHONPATH``) and the workloads from this checkout, so the models
+are the same bytes whatever the commit. The machine's load drifts between worlds, so the numbers to
+read are the per-round ratios' median, not the absolute times.
+
+Per workload and commit a world records the first call (discovery included) and the median of
+``--repeats`` warm calls of ``clip_grad_norm_`` with clipping on (``max_norm`` below the norm).
+
+    python benchmarks/compare_commits.py c4fdedc HEAD --layouts plain_sep,dtensor_sep,fsdp2 \\
+        --rounds 5 --ranks 2 --out benchmarks/results
+
+The last commit named is compared with each one before it; ``WORKTREE`` means the working tree
+as it is (uncommitted edits included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKTREE = "WORKTREE"
+
+
+def _checkout(commit: str, workdir: Path) -> tuple[str, Path]:
+    """(full sha or WORKTREE, source dir) for ``commit``."""
+    if commit == WORKTREE:
+        return WORKTREE, ROOT
+    sha = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", commit], text=True).strip()
+    path = workdir / sha[:12]
+    if not path.exists():
+        subprocess.check_call(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), sha], stdout=subprocess.DEVNULL)
+    return sha, path
+
+
+def _world(source: Path, args: argparse.Namespace, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}", __file__, "--worker"]
+    cmd += ["--layouts", args.layouts, "--sizes", args.sizes, "--repeats", str(args.repeats), "--result", str(out)]
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def drive(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    trees = [_checkout(c, workdir) for c in args.commits]
+    rounds: list[dict[str, dict]] = []
+    for r in range(args.rounds):
+        runs: dict[str, dict] = {}
+        order = list(range(len(trees)))
+        order = order[r % len(order) :] + order[: r % len(order)]
+        for i in order:
+            sha, source = trees[i]
+            runs[args.commits[i]] = _world(source, args, workdir / f"result_{i}.json")
+        rounds.append(runs)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    after = args.commits[-1]
+    summary: dict[str, dict] = {}
+    print(f"\n{'workload':<22} {'commit':<12} {'first ms':>9} {'warm ms':>9} {'warm ratio (after/this)':>24} {'first ratio':>12}")
+    for key in rounds[0][after]["workloads"]:
+        for before in args.commits:
+            warm = statistics.median(run[before]["workloads"][key]["warm_ms"] for run in rounds)
+            first = statistics.median(run[before]["workloads"][key]["first_ms"] for run in rounds)
+            row = {"warm_ms": warm, "first_ms": first}
+            if before != after:
+                for field in ("warm", "first"):
+                    ratios = (run[after]["workloads"][key][f"{field}_ms"] / run[before]["workloads"][key][f"{field}_ms"] for run in rounds)
+                    row[f"{field}_ratio"] = statistics.median(ratios)
+            summary.setdefault(key, {})[before] = row
+            ratio = f"{row['warm_ratio']:.3f}" if "warm_ratio" in row else "-"
+            fratio = f"{row['first_ratio']:.3f}" if "first_ratio" in row else "-"
+            print(f"{key:<22} {before[:12]:<12} {first:9.2f} {warm:9.3f} {ratio:>24} {fratio:>12}")
+    record = {
+        "commits": {c: sha for c, (sha, _) in zip(args.commits, trees)},
+        "ranks": args.ranks,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "hardware": rounds[0][after]["hardware"],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "summary": summary,
+    }
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        name = Path(args.out) / f"compare_{args.commits[0][:8]}_{after[:8]}_w{args.ranks}.json"
+        name.write_text(json.dumps(record, indent=1))
+        print(f"wrote {name}")
+
+
+def work(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import distclip
+    from benchmarks import env, workloads
+    from benchmarks.measure import slowest_rank, timed_call
+
+    device, backend, threads = env.launch(threads=1)
+    sizes = dict(item.split("=") for item in args.sizes.split(","))
+    result: dict = {"distclip": str(Path(distclip.__file__).parent), "workloads": {}}
+    for layout in args.layouts.split(","):
+        n = int(sizes.get(layout, 4000))
+        w = workloads.build_workload(layout, "small", n, 0, 0, device)
+        max_norm = workloads.reference_norm(w) / 2  # clipping on
+        target = w.target
+
+        def call(target: object = target, max_norm: float = max_norm) -> None:
+            distclip.clip_grad_norm_(target, max_norm)
+
+        first = slowest_rank([timed_call(call, device)], device)[0]
+        warm = slowest_rank([timed_call(call, device) for _ in range(args.repeats)], device)
+        result["workloads"][f"{layout}:{n}"] = {"first_ms": first * 1e3, "warm_ms": statistics.median(warm) * 1e3}
+        del w, target, call
+    result["hardware"] = env.hardware_info(device, backend, threads)
+    if dist.get_rank() == 0:
+        Path(args.result).write_text(json.dumps(result))
+    torch.distributed.barrier()
+    env.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("commits", nargs="*", default=["HEAD~1", WORKTREE], help="commits (or WORKTREE); the last is 'after'")
+    ap.add_argument("--layouts", default="plain_sep,dtensor_sep,fsdp2")
+    ap.add_argument("--sizes", default="plain_sep=4000,dtensor_sep=2000,fsdp2=4000", help="LAYOUT=N,... parameter tensors")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--workdir", default="/tmp/distclip_compare")
+    ap.add_argument("--out", default=None, help="directory for the JSON record")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work(args) if args.worker else drive(args)
+
+
+if __name__ == "__main__":
+    main()
