@@ -31,14 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKTREE = "WORKTREE"
 
 
-def _checkout(commit: str, workdir: Path) -> tuple[str, Path]:
-    """(full sha or WORKTREE, source dir) for ``commit``."""
+def _checkout(commit: str, workdir: Path, made: list[Path]) -> tuple[str, Path]:
+    """(full sha or WORKTREE, source dir) for ``commit``; a worktree it adds is appended to ``made``."""
     if commit == WORKTREE:
         return WORKTREE, ROOT
     sha = subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", commit], text=True).strip()
     path = workdir / sha[:12]
     if not path.exists():
         subprocess.check_call(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), sha], stdout=subprocess.DEVNULL)
+        made.append(path)
     return sha, path
 
 
@@ -53,7 +54,17 @@ def _world(source: Path, args: argparse.Namespace, out: Path) -> dict:
 def drive(args: argparse.Namespace) -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    trees = [_checkout(c, workdir) for c in args.commits]
+    made: list[Path] = []
+    try:
+        trees = [_checkout(c, workdir, made) for c in args.commits]
+        rounds = _rounds(trees, args, workdir)
+    finally:
+        for path in made if not args.keep_worktrees else []:
+            subprocess.call(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)])
+    _summarize(trees, rounds, args)
+
+
+def _rounds(trees: list[tuple[str, Path]], args: argparse.Namespace, workdir: Path) -> list[dict[str, dict]]:
     rounds: list[dict[str, dict]] = []
     for r in range(args.rounds):
         runs: dict[str, dict] = {}
@@ -64,6 +75,10 @@ def drive(args: argparse.Namespace) -> None:
             runs[args.commits[i]] = _world(source, args, workdir / f"result_{i}.json")
         rounds.append(runs)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
+    return rounds
+
+
+def _summarize(trees: list[tuple[str, Path]], rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
     after = args.commits[-1]
     summary: dict[str, dict] = {}
     print(f"\n{'workload':<22} {'commit':<12} {'first ms':>9} {'warm ms':>9} {'warm ratio (after/this)':>24} {'first ratio':>12}")
@@ -137,6 +152,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--workdir", default="/tmp/distclip_compare")
     ap.add_argument("--out", default=None, help="directory for the JSON record")
+    ap.add_argument("--keep-worktrees", action="store_true", help="keep the worktrees it added (default: removed at the end)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -1,7 +1,7 @@
 """Every benchmark script, run in smoke mode (tiny sizes, few repeats, 2 ranks), with its output
 checked for sanity, not timing: a broken benchmark fails CI instead of the next full run.
 
-The four torchrun scripts start together (one ``Popen`` each, the launches overlap) into a temp
+Every script starts at once (one ``Popen`` each, the launches overlap) into a temp
 dir, never into benchmarks/results; ``report.py`` then reads bench_clip's JSON, and the committed
 results (files of every format written so far).
 """
@@ -42,6 +42,11 @@ def smoke_commands(out: Path) -> dict[str, list[str]]:
         "bench_grad_norms": torchrun("bench_grad_norms.py", "--params", "50", "--repeats", "2", "--warmup", "1", "--out", o),
         "agreement_overhead": torchrun("agreement_overhead.py", "--sizes", "10", "--repeats", "3", "--warmup", "1", "--out", o),
         "allreduce_size": torchrun("allreduce_size.py", "--lengths", "1,8", "--repeats", "5", "--warmup", "1", "--out", o),
+        # launches its own worlds (one per commit); HEAD is checked out into a worktree it removes
+        "compare_commits": [
+            sys.executable, str(BENCH / "compare_commits.py"), "HEAD", "WORKTREE",
+            *("--rounds", "1", "--repeats", "2", "--sizes", "plain_sep=20,dtensor_sep=20,fsdp2=50", "--workdir", f"{o}/trees", "--out", o),
+        ],
     }
 
 
@@ -174,3 +179,14 @@ def test_allreduce_size(runs: Runs) -> None:
     assert meta["world_size"] == 2 and meta["distclip_packet_len"] > 8
     assert set(by_length) == {"1", "8", str(meta["distclip_packet_len"])}
     assert all(v > 0 for v in by_length.values())
+
+
+def test_compare_commits(runs: Runs) -> None:
+    out = ran(runs, "compare_commits")
+    data = _json(out / "compare_HEAD_WORKTREE_w2.json")
+    assert data["ranks"] == 2 and data["rounds"] == 1 and len(data["commits"]["HEAD"]) == 40
+    assert set(data["summary"]) == {"plain_sep:20", "dtensor_sep:20", "fsdp2:50"}
+    for key, row in data["summary"].items():
+        assert row["HEAD"]["warm_ratio"] > 0 and row["HEAD"]["first_ratio"] > 0, key
+        assert row["WORKTREE"]["warm_ms"] > 0 and "warm_ratio" not in row["WORKTREE"], key
+    assert not (out / "trees" / data["commits"]["HEAD"][:12]).exists()  # the worktree it added is gone
