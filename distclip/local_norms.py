@@ -106,7 +106,7 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
     """Multiply every tensor in place by the 0-dim ``coef`` (no host sync).
 
     ``coef`` is cast to float32/float64 groups' own dtype: ``_foreach_mul_`` with a 0-dim tensor
-    of another dtype takes a slow path (4000 small fp32 grads: 6.6 ms instead of 2.1 ms). The cast
+    of another dtype takes a slow per-tensor path (benchmarks/README.md, "scale"). The cast
     is deterministic, so every rank still multiplies by the same bits. Low-precision groups get a
     float32 coefficient, as in torch.
     """
