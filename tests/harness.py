@@ -22,17 +22,23 @@ def _child(fn: Callable, rank: int, world_size: int, store_path: str, results: m
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    ok = False
     try:
         dist.init_process_group(
             "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
         )
         value = fn(rank, world_size, *args)
         results.put((rank, "ok", value))
+        ok = True
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             try:
+                if ok:  # the result is sent first: a failed rank's peers may never reach this barrier
+                    # No rank tears gloo down while another still uses it (a gloo teardown race
+                    # aborts a rank with "terminate called without an active exception").
+                    dist.barrier()
                 dist.destroy_process_group()
             except Exception:
                 pass
