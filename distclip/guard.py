@@ -289,6 +289,7 @@ class GradGuard:
         self.last: Optional[GuardOutput] = None
         self._unstepped: Optional[GuardOutput] = None
         self._fn = f"GradGuard.clip_{self._config()!r}"
+        self._device_math: dict[torch.device, DeviceMath] = {}  # by device: each caches its constants
 
     def _config(self) -> tuple:
         groups = None
@@ -349,7 +350,9 @@ class GradGuard:
             nonfinite = [] if finite else _find_nonfinite(source, call.stage)
             return GuardOutput(total.to(out_dtype), threshold, skip, bool(spike), coef, nonfinite)
         # Accelerators: every decision on the device, from the float64 total (NaN if poisoned).
-        m = DeviceMath(total.device)
+        m = self._device_math.get(total.device)
+        if m is None:
+            m = self._device_math[total.device] = DeviceMath(total.device)
         decided_t, spike_v, pending = policy.decide(m, total)
         threshold_t = torch.as_tensor(decided_t)
         finite_t = torch.isfinite(total)
@@ -366,7 +369,7 @@ class GradGuard:
         if poisoned is not None:
             skip_t = skip_t | poisoned
         policy.commit(m, pending, ~skip_t if self.skip_nonfinite else finite_t & ~skip_t)  # skip covers non-finite then
-        coef_d = torch.where(skip_t, 1.0, (threshold_t / (total + 1e-6)).clamp(max=1.0))
+        coef_d = torch.where(skip_t, m.const(1.0), (threshold_t / (total + 1e-6)).clamp(max=1.0))
         with phase("scale"):
             scale_(_clip._scale_groups(call.layout), coef_d, self.foreach)
         stage = call.stage

@@ -100,25 +100,38 @@ HOST = _HostMath()
 class DeviceMath:
     """The same operations as ``HOST`` as float64 tensor ops on ``device``: no host read, every
     branch a ``torch.where``. Constants are made with fill kernels (``torch.full``), never copied
-    from the host."""
+    from the host, once per value: an operand ``torch.where`` would otherwise turn into a new
+    tensor (one more device op) every call. The guard keeps one ``DeviceMath`` per device.
+
+    Cached constants are operands only, never results: what a policy returns or stores is made
+    by :meth:`new` (a caller may write to it in place)."""
 
     host = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._consts: dict[tuple[type, float], torch.Tensor] = {}
 
-    def const(self, value: float) -> torch.Tensor:
+    def new(self, value: float) -> torch.Tensor:
+        """A fresh 0-dim float64 tensor holding ``value``."""
         return torch.full((), float(value), dtype=torch.float64, device=self.device)
 
+    def const(self, value: Union[float, bool]) -> torch.Tensor:
+        """A cached, read-only 0-dim float64 (bool for a bool ``value``) tensor holding ``value``."""
+        key = (type(value), value)
+        found = self._consts.get(key)
+        if found is None:
+            dtype = torch.bool if isinstance(value, bool) else torch.float64
+            found = self._consts[key] = torch.full((), value, dtype=dtype, device=self.device)
+        return found
+
     def _t(self, x: Scalar) -> torch.Tensor:
-        return x if isinstance(x, torch.Tensor) else self.const(x)
+        return x if isinstance(x, torch.Tensor) else self.const(float(x))
 
     def where(self, cond: Flag, a: Scalar, b: Scalar) -> torch.Tensor:
         if not isinstance(cond, torch.Tensor):
-            cond = torch.full((), bool(cond), dtype=torch.bool, device=self.device)
-        if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-            a = self.const(a)  # one float64 operand: the result is float64
-        return torch.where(cond, a, b)
+            cond = self.const(bool(cond))
+        return torch.where(cond, self._t(a), self._t(b))
 
     def sqrt(self, x: Scalar) -> torch.Tensor:
         return torch.sqrt(self._t(x).clamp(min=0.0))  # clamp keeps NaN
@@ -217,7 +230,7 @@ class Policy:
             return self._state
         source: dict[str, Any] = self._loaded if self._loaded is not None else (self._state if self._state is not None else self._fresh())
         if isinstance(m, DeviceMath):
-            state: dict[str, Scalar] = {k: (v.to(device=m.device, dtype=torch.float64) if isinstance(v, torch.Tensor) else m.const(v))
+            state: dict[str, Scalar] = {k: (v.to(device=m.device, dtype=torch.float64) if isinstance(v, torch.Tensor) else m.new(v))
                                         for k, v in source.items()}
         else:
             state = {k: _to_float(v) for k, v in source.items()}
@@ -237,7 +250,7 @@ class Policy:
         spike: Flag = False  # no spike verdict without skip_above (a constant: no device op)
         if self.skip_above is not None and self.max_norm is not None:
             spike = g > self.skip_above * self.max_norm
-        return m.const(self.cap), spike, {}
+        return (m.new(self.cap) if isinstance(m, DeviceMath) else m.const(self.cap)), spike, {}
 
     def commit(self, m: Math, pending: Any, accept: Flag) -> None:
         """Keep the pending state where ``accept`` (a finite norm on a step that is not skipped)."""
@@ -514,7 +527,7 @@ class AutoClip(Policy):
         values, count = self._export()
         if isinstance(m, DeviceMath) and isinstance(values, torch.Tensor):  # device form to device: no read
             slots = values.to(device=m.device, dtype=torch.float64)
-            cnt = count.to(device=m.device, dtype=torch.float64) if isinstance(count, torch.Tensor) else m.const(count)
+            cnt = count.to(device=m.device, dtype=torch.float64) if isinstance(count, torch.Tensor) else m.new(count)
             new: Union[_HostHistory, _DeviceHistory] = _DeviceHistory(self.history_size, slots, cnt)
         else:
             order = self._history_list(values, count)
