@@ -5,6 +5,9 @@ single process would compute over the full, unsharded gradients, for DDP, FSDP1,
 tensor parallelism, HSDP, pipeline stages, MoE experts and tied weights, alone or mixed.
 """
 
+# First: importing it checks the torch release, so that one older than the tested ones fails here
+# with a message that says so, not inside a submodule's import of an API that release lacks.
+from distclip import _versions  # noqa: F401  # isort: skip
 from distclip.agreement import LayoutMismatchError
 from distclip.audit import AuditReport, audit
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
@@ -32,4 +35,4 @@ __all__ = [
     "GradGuard",
     "GuardOutput",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

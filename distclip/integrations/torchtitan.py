@@ -1,4 +1,4 @@
-"""torchtitan's ``clip_grad_norm_`` signature, computed by distclip: swap one import.
+"""torchtitan's ``clip_grad_norm_`` signature, computed by distclip: swap one import::
 
     # from torchtitan.distributed.utils import clip_grad_norm_
     from distclip.integrations.torchtitan import clip_grad_norm_
