@@ -223,6 +223,15 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
     out_device = grad_device or device
+    if not stage.distributed and host_reads_allowed(device):
+        # One process on the host: no rank to agree with or to tell of a failure (an error has
+        # been raised at once, as torch would), so no packet and no collective; the same head
+        # and root as the reduced path, from the same Python floats.
+        total_value = total_from_head_host(total_head_host(partial.item(), has_elements, norm_type), norm_type)
+        total = torch.tensor(total_value, dtype=torch.float64, device=out_device)
+        if call.error_if_nonfinite:
+            _raise_if_nonfinite(call, total, torch.tensor(has_float64))
+        return total, torch.float64 if has_float64 else torch.float32, None, total_value
     sig = None
     if stage.distributed:
         sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)

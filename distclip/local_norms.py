@@ -127,11 +127,22 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
 # 1024 elements 5.3 vs 0.9 us, 4096: 4.8 vs 1.7, 8192: 7.0 vs 3.0, 16384: 6.6 vs 6.1; with two
 # ranks sharing the memory bus the copy costs more, hence the lower bound). The copy
 # is made chunk by chunk, one chunk alive at a time, each at most 1/20 of the group's grad bytes
-# (at least ROW elements) and at most FLAT_CHUNK elements, so the extra memory stays under 10% of
-# the rank's local grad bytes; a tensor larger than a chunk is measured in place.
-FLAT_MIN = 32  # fewer candidates than this are measured in place
+# and at most FLAT_CHUNK elements, so the extra memory stays under 10% of the rank's local grad
+# bytes; a tensor larger than a chunk is measured in place. Small models get chunks of at least
+# FLAT_CHUNK_MIN elements (128 KB of float32) instead: each chunk costs a copy call, a norm call
+# and the overflow check (fixed costs that dominate below a few MB of grads), and 1/20 of a small
+# model's grads is too little memory to matter.
+FLAT_MIN = 2  # fewer candidates than this are measured in place
 FLAT_MAX = 1 << 13
 FLAT_CHUNK = 1 << 20
+FLAT_CHUNK_MIN = 1 << 15
+# A CPU p=2 group of at most this many elements is measured in one float64 copy (``group_partial``).
+SMALL_GROUP = 1 << 15
+
+
+def chunk_elements(total: int) -> int:
+    """Elements per flat chunk (a multiple of ``ROW``) for a group of ``total`` elements."""
+    return max(FLAT_CHUNK_MIN, min(FLAT_CHUNK, total // 20)) // ROW * ROW
 
 
 class _Pieces:
@@ -162,7 +173,7 @@ class _Pieces:
             self.small_owner = list(kept) if owned else []
             return
         total = sum(numels)
-        self.chunk = max(ROW, min(FLAT_CHUNK, total // 20)) // ROW * ROW
+        self.chunk = chunk_elements(total)
         flat_max = min(FLAT_MAX, self.chunk + 1)
         if flatten and max(numels) < flat_max and min(numels) > 0 and len(tensors) >= FLAT_MIN:
             self.flat = list(tensors)  # the common case of many small grads: no Python per tensor
@@ -365,6 +376,13 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     acc = accumulation_dtype(dtype, device, norm_type)
     # Reading a CPU tensor is not a device sync: there float32 is checked and repaired.
     repair = 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
+    if repair and norm_type == 2 and len(tensors) > 1 and sum(map(torch.Tensor.numel, tensors)) <= SMALL_GROUP:
+        # A small group (a small model): one float64 copy and one dot product. Nothing to
+        # repair in float64, and four kernels instead of the pieces' dozen, whose fixed cost is
+        # all there is to a small model's norm.
+        flat = flatten_dense_tensors(tensors).double()
+        partial = torch.dot(flat, flat)
+        return partial if weight == 1.0 else partial * weight
     norms = piece_norms(tensors, norm_type, acc, foreach, repair).double()
     if norm_type == math.inf:
         return norms.max() if norms.numel() else norms.new_full((), -math.inf)
@@ -382,7 +400,10 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
 
 def local_partial(groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:
     """This rank's float64 partial on ``device`` over all its local gradients."""
-    partials = [group_partial(ts, weight, norm_type, foreach).to(device) for (_, _, weight), ts in groups.items() if ts]
+    partials = [group_partial(ts, weight, norm_type, foreach) for (_, _, weight), ts in groups.items() if ts]
+    if len(partials) == 1 and partials[0].device == device:
+        return partials[0]
+    partials = [t.to(device) for t in partials]
     if norm_type == math.inf:
         identity = -math.inf
     elif norm_type == -math.inf:
