@@ -248,3 +248,84 @@ def test_against_torchtitan_on_four_ranks():
             else:
                 # torchtitan raises on mixed meshes, where distclip is right
                 assert "mesh" in row.get("titan_error", ""), where
+
+
+# ----------------------------------------------------------------------------- install(): torchtitan's own Trainer
+
+
+def _install_world(rank, world):
+    """torchtitan's call, as its Trainer makes it (``dist_utils.clip_grad_norm_`` looked up on the
+    module), on a mixed-mesh model: torchtitan's function raises; after ``install()`` the same
+    call is distclip's and matches float64; ``uninstall()`` puts torchtitan's back."""
+    import torchtitan.distributed.utils as dist_utils
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from distclip.integrations import torchtitan as distclip_titan
+
+    original = dist_utils.clip_grad_norm_
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D))
+    parallelize_module(model, mesh["tp"], {"1": ColwiseParallel(), "3": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])  # the LayerNorm on the dp mesh, the Linears on (dp, tp)
+    model(torch.randn(4, D, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+    params = list(model.parameters())
+    full = [p.grad.full_tensor().double() for p in params]
+    ref = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in full])))
+
+    def titan_call(max_norm):  # torchtitan/trainer.py's call, verbatim but for the model
+        return dist_utils.clip_grad_norm_([p for m in [model] for p in m.parameters()], max_norm, foreach=True,
+                                          pp_mesh=None, ep_enabled=False)
+
+    out = {"ref": ref}
+    try:
+        titan_call(1e9)
+        out["titan"] = "no error"
+    except Exception as e:  # noqa: BLE001
+        out["titan"] = str(e)
+    with distclip_titan.installed():
+        distclip_titan.install()  # a second install changes nothing
+        out["patched"] = dist_utils.clip_grad_norm_ is distclip_titan.clip_grad_norm_
+        out["norm"] = float(titan_call(ref * 0.5))
+        coef = ref * 0.5 / (out["norm"] + 1e-6)
+        out["clipped"] = all(torch.allclose(p.grad.full_tensor().double(), g * coef, rtol=1e-5) for p, g in zip(params, full))
+    out["restored"] = dist_utils.clip_grad_norm_ is original
+    return out
+
+
+def test_install_routes_torchtitans_own_call_to_distclip():
+    for out in run_world(_install_world, 2, timeout=300):
+        assert "mesh" in out["titan"], out  # torchtitan's own function raises on mixed meshes
+        assert out["patched"] and out["restored"] and out["clipped"], out
+        assert out["norm"] == pytest.approx(out["ref"], rel=1e-6), out
+
+
+def test_install_reaches_the_trainers_lookup_and_names_imported_directly():
+    import importlib.util
+    import sys
+    import types
+
+    import torchtitan.distributed.utils as dist_utils
+
+    from distclip.integrations import torchtitan as distclip_titan
+
+    # torchtitan 0.3.0's Trainer looks the function up on the module at every step (its module
+    # needs triton to import on CPU, so its source is read instead)
+    source = open(importlib.util.find_spec("torchtitan.trainer").origin).read()
+    assert "utils as dist_utils" in source and "dist_utils.clip_grad_norm_(" in source
+    original = dist_utils.clip_grad_norm_
+    loop = types.ModuleType("torchtitan._distclip_test_loop")  # a module that did `from ... import clip_grad_norm_`
+    loop.clip_grad_norm_ = original
+    sys.modules[loop.__name__] = loop
+    try:
+        distclip_titan.install()
+        assert dist_utils.clip_grad_norm_ is distclip_titan.clip_grad_norm_
+        assert loop.clip_grad_norm_ is distclip_titan.clip_grad_norm_
+        distclip_titan.uninstall()
+        distclip_titan.uninstall()  # nothing left to undo
+        assert dist_utils.clip_grad_norm_ is original and loop.clip_grad_norm_ is original
+    finally:
+        distclip_titan.uninstall()
+        del sys.modules[loop.__name__]

@@ -35,11 +35,24 @@ spikes): pass ``guard=`` and step through it::
 
 ``guard.step`` takes torchtitan's ``OptimizersContainer`` (each fused optimizer gets the verdict as
 its ``found_inf``: no host sync) and the guard's ``state_dict`` belongs in the checkpoint.
+
+torchtitan's own ``Trainer`` (and its flux, forge, torchft and RL trainers) looks the function up
+at every step as ``dist_utils.clip_grad_norm_`` on the module ``torchtitan.distributed.utils``, so
+an import swap in your code does not reach it. :func:`install` points that module attribute (and
+any torchtitan module that imported the function by name) at distclip's, until :func:`uninstall`::
+
+    from distclip.integrations import torchtitan as distclip_titan
+
+    distclip_titan.install()          # before trainer.train(); every rank
+    trainer.train()                   # torchtitan's loop, its config's max_norm, clipped by distclip
+    distclip_titan.uninstall()        # or: with distclip_titan.installed(): trainer.train()
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,7 +60,7 @@ import torch
 import distclip
 from distclip.guard import GradGuard
 
-__all__ = ["clip_grad_norm_"]
+__all__ = ["clip_grad_norm_", "install", "installed", "uninstall"]
 
 
 @torch.no_grad()
@@ -98,3 +111,44 @@ def clip_grad_norm_(
     if error_if_nonfinite and not bool(torch.isfinite(out.total_norm)):  # the same value on every rank
         raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be clipped")
     return out.total_norm
+
+
+# While installed: (module, torchtitan's original function) for every attribute that was pointed
+# at distclip's, so uninstall() puts back exactly what it found.
+_PATCHED: list[tuple[Any, Any]] = []
+
+
+def install() -> None:
+    """Make torchtitan's own training loops clip with distclip: point
+    ``torchtitan.distributed.utils.clip_grad_norm_`` (what ``torchtitan.trainer`` calls, as
+    ``dist_utils.clip_grad_norm_``) and every loaded ``torchtitan`` module's ``clip_grad_norm_``
+    that is torchtitan's function at :func:`clip_grad_norm_`. Call it on every rank before
+    training; calling it again does nothing. The loop keeps its arguments (``max_norm`` from the
+    config, ``pp_mesh``, ``ep_enabled``) and its ``optimizers.step()``; for a guard, call
+    :func:`clip_grad_norm_` with ``guard=`` in your own loop instead."""
+    if _PATCHED:
+        return
+    import torchtitan.distributed.utils as dist_utils
+
+    original = dist_utils.clip_grad_norm_
+    for name, module in list(sys.modules.items()):
+        if (name == "torchtitan" or name.startswith("torchtitan.")) and getattr(module, "clip_grad_norm_", None) is original:
+            _PATCHED.append((module, original))
+            setattr(module, "clip_grad_norm_", clip_grad_norm_)  # noqa: B010 - any module object
+
+
+def uninstall() -> None:
+    """Put torchtitan's ``clip_grad_norm_`` back where :func:`install` replaced it."""
+    while _PATCHED:
+        module, original = _PATCHED.pop()
+        module.clip_grad_norm_ = original
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """:func:`install` for the duration of a ``with`` block, then :func:`uninstall`."""
+    install()
+    try:
+        yield
+    finally:
+        uninstall()
