@@ -26,7 +26,7 @@ from torch import nn
 
 from distclip import agreement, rank_errors
 from distclip._dtensor import DTensor, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
-from distclip._torch import base_of, phase
+from distclip._torch import phase
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     GroupLike,
@@ -40,7 +40,7 @@ from distclip.layout import (
     local_layout,
     reject_unknown_layouts,
 )
-from distclip.local_norms import coalesce, local_partial, scale_
+from distclip.local_norms import coalesce, local_partial, may_be_views, scale_
 from distclip.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
 from distclip.plan import PlanCache
 from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
@@ -137,8 +137,10 @@ def _prepare(
             layout = local_layout(params, None, stage, grads=params)
         else:
             layout = PLANS.layout(params, module, stage)
-        # adjacent views merged so each group needs few kernels (separate tensors skip the pass)
-        layout.groups = {key: coalesce(ts) if _may_be_views(ts) else ts for key, ts in layout.groups.items()}
+        # adjacent views merged so each group needs few kernels (separate tensors skip the pass;
+        # a plan knows which groups hold separate tensors)
+        separate = layout.separate
+        layout.groups = {key: ts if key in separate or not may_be_views(ts) else coalesce(ts) for key, ts in layout.groups.items()}
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, given=given and module is None)
 
     with phase("layout"):
@@ -155,17 +157,6 @@ def _prepare(
     except Exception:
         raise error from None
     return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, seen, error=error, given=given)
-
-
-def _may_be_views(tensors: list[torch.Tensor]) -> bool:
-    """Whether coalescing could merge anything: grads that are views of one buffer (FSDP2, DDP
-    buckets, FSDP1 orig params) come as neighbours sharing a base. Separate grads, even views of
-    their own tensors (``DTensor.from_local`` keeps a view), skip the pass. Only speed depends on
-    this answer."""
-    for a, b in ((0, 1), (-2, -1)):
-        if len(tensors) > 1 and base_of(tensors[a]) is not None and base_of(tensors[a]) is base_of(tensors[b]):
-            return True
-    return False
 
 
 def _norm_groups(layout: LocalLayout) -> dict:

@@ -59,6 +59,17 @@ def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: floa
     return torch.float64
 
 
+def may_be_views(tensors: list[torch.Tensor]) -> bool:
+    """Whether coalescing could merge anything: grads that are views of one buffer (FSDP2, DDP
+    buckets, FSDP1 orig params) come as neighbours sharing a base. Separate grads, even views of
+    their own tensors (``DTensor.from_local`` keeps a view), skip the pass. Only speed depends on
+    this answer."""
+    for a, b in ((0, 1), (-2, -1)):
+        if len(tensors) > 1 and base_of(tensors[a]) is not None and base_of(tensors[a]) is base_of(tensors[b]):
+            return True
+    return False
+
+
 def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Merge runs of contiguous views that lie back to back in one base tensor into 1-D views.
 
@@ -108,7 +119,8 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
     ``coef`` is cast to float32/float64 groups' own dtype: ``_foreach_mul_`` with a 0-dim tensor
     of another dtype takes a slow per-tensor path (benchmarks/README.md, "scale"). The cast
     is deterministic, so every rank still multiplies by the same bits. Low-precision groups get a
-    float32 coefficient, as in torch.
+    float32 coefficient, as in torch. Never a Python scalar: on CPU ``_foreach_mul_`` with a scalar
+    is about three times slower than with a 0-dim tensor (benchmarks/README.md, "scale").
     """
     for key, tensors in groups.items():
         device, dtype = key[0], key[1]  # keys start with the device and dtype

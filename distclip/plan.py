@@ -41,6 +41,7 @@ from distclip.layout import (
     Stage,
     local_layout,
 )
+from distclip.local_norms import may_be_views
 
 
 class Structure(NamedTuple):
@@ -137,10 +138,18 @@ class LayoutPlan:
         self.batches = _batches(self.routes)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
+        self.separate: Optional[frozenset] = None  # see ``with_separate``
         self.valid = True
         key = cache.key(params, stage)
         self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
         self._refs = [weakref.ref(p, self._forget) for p in params]
+
+    def with_separate(self, layout: LocalLayout) -> LocalLayout:
+        """``layout`` told which of its groups hold separate tensors (found on the plan's first use)."""
+        if self.separate is None:
+            self.separate = frozenset(key for key, ts in layout.groups.items() if not may_be_views(ts))
+        layout.separate = self.separate
+        return layout
 
     def apply(self, params: list[torch.Tensor]) -> Optional[LocalLayout]:
         """This call's layout if the plan still holds, else None (discover it anew)."""
@@ -332,7 +341,7 @@ class PlanCache:
             found = plan.apply(params)
             if found is not None:
                 self.plans.move_to_end(key)
-                return found
+                return plan.with_separate(found)
             self.drop(key)
         elif hash(key) not in self.seen:
             self.seen[hash(key)] = None
@@ -345,4 +354,4 @@ class PlanCache:
             self.drop(next(iter(self.plans)))
         found = plan.apply(params)
         assert found is not None
-        return found
+        return plan.with_separate(found)
