@@ -23,6 +23,7 @@ CASES = [  # (script, ranks, package it needs)
     ("lightning_model_parallel", 4, "lightning"),
     ("torchtitan_swap", 4, "torchtitan"),
     ("guarded_training", 2, None),
+    ("transformers_trainer", 2, "transformers"),
 ]
 
 
