@@ -25,6 +25,7 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -64,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impl", choices=("distclip", "torch"), default="distclip",
                         help="clip with distclip (default) or torch.nn.utils.clip_grad_norm_ (negative control)")
-    parser.add_argument("--layouts", nargs="+", metavar="NAME", help="subset of layout names (default: all allowed; see --list)")
+    parser.add_argument("--layouts", nargs="+", metavar="NAME",
+                        help="subset of layouts, by name in any case or alias, e.g. fsdp2 tp-sp (default: all allowed; see --list)")
     parser.add_argument("--norm-types", nargs="+", type=float, default=list(NORM_TYPES), metavar="P",
                         help=f"norm types (default: {' '.join(f'{p:g}' for p in NORM_TYPES)})")
     parser.add_argument("--list", action="store_true", help="list the layouts and exit")
@@ -81,6 +83,26 @@ def _world_note(scenario: Scenario) -> str:
     return "any world size" if sizes == [1, 2, 3, 4, 8] else "world sizes " + ", ".join(map(str, sizes)) + ", ..."
 
 
+def alias(name: str) -> str:
+    """A layout name as typed on a command line: lower case, each run of other characters one
+    ``-`` (``"TP + plain"`` -> ``tp-plain``, ``"two models, group="`` -> ``two-models-group``)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def resolve_layouts(names: list[str]) -> tuple[list[str], list[str]]:
+    """(layout names, unknown): each of ``names`` matched to a layout by its exact name, its name
+    in any case (``fsdp2``, ``"tp + sp"``) or its :func:`alias` (``fsdp1-full-shard-flat``)."""
+    by_key = {alias(n): n for n in LAYOUT_NAMES}
+    found, unknown = [], []
+    for name in names:
+        match = name if name in LAYOUT_NAMES else by_key.get(alias(name))
+        if match is None:
+            unknown.append(name)
+        elif match not in found:
+            found.append(match)
+    return found, unknown
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -89,15 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     is_rank0 = os.environ.get("RANK", "0") == "0"
     if args.list:
         if is_rank0:
-            for s in SCENARIOS:
-                print(f"{s.name:24s} ({_world_note(s)})")
+            for s in SCENARIOS:  # the name, the alias --layouts also takes, the world sizes it runs at
+                print(f"{s.name:24s} {alias(s.name):24s} ({_world_note(s)})")
         return 0
-    unknown = sorted(set(args.layouts or ()) - set(LAYOUT_NAMES))
+    unknown: list[str] = []
+    if args.layouts is not None:
+        args.layouts, unknown = resolve_layouts(args.layouts)
     if unknown:
         if is_rank0:
             parser.print_usage(sys.stderr)
             print(f"{parser.prog}: error: unknown layout(s): {', '.join(map(repr, unknown))}\n"
-                  f"valid layouts: {', '.join(repr(n) for n in LAYOUT_NAMES)}", file=sys.stderr, flush=True)
+                  f"valid layouts (any case, or the alias): {', '.join(f'{n!r} ({alias(n)})' for n in LAYOUT_NAMES)}",
+                  file=sys.stderr, flush=True)
         return 2
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
