@@ -1,0 +1,91 @@
+"""One process, small models: the fast paths (one float64 dot for a small p=2 CPU group, flat
+chunks from two tensors on, no packet without a process group) give the float64 reference,
+also where float32 sums of squares overflow or underflow, and torch's results elsewhere."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import distclip
+from distclip import local_norms
+
+
+def _params(values: list[torch.Tensor]) -> list[nn.Parameter]:
+    out = []
+    for v in values:
+        p = nn.Parameter(torch.zeros(v.shape, dtype=v.dtype))
+        p.grad = v.clone()
+        out.append(p)
+    return out
+
+
+def _reference(values: list[torch.Tensor], p: float = 2.0) -> float:
+    flat = torch.cat([v.double().flatten() for v in values])
+    return float(torch.linalg.vector_norm(flat, p))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20, 1.0])
+def test_small_group_overflow_and_underflow_give_the_reference(scale):
+    # 1e20**2 overflows float32 and 1e-20**2 underflows it: the float64 dot needs no repair
+    g = torch.Generator().manual_seed(0)
+    values = [(torch.randn(s, generator=g, dtype=torch.float64) * scale).float() for s in ((8, 8), (3,), (17, 5))]
+    assert sum(v.numel() for v in values) <= local_norms.SMALL_GROUP
+    ref = _reference(values)
+    got = float(distclip.get_total_norm([v.clone() for v in values]))
+    assert math.isclose(got, ref, rel_tol=1e-6), (got, ref)
+    params = _params(values)
+    total = distclip.clip_grad_norm_(params, max_norm=ref / 4)
+    assert math.isclose(float(total), ref, rel_tol=1e-6)
+    clipped = _reference([p.grad for p in params])
+    want = ref * min(1.0, (ref / 4) / (ref + 1e-6))  # torch's coefficient, eps included
+    assert math.isclose(clipped, want, rel_tol=1e-5), (clipped, want)
+
+
+BOUND = local_norms.SMALL_GROUP
+
+
+@pytest.mark.parametrize("numel", [BOUND - 1, BOUND, BOUND + 1, 3 * BOUND])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_either_side_of_the_small_group_bound(numel, dtype):
+    g = torch.Generator().manual_seed(numel)
+    sizes = [numel // 3, numel // 3, numel - 2 * (numel // 3)]
+    values = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    ref = _reference(values)
+    got = float(distclip.get_total_norm([v.clone() for v in values]))
+    assert math.isclose(got, ref, rel_tol=2e-6), (got, ref)
+    want = float(torch.nn.utils.get_total_norm([v.clone() for v in values]))  # in the grads' dtype
+    assert math.isclose(got, want, rel_tol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_small_group_nonfinite(bad):
+    values = [torch.ones(4, 4), torch.ones(7)]
+    values[1][3] = bad
+    got = float(distclip.clip_grad_norm_(_params(values), 1.0))
+    assert (math.isnan(got) if math.isnan(bad) else got == math.inf)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        distclip.clip_grad_norm_(_params(values), 1.0, error_if_nonfinite=True)
+
+
+@pytest.mark.parametrize("n", [2, 5, 31, 32, 100])
+def test_few_tensors_flat_chunks(n):
+    # from two tensors up the flat copy is used (and chunks hold at least FLAT_CHUNK_MIN elements)
+    g = torch.Generator().manual_seed(n)
+    shapes = [(32, 32), (32,), (64, 16), (128,), (600,), (40, 41)]
+    values = [torch.randn(shapes[i % len(shapes)], generator=g) * (10.0 ** (i % 7 - 3)) for i in range(n)]
+    for p in (1.0, 2.0, 3.0, math.inf):
+        ref = _reference(values, p)
+        got = float(distclip.get_total_norm([v.clone() for v in values], p))
+        assert math.isclose(got, ref, rel_tol=2e-6), (p, got, ref)
+
+
+def test_chunk_elements_bounds():
+    assert local_norms.chunk_elements(10) == local_norms.FLAT_CHUNK_MIN
+    assert local_norms.chunk_elements(10**10) == local_norms.FLAT_CHUNK
+    big = 100 * local_norms.FLAT_CHUNK_MIN
+    assert local_norms.chunk_elements(big) == big // 20 // local_norms.ROW * local_norms.ROW
+    assert local_norms.chunk_elements(big) <= big / 10  # extra memory under 10 % above the floor
