@@ -35,3 +35,27 @@ def test_table_shows_the_clipped_grad_check_and_the_float64_reference():
     assert [line[24:].split()[4] for line in lines[2:7]] == ["PASS", "FAIL", "FAIL", "FAIL", "FAIL"]  # where scripts read it
     assert any("in float64" in line for line in lines) and any(line.startswith("grads:") for line in lines)
     assert lines[-1].startswith("FAILED: 1/5 checks passed")
+
+
+def test_single_node_launcher_takes_one_rank_per_gpu_else_four(tmp_path):
+    """launch/single_node.sh: the GPUs nvidia-smi lists, else 4 (here with --list,
+    which starts the ranks and prints the layouts once)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "launch" / "single_node.sh"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake (UUID: a)'\necho 'GPU 1: fake (UUID: b)'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    python_bin = os.path.dirname(sys.executable)  # torchrun of this environment
+    base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cases = [({"PATH": f"{python_bin}:/usr/bin:/bin"}, "4 ranks"), ({"PATH": f"{fake}:{python_bin}:/usr/bin:/bin"}, "2 ranks")]
+    for env, ranks in cases:
+        out = subprocess.run(["bash", str(script), "--list"], check=False, capture_output=True, text=True, timeout=120,
+                             env={**base, **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"launch/single_node.sh: {ranks}" in out.stderr, out.stderr[-2000:]
+        assert out.stdout.count("FSDP1 LoRA ") == 1, out.stdout  # rank 0 prints the list once
