@@ -125,7 +125,7 @@ def main():
             print(f"plot saved to {os.path.abspath(args.out)}")
         print("OK: guarded_training")
     # Every rank is done with gloo before any rank tears it down: a rank that destroys its group
-    # while another still works (rank 0's reference) can abort with "terminate called without an
+    # while another still works (rank 0's plot) can abort with "terminate called without an
     # active exception" (a gloo teardown race).
     dist.barrier()
     dist.destroy_process_group()
