@@ -186,3 +186,26 @@ def test_bad_arguments_are_refused_at_construction():
         GradientClipping("1.0")
     with pytest.raises(ValueError, match="non-negative"):
         GradientClipping(-1.0)
+
+
+def test_attach_puts_the_callback_first_and_only_training_logs_change():
+    from types import SimpleNamespace
+
+    from distclip.integrations.transformers import GradientClipping, attach
+
+    cb = GradientClipping(1.0)
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=["flow", "wandb", cb, "progress"]))
+    assert attach(trainer, cb) is cb and trainer.callback_handler.callbacks == [cb, "flow", "wandb", "progress"]
+    cb.last_norm, cb._last_step = torch.tensor(0.25), 7
+    history = [{"loss": 1.0, "grad_norm": 9.0, "step": 7}]
+    state = SimpleNamespace(global_step=7, log_history=history)
+    evaluation = {"eval_loss": 1.0}
+    cb.on_log(None, state, None, logs=evaluation)
+    assert evaluation == {"eval_loss": 1.0}
+    logs = {"loss": 1.0, "grad_norm": 9.0}
+    cb.on_log(None, state, None, logs=logs)
+    assert logs["grad_norm"] == 0.25 and history[-1]["grad_norm"] == 0.25
+    state.global_step = 8  # a log of a later step than the last clip: left alone
+    stale = {"loss": 1.0, "grad_norm": 9.0}
+    cb.on_log(None, state, None, logs=stale)
+    assert stale["grad_norm"] == 9.0
