@@ -29,6 +29,7 @@ autodoc_typehints = "description"  # types in the parameter list, signatures sta
 autodoc_default_options = {"members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
+napoleon_use_rtype = False  # "Returns: text: more text" reads as one sentence, not as a type and a text
 
 # The README's own headings skip levels in places (a "####" under a "##"): cosmetic, not a broken page.
 suppress_warnings = ["myst.header"]
