@@ -49,7 +49,7 @@ class Model(nn.Module):
     def forward(self, x):
         for block in self.blocks:
             x = block(x)
-        return self.head(self.final_norm(x)).squeeze(-1)
+        return self.head(self.final_norm(x)).sum(-1)  # (B, 1) -> (B,), not a view (FSDP2 warns on views)
 
 
 def batches(steps):

@@ -38,5 +38,8 @@ def test_example_runs(name, nproc, package, tmp_path):
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # cwd: logs go there
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"OK: {name}" in out.stdout, out.stdout[-3000:]
+    # a new user's first run prints no warnings: neither distclip's nor torch's about the demo models
+    warned = [line for line in out.stderr.splitlines() if any(w in line for w in ("UserWarning", "FutureWarning", "DeprecationWarning"))]
+    assert not warned, "\n".join(warned[:10])
     if name == "guarded_training" and importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "guarded_training.png").stat().st_size > 0  # the plot of norm and threshold
