@@ -20,8 +20,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-import torch.distributed as dist
-
 from distclip.layout import Stage
 
 
@@ -52,48 +50,56 @@ def _describe(sig: Signature) -> str:
     """Error path only, on every rank together: gather every rank's signature, name the odd ones.
 
     "Most ranks" is said only of a true majority; when no value is shared by more than half of the
-    ranks, every rank's value is listed."""
-    gathered: list = [None] * sig.stage.group_size
-    dist.all_gather_object(gathered, (sig.call, sorted(map(repr, sig.kinds)), sig.stage.index), group=sig.stage.group)
+    ranks, every rank's value is listed. Layouts are said in words (:func:`_kind_str`)."""
+    from distclip.exchange import all_gather_objects
+    from distclip.reduce import reduction_device
+
+    stage = sig.stage
+    mine = (sig.call, sorted(sig.kinds, key=repr), stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None)
+    gathered = all_gather_objects(mine, reduction_device(stage), stage.group, what="the mismatch report")
     # by global rank (the group's ranks in group-rank order)
-    everyone = dict(zip(sig.stage.global_ranks(), gathered))
+    everyone = dict(zip(stage.global_ranks(), gathered))
     lines = []
-    calls = Counter(call for call, _, _ in everyone.values())
+    calls = Counter(call for call, _, _, _ in everyone.values())
     usual_call, count = calls.most_common(1)[0]
     if len(calls) > 1:
         if 2 * count > len(everyone):
-            for rank, (call, _, _) in everyone.items():
+            for rank, (call, _, _, _) in everyone.items():
                 if call != usual_call:
                     lines.append(f"rank {rank} called {_call_str(call)}, most ranks {_call_str(usual_call)}")
         else:
             lines.append("no call is shared by most ranks: " + "; ".join(
-                f"rank {rank} called {_call_str(call)}" for rank, (call, _, _) in everyone.items()))
-    for stage in sorted({s for _, _, s in everyone.values()}):
-        members = [(rank, kinds) for rank, (_, kinds, s) in everyone.items() if s == stage]
-        layouts = Counter(tuple(k) for _, k in members)
+                f"rank {rank} called {_call_str(call)}" for rank, (call, _, _, _) in everyone.items()))
+    for index in sorted({s for _, _, s, _ in everyone.values()}):
+        members = [(rank, tuple(kinds)) for rank, (_, kinds, s, _) in everyone.items() if s == index]
+        layouts = Counter(k for _, k in members)
         usual_kinds, count = layouts.most_common(1)[0]
         if len(layouts) == 1:
             continue
         majority = 2 * count > len(members)
         census_differs = False
+        start = len(lines)
         for rank, kinds in members:
-            if tuple(kinds) != usual_kinds or not majority:
-                extra, missing = sorted(set(kinds) - set(usual_kinds)), sorted(set(usual_kinds) - set(kinds))
-                census_differs = census_differs or any("parameters held" in k for k in extra + missing)
+            if kinds != usual_kinds or not majority:
+                census_differs = census_differs or _census(kinds) != _census(usual_kinds)
                 if majority:
-                    lines.append(
-                        f"rank {rank} (pipeline stage {stage}) holds a different layout than most ranks of its "
-                        f"stage: extra {extra or 'none'}, missing {missing or 'none'}"
-                    )
+                    lines.append(f"rank {rank} (pipeline stage {index}) holds {_difference(kinds, usual_kinds)}")
                 else:
-                    lines.append(f"rank {rank} (pipeline stage {stage}) holds {kinds}")
+                    lines.append(f"rank {rank} (pipeline stage {index}) holds {_layout_str(kinds)}")
         if not majority:
-            lines.insert(len(lines) - len(members), f"no layout is shared by most ranks of pipeline stage {stage}:")
-        empty = [rank for rank, kinds in members if len(kinds) == 1 and "parameters held" in kinds[0] and kinds[0].endswith(", 0, 0)")]
+            lines.insert(start, f"no layout is shared by most ranks of pipeline stage {index}:")
+        empty = [rank for rank, kinds in members if _census(kinds) == (0, 0) and len(kinds) == 1]
         if empty and len(empty) < len(members):
             lines.append(
                 f"rank(s) {empty} passed no parameters: if they hold no part of this model, call distclip only on the "
                 "ranks that hold it, passing those ranks as group= (a ProcessGroup or 1-D DeviceMesh)"
+            )
+        elif census_differs and stage.pp_size > 1 and _pp_group_holds_copies(everyone):
+            lines.append(
+                "ranks that pp_group puts in one stage hold different parameters, while the ranks of each pp_group hold "
+                "the same ones: pp_group looks like the data-parallel group (ranks holding copies of one stage); "
+                "pass the group of ranks that hold *different* stages, one rank per stage (e.g. mesh['pp'], "
+                "not mesh['dp'])"
             )
         elif census_differs:
             lines.append(
@@ -104,6 +110,72 @@ def _describe(sig: Signature) -> str:
     if not lines:  # hash collision in the other direction cannot happen; keep the message useful
         lines.append("the ranks' signatures differ")
     return "distclip: ranks disagree, so no norm was computed and no gradient was changed:\n  " + "\n  ".join(lines)
+
+
+_CENSUS = "parameters held"
+
+
+def _census(kinds: tuple) -> tuple[int, int] | None:
+    """(number of parameters, digest of their dtypes and shapes) from a rank's kinds."""
+    for kind in kinds:
+        if kind and isinstance(kind[0], str) and kind[0].startswith(_CENSUS):
+            return kind[1], kind[2]
+    return None
+
+
+def _kind_str(kind: tuple) -> str:
+    """One layout kind (``layout.fingerprint``) in words."""
+    head = kind[0] if kind else ""
+    if head == "plain":
+        return f"plain {kind[1].replace('torch.', '')} tensors"
+    if head == "mark_replicated":
+        return f"{kind[1].replace('torch.', '')} tensors marked with mark_replicated"
+    if head == "DTensor":
+        _, shape, names, placements, dtype = kind[:5]
+        dims = f" {tuple(names)}" if names else ""
+        marked = " marked with mark_replicated" if len(kind) > 5 else ""
+        return f"{dtype.replace('torch.', '')} DTensors on a mesh of shape {tuple(shape)}{dims}, placed ({', '.join(placements)}){marked}"
+    if head == "FSDP1":
+        dtype = kind[2].replace("torch.", "")
+        if isinstance(kind[1], tuple):
+            return f"FSDP1 {dtype} flat shards (segment weights {', '.join(f'{w:g}' for w in kind[1])})"
+        return f"FSDP1 {dtype} flat shards of weight {kind[1]:g}"
+    if head == "failed":
+        return "nothing it could measure (its own input failed)"
+    return " ".join(map(str, kind))
+
+
+def _layout_str(kinds: tuple) -> str:
+    census = _census(kinds)
+    held = [_kind_str(k) for k in kinds if _census((k,)) is None]
+    count = f"{census[0]} parameter(s)" if census is not None else "parameters"
+    return count + (": " + "; ".join(held) if held else "")
+
+
+def _difference(kinds: tuple, usual: tuple) -> str:
+    """What a rank holds, in words, next to what most ranks of its stage hold."""
+    parts = []
+    mine, theirs = _census(kinds), _census(usual)
+    if mine != theirs and mine is not None and theirs is not None:
+        if mine[0] != theirs[0]:
+            parts.append(f"{mine[0]} parameter(s) where most ranks of its stage hold {theirs[0]}")
+        else:
+            parts.append(f"{mine[0]} parameter(s), as most ranks of its stage, but of other dtypes or shapes")
+    extra = [_kind_str(k) for k in kinds if k not in usual and _census((k,)) is None]
+    missing = [_kind_str(k) for k in usual if k not in kinds and _census((k,)) is None]
+    if extra:
+        parts.append("also " + "; ".join(extra) + " (most ranks of its stage hold none)")
+    if missing:
+        parts.append("no " + "; no ".join(missing) + " (which most ranks of its stage hold)")
+    return ", ".join(parts) if parts else "a different layout than most ranks of its stage"
+
+
+def _pp_group_holds_copies(everyone: dict) -> bool:
+    """Whether, on every rank, the members of its pp_group hold the same parameters (a data-parallel
+    group passed as pp_group): stages would differ, copies do not."""
+    census = {rank: _census(tuple(kinds)) for rank, (_, kinds, _, _) in everyone.items()}
+    groups = {tuple(pp) for _, _, _, pp in everyone.values() if pp}
+    return bool(groups) and all(len({census.get(r) for r in pp}) == 1 for pp in groups if len(pp) > 1)
 
 
 def _call_str(call: tuple) -> str:

@@ -1,6 +1,6 @@
 """Audit a layout: does distclip count this model's gradients the way they really lie?
 
-``distclip.audit(model)`` is slow by design (one ``all_gather_object`` of every local gradient's
+``distclip.audit(model)`` is slow by design (one object exchange of every local gradient's
 hash and float64 statistics, plus a few norm calls): run it once after setting a model up, not
 every step. It checks, from the *values* every rank holds, what distclip otherwise takes on
 trust:
@@ -28,11 +28,11 @@ from typing import NamedTuple, Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
-from distclip import rank_errors
+from distclip import exchange, rank_errors
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
 from distclip.layout import _ANNOTATION_ATTR, GroupLike, Stage, current_stage
-from distclip.norms import Local, NamedParams, collect, grad_norms
+from distclip.norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of
 from distclip.reduce import reduction_device
 
 __all__ = ["AuditReport", "audit"]
@@ -76,7 +76,7 @@ def _hash(t: torch.Tensor) -> str:
     data = t.detach().reshape(-1).contiguous().cpu()
     if data.is_complex():
         data = torch.view_as_real(data).reshape(-1)
-    return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=12).hexdigest()
+    return hashlib.blake2b(exchange.tensor_bytes(data), digest_size=12).hexdigest()
 
 
 def _stats(t: torch.Tensor) -> dict[float, float]:
@@ -111,21 +111,30 @@ def _whole(unit) -> torch.Tensor:
 
 @torch.no_grad()
 def audit(
-    parameters: NamedParams, *, pp_group: Optional[GroupLike] = None, group: Optional[GroupLike] = None, rtol: float = 1e-5
+    parameters: NamedParams,
+    *,
+    pp_group: Optional[GroupLike] = None,
+    group: Optional[GroupLike] = None,
+    rtol: float = 1e-5,
+    trainable_only: bool = False,
+    strip_prefixes: Prefixes = False,
 ) -> AuditReport:
     """Check that distclip's view of ``parameters`` matches the gradients every rank holds.
 
     Slow by design: gathers a hash and float64 statistics of every local gradient piece from every
-    rank (``all_gather_object``), makes ``Partial`` grads whole, and calls ``get_total_norm`` and
+    rank (one object exchange), makes ``Partial`` grads whole, and calls ``get_total_norm`` and
     ``grad_norms`` for p = 1, 2 and inf. Every rank must call it; no gradient is changed; every
     rank returns the same report.
 
     Args:
-        parameters (nn.Module or Iterable[(str, Tensor)]): as for :func:`distclip.grad_norms`.
+        parameters (nn.Module, Tensor or Iterable[Tensor or (str, Tensor)]): as for
+            :func:`distclip.grad_norms` (whatever ``clip_grad_norm_`` takes, or named pairs).
         pp_group (ProcessGroup or DeviceMesh, optional): the pipeline-parallel group.
         group (ProcessGroup or DeviceMesh, optional): the ranks that hold this model (default:
             the default process group); exactly those ranks call.
         rtol (float): relative tolerance of the norm comparisons.
+        trainable_only (bool), strip_prefixes (bool or Sequence[str]): as for
+            :func:`distclip.grad_norms`.
 
     Returns:
         :class:`AuditReport` with ``ok``, ``problems`` (readable, naming parameters and ranks),
@@ -133,12 +142,11 @@ def audit(
     """
     def local_part() -> tuple[Stage, Union[torch.nn.Module, list[tuple[str, torch.Tensor]]], Local, list[Record]]:
         stage = current_stage(pp_group, group)
-        items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]
-        if isinstance(parameters, torch.nn.Module):
-            items = parameters
-        else:
-            items = list(parameters)  # used three times
-        local = collect(items, stage)
+        named = parameters_of(parameters, trainable_only, strip_prefixes)  # a generator is read once, here
+        # a module goes on as itself (FSDP1 needs it); anything else as its named pairs
+        items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]] = (
+            named.module if named.module is not None else list(zip(named.names, named.params)))
+        local = collect(named, stage)
         rank = dist.get_rank() if stage.distributed else 0
         from distclip import _fsdp1
 
@@ -209,8 +217,7 @@ def audit(
             records[i] = _measured(records[i], _whole(u))
     everyone: list = [records]
     if stage.distributed:
-        everyone = [None] * stage.group_size
-        dist.all_gather_object(everyone, records, group=stage.group)
+        everyone = exchange.all_gather_objects(records, reduction_device(stage), stage.group, what="audit")
     problems = _copy_problems(everyone)
     reference_total, reference_by_name = _reference(everyone)
     details = {}
@@ -218,7 +225,8 @@ def audit(
         # ``local.module`` is set exactly when ``items`` is a module
         mine = float(total_grad_norm(cast(torch.nn.Module, items) if local.module is not None else local.params, p,
                                      pp_group=pp_group, group=group))
-        by_name = grad_norms(items, p, pp_group=pp_group, group=group)
+        by_name = grad_norms(items, p, pp_group=pp_group, group=group, trainable_only=trainable_only,
+                             strip_prefixes=strip_prefixes if local.module is not None else False)
         ref = reference_total[p]
         details[p] = (mine, ref)
         if not _close(mine, ref, rtol):
@@ -243,18 +251,36 @@ def _copy_problems(everyone: list[list[Record]]) -> list[str]:
         for r in records:
             holders[(r.key, r.piece)].append(r)
             by_key[r.key].append(r)
-    for rs in holders.values():
+    classes = {}  # per (key, piece) held by several ranks: its ranks by digest
+    for where, rs in holders.items():
         hashes = defaultdict(list)
         for r in rs:
             hashes[r.digest].append(r.rank)
-        if len(hashes) > 1:
-            groups = sorted(hashes.values(), key=len, reverse=True)
+        if len(rs) > 1:
+            classes[where] = sorted(hashes.values(), key=len, reverse=True)
+    stages = _forgotten_stages(classes, holders)
+    for where, groups in classes.items():
+        if len(groups) > 1:
+            rs = holders[where]
             names = sorted({r.name for r in rs})
+            if stages:
+                hint = " (pipeline stages without pp_group? see below)"
+            elif rs[0].kind.startswith("plain"):
+                hint = " (a tensor-parallel shard without mark_sharded, or replicas out of sync?)"
+            else:
+                hint = ""
             problems.append(
                 f"{', '.join(names)}: a {rs[0].kind} that distclip counts as identical copies differs across ranks: "
-                + " vs ".join(f"ranks {sorted(g)}" for g in groups)
-                + (" (a tensor-parallel shard without mark_sharded, or replicas out of sync?)" if rs[0].kind.startswith("plain") else "")
+                + " vs ".join(f"ranks {sorted(g)}" for g in groups) + hint
             )
+    if stages:
+        problems.append(
+            f"every tensor that distclip counts as copies differs across the same {stages} equal sets of ranks, with the "
+            f"same shapes: this is what {stages} pipeline stages of identical shapes look like when pp_group is not "
+            f"passed (each stage is then counted as a replica of the others, and the norm is the true one divided by "
+            f"sqrt({stages}) = {math.sqrt(stages):.4g}; the layout check cannot see it, since every rank holds the same "
+            "shapes): pass pp_group. If the ranks hold tensor-parallel shards instead, mark those with mark_sharded."
+        )
     for rs in by_key.values():
         for r in rs:
             for group in r.marks:
@@ -266,6 +292,37 @@ def _copy_problems(everyone: list[list[Record]]) -> list[str]:
                         "gradients: these look like replicas, not pieces (mark_sharded over the wrong group?)"
                     )
     return problems
+
+
+def _forgotten_stages(classes: dict[tuple, list[list[int]]], holders: dict[tuple, list[Record]]) -> int:
+    """The number of stages when the differences fit a forgotten ``pp_group`` over stages of
+    identical shapes, else 0: every piece held by several ranks (tied ones aside) differs, each
+    into the same number k >= 2 of equal sets of ranks, and one partition of the ranks into k
+    sets explains them all."""
+    pieces = [(where, groups) for where, groups in classes.items() if where[0][0] != "tied"]
+    if not pieces or any(len(groups) < 2 for _, groups in pieces):
+        return 0
+    ks = {len(groups) for _, groups in pieces}
+    if len(ks) != 1 or any(len({len(g) for g in groups}) != 1 for _, groups in pieces):
+        return 0
+    k = ks.pop()
+    # ranks in one class of some piece are in one stage; ranks in two classes of a piece are not
+    parent: dict[int, int] = {}
+
+    def root(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for _, groups in pieces:
+        for g in groups:
+            for r in g[1:]:
+                parent[root(r)] = root(g[0])
+    for _, groups in pieces:
+        roots = [{root(r) for r in g} for g in groups]
+        if any(len(x) != 1 for x in roots) or len(set().union(*roots)) != len(groups):
+            return 0
+    return k if len({root(r) for r in parent}) == k else 0
 
 
 def _reference(everyone: list[list[Record]]) -> tuple[dict, dict]:

@@ -55,7 +55,14 @@ _FLOAT64 = (torch.float64, torch.complex128)
 PLANS = PlanCache()
 
 
+class NotANumberError(TypeError, ValueError):
+    """A string argument that is no number (``max_norm="abc"``, ``norm_type="fro"``): a
+    ``ValueError``, as torch raises (``float(...)``), and a ``TypeError``, as distclip always has."""
+
+
 def _as_float(value: object, name: str) -> float:
+    """``float(value)`` as torch takes it (numbers, one-element tensors, numeric strings such as
+    ``"1.0"`` or ``"inf"``: torch 2.13 converts them with ``float()``), refusing booleans."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         return float(value)
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
@@ -63,7 +70,10 @@ def _as_float(value: object, name: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise TypeError(f"distclip: {name} must be a real number, got {value!r}") from None
+        hint = ""
+        if name == "norm_type" and isinstance(value, str) and value.strip().lower() in ("fro", "frobenius", "l2", "euclidean"):
+            hint = ": the Frobenius norm of the gradients seen as one vector is their 2-norm, so pass norm_type=2.0"
+        raise NotANumberError(f"distclip: {name} must be a real number, got {value!r}{hint}") from None
 
 
 def _check_norm_type(norm_type: object) -> float:

@@ -31,15 +31,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from distclip import clip as _clip
+from distclip import exchange
 from distclip import norms as _norms
-from distclip import rank_errors
 from distclip._dtensor import DTensor, local_of
 from distclip._torch import declares_amp_scaling_step, phase
-from distclip.layout import GroupLike, Stage, current_stage
+from distclip.layout import GroupLike, Stage
 from distclip.local_norms import scale_
 from distclip.policies import HOST, DeviceMath, Policy, make_policy
 
@@ -78,8 +77,9 @@ class _Source:
 
 def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
     """Every rank of the group together, only when the total is non-finite: the names of the
-    parameters whose grads hold a NaN or inf anywhere (one ``all_gather_object``; the union in
-    rank order, the same list on every rank). A rank that cannot name its grads still joins."""
+    parameters whose grads hold a NaN or inf anywhere (one object exchange, ``exchange``: no
+    numpy; the union in rank order, the same list on every rank). A rank that cannot name its
+    grads still joins."""
     found: Any
     try:
         local = _norms.collect(source.named(), stage)
@@ -92,8 +92,7 @@ def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
         found = ("error", f"{type(e).__name__}: {e}")
     everyone: list = [found]
     if stage.distributed:
-        everyone = [None] * stage.group_size
-        dist.all_gather_object(everyone, found, group=stage.group)
+        everyone = exchange.all_gather_objects(found, _norms.reduction_device(stage), stage.group, what="GradGuard.clip_")
     errors = [x[1] for x in everyone if isinstance(x, tuple)]
     if errors:
         raise RuntimeError(f"distclip: could not name the non-finite gradients: {errors[0]}")
@@ -169,7 +168,7 @@ class GuardOutput:
         every rank; ``[]`` when the total is finite).
 
         Where host reads are free (CPU) this was found inside ``clip_``, only on a non-finite
-        step (one extra ``all_gather_object`` then). On accelerators it is found when first read:
+        step (one extra object exchange then). On accelerators it is found when first read:
         reading it is a host read of the verdict and, on a non-finite step, that one collective,
         so read it on every rank of the group (or on none), before the grads are zeroed.
         """
@@ -307,7 +306,7 @@ class GradGuard:
 
         Every rank of ``group`` must call it, once per optimizer step. One all-reduce (plus one
         per ``Partial``-grad mesh group, as in ``clip_grad_norm_``); on a non-finite step where
-        host reads are free, one more (``all_gather_object``) to name the non-finite grads.
+        host reads are free, one more (an object exchange) to name the non-finite grads.
 
         Args:
             parameters (nn.Module, Iterable[(str, Tensor)], Iterable[Tensor] or Tensor): whose
@@ -390,7 +389,7 @@ class GradGuard:
         return self._group_policies[name]
 
     def _clip_groups(self, source: _Source, pp_group: Any, group: Any) -> GuardOutput:
-        values, shown, local, entry_of_unit, stage = _group_norms64(source.named(), self.norm_type, self.groups, pp_group, group)
+        values, shown, unit_tensors, entry_of_unit, stage = _group_norms64(source.named(), self.norm_type, self.groups, pp_group, group)
         floats = torch.stack(list(values.values())).tolist() if values else []
         g_of = dict(zip(values, floats))
         total = g_of.pop(TOTAL)
@@ -407,9 +406,9 @@ class GradGuard:
         skip = (self.skip_nonfinite and not finite) or spike
         thresholds: dict[str, torch.Tensor] = {}
         by_group: dict[str, dict] = {}
-        for u, e in zip(local.units, entry_of_unit):
+        for unit_tensor, e in zip(unit_tensors, entry_of_unit):
             if e in decided:
-                t = local_of(u.tensor) if isinstance(u.tensor, DTensor) else u.tensor
+                t = local_of(unit_tensor) if isinstance(unit_tensor, DTensor) else unit_tensor
                 by_group.setdefault(e, {}).setdefault((t.device, t.dtype, None), []).append(t)
         for name, (policy, threshold, pending, g) in decided.items():
             policy.commit(HOST, pending, math.isfinite(g) and not skip)
@@ -505,51 +504,11 @@ class GradGuard:
 
 
 def _group_norms64(parameters: Any, norm_type: float, groups: Any, pp_group: Any, group: Any) -> tuple[
-        dict[str, torch.Tensor], dict[str, torch.Tensor], Any, list[Optional[str]], Stage]:
+        dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor], list[Optional[str]], Stage]:
     """:func:`distclip.grad_norms` (one all-reduce; the first call per module also agrees on the
     names) keeping the float64 values: ``(float64 norms, the norms as grad_norms returns them,
-    this rank's units, each unit's entry name, stage)``."""
-    def local_part() -> tuple[float, Stage, Any]:
-        p = _clip._check_norm_type(norm_type)
-        stage = current_stage(pp_group, group)
-        return p, stage, _norms.collect(parameters, stage)
-
-    found, error = rank_errors.attempt(local_part)
-    if found is not None:
-        p, stage, local = found
-    else:
-        assert error is not None
-        try:
-            stage = current_stage(None, group)
-        except Exception:
-            raise error from None
-        p = _norms._fallback_norm_type(norm_type)
-        local = _norms.Local([], parameters if isinstance(parameters, nn.Module) else None, [], [], frozenset({("failed",)}), {}, [])
-    sig = _norms._local_sig(local, stage)
-    order = _norms.NameOrder.cached(local.module, stage)
-    if order is None:
-        order = _norms.NameOrder.agree(sig, stage)
-        order.store(local.module)
-    stale = order.local_sig != sig
-    partial_values = _norms._reduce_partial_units(local.units)
-    device = _norms.reduction_device(stage) if stage.distributed else None
-    for _attempt in range(2):
-        entry_names, entry_of = order.entries(groups)
-        packed, packet = _norms._pack(local, order, entry_names, entry_of, partial_values, p, stage, device, stale, error is not None)
-        _norms.all_reduce(packed, p, stage)
-        view = packet.decode_host(packed.tolist())
-        rank_errors.settle(view.failed, error, packed.device, stage.group)
-        if not view.names_changed:
-            break
-        order = _norms.NameOrder.agree(sig, stage)
-        order.store(local.module)
-        stale = False
-    values = _norms._unpack(packed, view._replace(has_float64=True), entry_names, p, packet, local)
-    out_dtype = torch.float64 if view.has_float64 else torch.float32
-    shown = {k: v.to(out_dtype) for k, v in values.items()}
-    unit_entry: list[Optional[str]] = []
-    for u in local.units:
-        i = order.index.get(u.name)
-        e = entry_of[i] if i is not None else -1
-        unit_entry.append(entry_names[e] if e >= 0 else None)
-    return values, shown, local, unit_entry, stage
+    this rank's unit tensors, each unit's entry name, stage)``."""
+    m = _norms.measure(parameters, norm_type, groups=groups, pp_group=pp_group, group=group)
+    values = dict(zip(m.names, m.norms.unbind()))
+    shown = dict(zip(m.names, m.norms.to(m.dtype).unbind()))
+    return values, shown, m.tensors, m.unit_entries, m.stage

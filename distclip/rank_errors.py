@@ -61,8 +61,9 @@ def gather(
 
 def _exception_class(name: str) -> type[Exception]:
     from distclip.agreement import LayoutMismatchError
+    from distclip.clip import NotANumberError
 
-    known = {"LayoutMismatchError": LayoutMismatchError}
+    known = {"LayoutMismatchError": LayoutMismatchError, "NotANumberError": NotANumberError}
     cls = known.get(name, getattr(builtins, name, None))
     if isinstance(cls, type) and issubclass(cls, Exception) and cls.__init__ is not None:
         return cls

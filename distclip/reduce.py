@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from distclip._dtensor import DTensor, check_partial_ops, is_sum_dim, local_of, spec_of
 from distclip._torch import default_group_device
+from distclip.exchange import every_rank_must_call
 from distclip.layout import Stage
 
 
@@ -55,7 +56,9 @@ def all_reduce(packed: torch.Tensor, norm_type: float, stage: Stage) -> None:
     """The call's one collective: ``packed`` (see ``packet``) reduced in place over the call's group,
     SUM for finite p, MAX for ±inf. Nothing to do in a single process."""
     if stage.distributed:
-        dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
+        # a call made on some ranks only waits here until the backend's timeout: say what to do
+        with every_rank_must_call("this distclip call", stage.group_size):
+            dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
 
 
 def reduce_partial_grads(partial: Sequence[tuple[DTensor, float]]) -> list[tuple[torch.Tensor, float]]:

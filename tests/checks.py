@@ -55,18 +55,27 @@ class count_collectives:
         self._saved: dict = {}
 
     def __enter__(self) -> count_collectives:
+        from distclip import exchange
+
         assert not self._saved, "count_collectives is already active"
-        self._saved = {n: getattr(dist, n) for n in self.NAMES}
-        for n, original in self._saved.items():
+        self._saved = {(dist, n): getattr(dist, n) for n in self.NAMES}
+        # distclip's object exchange (sizes, then bytes) counts once, as all_gather_object does
+        self._saved[(exchange, "all_gather_bytes")] = exchange.all_gather_bytes
+        self._depth = 0
+        for (owner, n), original in self._saved.items():
 
             def wrapper(*a, _original=original, **k):
-                self.count += 1
-                return _original(*a, **k)
+                self.count += self._depth == 0
+                self._depth += 1
+                try:
+                    return _original(*a, **k)
+                finally:
+                    self._depth -= 1
 
-            setattr(dist, n, wrapper)
+            setattr(owner, n, wrapper)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for n, original in self._saved.items():
-            setattr(dist, n, original)
+        for (owner, n), original in self._saved.items():
+            setattr(owner, n, original)
         self._saved = {}

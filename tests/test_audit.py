@@ -92,11 +92,12 @@ def world_audit(rank: int, world: int) -> list[str]:
     run("unmarked TP shard", _megatron(rank, None), False, must_mention=("w:", "without mark_sharded"))
     run("mark_sharded over the dp group", _megatron(rank, "dp"), False, must_mention=("w:", "wrong group"))
 
-    # bad input on one rank only (a non-named parameter): every rank raises at once, naming it
+    # bad input on one rank only (an element that is no tensor; a bare tensor is now named by its
+    # position, as clip_grad_norm_ takes it): every rank raises at once, naming it
     good = list(verify.build_ddp(ctx).parameters.named_parameters())
     start = time.perf_counter()
     try:
-        distclip.audit(good + [torch.zeros(2)] if rank == 1 else good)  # type: ignore[operator]
+        distclip.audit(good + [2.0] if rank == 1 else good)  # type: ignore[operator]
         errors.append("one rank's bad input: audit did not raise")
     except TypeError as e:
         if rank != 1 and "rank 1" not in str(e):

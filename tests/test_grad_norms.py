@@ -202,8 +202,11 @@ def test_grad_norms_single_process_and_names():
     grouped = distclip.grad_norms(model.named_parameters(), math.inf, groups=lambda n: "first" if n.startswith("0.") else None)
     assert list(grouped) == ["first", "total"]
     assert norms_mod.clean_name("module._orig_mod.a._fsdp_wrapped_module.b._checkpoint_wrapped_module.c", ddp=True) == "a.b.c"
+    # bare tensors, as clip_grad_norm_ takes them, are named by position (issue 19); anything else is refused
+    by_position = distclip.grad_norms(list(model.parameters()))
+    assert list(by_position) == ["param[0]", "param[1]", "param[2]", "total"]
     with pytest.raises(TypeError):
-        distclip.grad_norms(list(model.parameters()))
+        distclip.grad_norms([3.0])
     with pytest.raises(ValueError):
         distclip.grad_norms(model, groups=lambda n: "total")
     text = distclip.describe(model)

@@ -23,6 +23,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 import distclip
+from distclip.exchange import all_gather_objects
+from distclip.layout import current_stage
+from distclip.reduce import reduction_device
 from distclip.verify.exchange import Ctx, RanksLost, reset_process_group
 from distclip.verify.models import single_process_grads
 from distclip.verify.scenarios import Built, Scenario, select
@@ -54,8 +57,9 @@ class RunAborted(RuntimeError):
 
 def _world_full(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every stage's full grads (float64, CPU) merged over the world: the whole model's."""
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {k: v.detach().double().cpu() for k, v in local.items()})
+    # an object exchange without numpy (torch's all_gather_object needs it; distclip declares only torch)
+    mine = {k: v.detach().double().cpu() for k, v in local.items()}
+    gathered = all_gather_objects(mine, reduction_device(current_stage(None)), None, what="distclip.verify's reference")
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:
         for k, v in part.items():
