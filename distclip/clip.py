@@ -27,6 +27,7 @@ from torch import nn
 from distclip import agreement, rank_errors
 from distclip._dtensor import DTensor, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
 from distclip._torch import phase
+from distclip.gc_pause import paused as gc_paused
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     GroupLike,
@@ -153,7 +154,7 @@ def _prepare(
         layout.groups = {key: ts if key in separate or not may_be_views(ts) else coalesce(ts) for key, ts in layout.groups.items()}
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, given=given and module is None)
 
-    with phase("layout"):
+    with phase("layout"), gc_paused():
         call, error = rank_errors.attempt(local)
     if call is not None:
         return call

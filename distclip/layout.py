@@ -77,6 +77,9 @@ class Stage:
         return dist.get_process_group_ranks(self.group)
 
 
+SINGLE_PROCESS = Stage(distributed=False)  # the stage of every call without a process group (immutable)
+
+
 def shard_pieces(mesh_shape: tuple[int, ...], placements: tuple) -> int:
     """Disjoint pieces a DTensor is cut into: the product of the sizes of its sharded mesh dims."""
     return math.prod(size for size, p in zip(mesh_shape, placements) if isinstance(p, SHARD_PLACEMENTS))
@@ -391,7 +394,7 @@ def current_stage(pp_group: object, group: object = None) -> Stage:
         what = "pp_group" if pp_group is not None else "group"
         raise RuntimeError(f"distclip: {what} was given but torch.distributed is not initialized")
     if not initialized:
-        return Stage(distributed=False)
+        return SINGLE_PROCESS
     pg: Optional[dist.ProcessGroup] = None
     ranks: Optional[frozenset[int]] = None
     size = dist.get_world_size()
