@@ -64,6 +64,9 @@ class NotANumberError(TypeError, ValueError):
 def _as_float(value: object, name: str) -> float:
     """``float(value)`` as torch takes it (numbers, one-element tensors, numeric strings such as
     ``"1.0"`` or ``"inf"``: torch 2.13 converts them with ``float()``), refusing booleans."""
+    cls = value.__class__
+    if cls is float or cls is int:  # the common case, before the slower abstract-class checks
+        return float(value)  # type: ignore[arg-type]
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         return float(value)
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
