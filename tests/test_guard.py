@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
+from checks import count_collectives
 from distclip.policies import HOST, DeviceMath, make_policy
 from guard_reference import RefAutoClip, RefZClip, norm_stream, reference
 from harness import run_world
@@ -44,24 +45,12 @@ POLICIES = {
 }
 
 
-class Counter:
-    """Collectives issued through ``torch.distributed`` while active (as tests/test_grad_norms.py)."""
+class Counter(count_collectives):
+    """Collectives issued through ``torch.distributed`` while active (as tests/test_grad_norms.py;
+    distclip's object exchange counts once, as ``all_gather_object`` does)."""
 
     NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor",
              "broadcast_object_list", "send", "recv", "barrier")
-
-    def __enter__(self):
-        self.count, self.saved = 0, {n: getattr(dist, n) for n in self.NAMES}
-        for n, f in self.saved.items():
-            def wrapper(*a, _f=f, **k):
-                self.count += 1
-                return _f(*a, **k)
-            setattr(dist, n, wrapper)
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(dist, n, f)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ def one_rank_bad():
 
 @pytest.mark.parametrize(
     "case,cls",
-    [("nan max_norm", "ValueError"), ("norm_type fro", "TypeError"), ("pp_group not a group", "TypeError"),
+    [("nan max_norm", "ValueError"), ("norm_type fro", "NotANumberError"), ("pp_group not a group", "TypeError"),
      ("partial max grad", "ValueError"), ("bad element", "TypeError"), ("partial sum peers", "ValueError")],
 )
 def test_bad_input_on_one_rank_raises_on_every_rank_at_once(one_rank_bad, case, cls):
