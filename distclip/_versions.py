@@ -26,7 +26,7 @@ __all__ = ["TESTED", "MINIMUM", "NEWEST", "check_torch", "torch_release"]
 
 # (major, minor) of every torch release the main job and the core multi-rank tests were run on
 # (README, "Supported torch releases"); the suite as a whole runs on 2.13 in CI.
-TESTED: tuple[tuple[int, int], ...] = ((2, 13), (2, 15))
+TESTED: tuple[tuple[int, int], ...] = ((2, 9), (2, 10), (2, 12), (2, 13), (2, 15))
 MINIMUM = TESTED[0]
 NEWEST = TESTED[-1]
 

@@ -42,6 +42,13 @@ html_title = f"distclip {release}"
 # section a link to one of the pages below points at that page; a link to any other file of the
 # checkout becomes a download of it, so no link is broken and none is silently dropped.
 PAGES = {"README.md": "index.md", "benchmarks/README.md": "benchmarks.md", "CHANGELOG.md": "changelog.md"}
+# README sections linked to by their anchor from another section: the page that holds each.
+SECTIONS = {
+    "quickstart": "quickstart.md", "how-each-layout-is-described": "layouts.md", "seeing-the-norms": "observability.md",
+    "integrations": "integrations.md", "failure-modes": "failure_modes.md", "guarantees-and-numerics": "differences.md",
+    "supported-torch-releases": "torch_versions.md", "benchmarks": "benchmarks.md",
+}
+_ANCHOR = re.compile(r"\]\(#([^)\s]+)\)")
 _LINK = re.compile(r"\]\((?![a-z]+:|#)([^)\s#]+)(#[^)\s]*)?\)")
 
 
@@ -63,6 +70,8 @@ def _rewrite_links(app, relative_path, parent_docname, content):
         return match.group(0)
 
     content[0] = _LINK.sub(repl, content[0])
+    if source == ROOT / "README.md":
+        content[0] = _ANCHOR.sub(lambda m: f"]({SECTIONS[m.group(1)]})" if m.group(1) in SECTIONS else m.group(0), content[0])
 
 
 def setup(app):
