@@ -651,7 +651,11 @@ class NormsPlan:
 
     @staticmethod
     def _steps(params: list[torch.Tensor], local: Local) -> Optional[tuple]:
-        """(unit param positions, unit ways, grad classes, plain checks, DTensor checks), or None."""
+        """(unit param positions, unit ways, grad classes, plain checks, DTensor checks), or None.
+        FSDP1 modules are worked out anew each call, as before: their views and shard facts come
+        from FSDP1's handles, which this check does not read."""
+        if any(map(_fsdp1.is_fsdp1_managed, params)):
+            return None
         where = {id(p): i for i, p in enumerate(params)}
         positions, ways = [], []
         for u in local.units:
