@@ -151,10 +151,7 @@ def _prepare(
             layout = local_layout(params, None, stage, grads=params)
         else:
             layout = PLANS.layout(params, module, stage)
-        # adjacent views merged so each group needs few kernels (separate tensors skip the pass;
-        # a plan knows which groups hold separate tensors)
-        separate = layout.separate
-        layout.groups = {key: ts if key in separate or not may_be_views(ts) else coalesce(ts) for key, ts in layout.groups.items()}
+        layout.groups = _coalesced(layout)
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, given=given and module is None)
 
     with phase("layout"), gc_paused():
@@ -171,6 +168,21 @@ def _prepare(
     except Exception:
         raise error from None
     return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, seen, error=error, given=given)
+
+
+def _coalesced(layout: LocalLayout) -> dict:
+    """The groups with adjacent views merged, so each group needs few kernels: separate tensors
+    skip the pass, and a plan remembers which groups hold them and how the others merge."""
+    separate, coalescers = layout.separate, layout.coalescers
+    out = {}
+    for key, ts in layout.groups.items():
+        if key in separate:
+            out[key] = ts
+        elif key in coalescers:
+            out[key] = coalescers[key].merge(ts)
+        else:
+            out[key] = coalesce(ts) if may_be_views(ts) else ts
+    return out
 
 
 def _norm_groups(layout: LocalLayout) -> dict:

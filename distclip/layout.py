@@ -471,6 +471,8 @@ class LocalLayout:
     # from a plan: the groups that hold separate tensors (``local_norms.may_be_views`` said no
     # when the plan was made; only speed depends on it)
     separate: frozenset = frozenset()
+    # from a plan: its remembered coalescing of each other group (``local_norms.Coalescer``)
+    coalescers: dict = field(default_factory=dict)
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -79,38 +80,100 @@ def coalesce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     adjacency inside the same base merges: padding between views is never read. Empty tensors
     are dropped.
     """
-    out: list[torch.Tensor] = []
-    run: list[torch.Tensor] = []
+    return _merge(tensors, _runs(tensors))
+
+
+# A run of a coalesced group: tensors[start:stop] (non-empty; more than one lie back to back in
+# one base and are merged into one 1-D view of ``numel`` elements).
+Run = tuple[int, int, int]  # (start, stop, numel)
+
+
+def _runs(tensors: list[torch.Tensor]) -> list[Run]:
+    runs: list[Run] = []
     base: Optional[torch.Tensor] = None
-    end = run_numel = 0
+    end = 0
     itemsize = tensors[0].element_size() if tensors else 0  # one dtype per group
-    for t in tensors:
+    for i, t in enumerate(tensors):
         n = t.numel()
         if n == 0:
             continue
         t_base = base_of(t)  # views share their root base; standalone tensors never merge
         if t_base is None or not t.is_contiguous():
-            _flush(run, run_numel, out)
-            run = []
-            out.append(t)
+            runs.append((i, i + 1, n))
+            base = None
             continue
         ptr = t.data_ptr()
-        if run and t_base is base and ptr == end:
-            run.append(t)
-            run_numel += n
+        if runs and base is not None and t_base is base and ptr == end:
+            first, _, numel = runs[-1]
+            runs[-1] = (first, i + 1, numel + n)
         else:
-            _flush(run, run_numel, out)
-            run, base, run_numel = [t], t_base, n
+            runs.append((i, i + 1, n))
+            base = t_base
         end = ptr + n * itemsize
-    _flush(run, run_numel, out)
+    return runs
+
+
+def _merge(tensors: list[torch.Tensor], runs: list[Run]) -> list[torch.Tensor]:
+    out = []
+    for start, stop, numel in runs:
+        first = tensors[start]
+        out.append(first if stop - start == 1 else first.as_strided((numel,), (1,), first.storage_offset()))
     return out
 
 
-def _flush(run: list[torch.Tensor], numel: int, out: list[torch.Tensor]) -> None:
-    if len(run) == 1:
-        out.append(run[0])
-    elif run:
-        out.append(run[0].as_strided((numel,), (1,), run[0].storage_offset()))
+class Coalescer:
+    """:func:`coalesce` for one group of a plan, remembered across calls.
+
+    FSDP2 and DDP bucket views come back every step at the same storage offsets with the same
+    sizes, only in a new buffer. The first call finds the runs (Python per tensor); later calls
+    check that the group's tensors still have the offsets, sizes and contiguity it saw, that each
+    run still shares one base, and that no two neighbouring runs that lie back to back now share
+    one (C-level ``map`` calls, a few per tensor), and merge by the remembered runs; anything else
+    finds the runs anew. The views it returns are those :func:`coalesce` would return.
+    """
+
+    def __init__(self) -> None:
+        self.runs: Optional[list[Run]] = None
+        self.offsets: list = []
+        self.numels: list = []
+        self.seams: list[tuple[int, int]] = []  # (last of a run, first of the next) lying back to back
+
+    def merge(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        offsets = list(map(torch.Tensor.storage_offset, tensors))
+        if self.runs is not None and offsets == self.offsets and list(map(torch.Tensor.numel, tensors)) == self.numels:
+            bases = list(map(base_of, tensors))
+            if self._still_holds(tensors, bases):
+                return _merge(tensors, self.runs)
+        self._learn(tensors, offsets)
+        assert self.runs is not None
+        return _merge(tensors, self.runs)
+
+    def _still_holds(self, tensors: list[torch.Tensor], bases: list[Optional[torch.Tensor]]) -> bool:
+        assert self.runs is not None
+        for start, stop, _ in self.runs:
+            if stop - start == 1:
+                continue
+            first = bases[start]
+            if first is None or not all(map(operator.is_, bases[start + 1 : stop], itertools.repeat(first))):
+                return False
+            if not all(map(torch.Tensor.is_contiguous, tensors[start:stop])):
+                return False
+        for a, b in self.seams:  # split before: merged now if both are contiguous views of one base
+            if bases[a] is not None and bases[a] is bases[b] and tensors[a].is_contiguous() and tensors[b].is_contiguous():
+                return False
+        return True
+
+    def _learn(self, tensors: list[torch.Tensor], offsets: list) -> None:
+        runs = _runs(tensors)
+        numels = list(map(torch.Tensor.numel, tensors))
+        seams = []
+        for (_, stop, _), (start, _, _) in zip(runs, runs[1:]):
+            last = stop - 1
+            while last > 0 and numels[last] == 0:
+                last -= 1
+            if offsets[last] + numels[last] == offsets[start]:
+                seams.append((last, start))
+        self.runs, self.offsets, self.numels, self.seams = runs, offsets, numels, seams
 
 
 def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, foreach: Optional[bool]) -> None:

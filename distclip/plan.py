@@ -41,7 +41,7 @@ from distclip.layout import (
     Stage,
     local_layout,
 )
-from distclip.local_norms import may_be_views
+from distclip.local_norms import Coalescer, may_be_views
 
 
 class Structure(NamedTuple):
@@ -139,16 +139,20 @@ class LayoutPlan:
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
         self.separate: Optional[frozenset] = None  # see ``with_separate``
+        self.coalescers: dict[tuple, Coalescer] = {}
         self.valid = True
         key = cache.key(params, stage)
         self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
         self._refs = [weakref.ref(p, self._forget) for p in params]
 
     def with_separate(self, layout: LocalLayout) -> LocalLayout:
-        """``layout`` told which of its groups hold separate tensors (found on the plan's first use)."""
+        """``layout`` told which of its groups hold separate tensors (found on the plan's first
+        use) and given the plan's :class:`~distclip.local_norms.Coalescer` for each other group."""
         if self.separate is None:
             self.separate = frozenset(key for key, ts in layout.groups.items() if not may_be_views(ts))
+            self.coalescers = {key: Coalescer() for key in layout.groups if key not in self.separate}
         layout.separate = self.separate
+        layout.coalescers = self.coalescers
         return layout
 
     def apply(self, params: list[torch.Tensor]) -> Optional[LocalLayout]:
