@@ -212,7 +212,7 @@ FLAT_MAX = 1 << 13
 FLAT_CHUNK = 1 << 20
 FLAT_CHUNK_MIN = 1 << 15
 # A CPU p=2 group of at most this many elements is measured in one float64 copy (``group_partial``).
-SMALL_GROUP = 1 << 15
+SMALL_GROUP = 1 << 16
 
 
 def chunk_elements(total: int) -> int:

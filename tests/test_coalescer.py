@@ -32,7 +32,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def test_matches_coalesce_through_every_change():
     c = Coalescer()
     steps = []
-    for step in range(3):  # a new buffer each step, same layout: the remembered runs apply
+    for _ in range(3):  # a new buffer each step, same layout: the remembered runs apply
         steps.append(_views(torch.randn(40)))
     steps.append(_views(torch.randn(40), gap_after=2))  # offsets moved: found anew
     steps.append(_views(torch.randn(40), gap_after=2))
