@@ -6,8 +6,10 @@ matches a one-process reference) and prints "OK: <name>" last; a non-zero exit f
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,27 @@ CASES = [  # (script, ranks, package it needs)
 ]
 
 
+# Examples seen to stall now and then for reasons outside distclip, retried once on a stall (a
+# warning says so): transformers_trainer stalled in 2 of about 70 runs on the 2-core CI machine,
+# once inside the Trainer's loop after its first logged step and once after printing OK (cause not
+# found; every norm it printed was right). A second stall fails the test.
+RETRY_ON_STALL = {"transformers_trainer"}
+TIMEOUT_S = 300
+
+
+def _run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``cmd``; on a stall kill its whole process group (torchrun and its workers, which
+    ``subprocess.run``'s timeout would leave behind) and raise ``TimeoutExpired``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, TIMEOUT_S, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 @pytest.mark.parametrize("name,nproc,package", CASES, ids=[c[0] for c in CASES])
 def test_example_runs(name, nproc, package, tmp_path):
     if package is not None and importlib.util.find_spec(package) is None:
@@ -35,7 +58,13 @@ def test_example_runs(name, nproc, package, tmp_path):
         pytest.skip(f"{package} is not installed (pip install 'distclip[{package}]')")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLES / f"{name}.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # cwd: logs go there
+    try:
+        out = _run(cmd, env, tmp_path)  # cwd: logs go there
+    except subprocess.TimeoutExpired as stall:
+        if name not in RETRY_ON_STALL:
+            raise
+        warnings.warn(f"{name} stalled for {TIMEOUT_S} s and was run again; its output:\n{(stall.output or '')[-2000:]}", stacklevel=1)
+        out = _run(cmd, env, tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"OK: {name}" in out.stdout, out.stdout[-3000:]
     # a new user's first run prints no warnings: neither distclip's nor torch's about the demo models
