@@ -11,6 +11,7 @@ torch's clip and checks every norm.
 """
 
 import argparse
+import gc
 import os
 import tempfile
 import warnings
@@ -113,7 +114,10 @@ def main():
         for ours, ref in zip(record.norms, reference):
             assert abs(ours - ref) <= 1e-5 * ref, (record.norms, reference)
         print("OK: transformers_trainer")
-    # Every rank is done with gloo before any rank tears it down (a gloo teardown race).
+    # The Trainer's DDP model is freed while its process group still exists, and every rank is done
+    # with gloo before any rank tears it down (a gloo teardown race, as in examples/fsdp1.py).
+    del trainer
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
