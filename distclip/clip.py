@@ -44,6 +44,7 @@ from distclip.layout import (
 from distclip.local_norms import coalesce, local_partial, may_be_views, scale_
 from distclip.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
 from distclip.plan import PlanCache
+from distclip.rank_errors import NotANumberError
 from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "total_grad_norm", "clip_grads_with_norm_", "clip_grad_value_"]
@@ -54,11 +55,6 @@ _FLOAT64 = (torch.float64, torch.complex128)
 # Layout plans of the parameter lists seen recently (see ``plan``): the only state kept across
 # calls, checked on every call and dropped with the parameters it names.
 PLANS = PlanCache()
-
-
-class NotANumberError(TypeError, ValueError):
-    """A string argument that is no number (``max_norm="abc"``, ``norm_type="fro"``): a
-    ``ValueError``, as torch raises (``float(...)``), and a ``TypeError``, as distclip always has."""
 
 
 def _as_float(value: object, name: str) -> float:

@@ -25,6 +25,11 @@ MESSAGE_BYTES = 1024
 _T = TypeVar("_T")
 
 
+class NotANumberError(TypeError, ValueError):
+    """A string argument that is no number (``max_norm="abc"``, ``norm_type="fro"``): a
+    ``ValueError``, as torch raises (``float(...)``), and a ``TypeError``, as distclip always has."""
+
+
 class RankInputError(RuntimeError):
     """Another rank failed before the norm could be computed (its exception was not a built-in)."""
 
@@ -61,7 +66,6 @@ def gather(
 
 def _exception_class(name: str) -> type[Exception]:
     from distclip.agreement import LayoutMismatchError
-    from distclip.clip import NotANumberError
 
     known = {"LayoutMismatchError": LayoutMismatchError, "NotANumberError": NotANumberError}
     cls = known.get(name, getattr(builtins, name, None))
