@@ -168,17 +168,11 @@ def _prepare(
 
 def _coalesced(layout: LocalLayout) -> dict:
     """The groups with adjacent views merged, so each group needs few kernels: separate tensors
-    skip the pass, and a plan remembers which groups hold them and how the others merge."""
-    separate, coalescers = layout.separate, layout.coalescers
-    out = {}
-    for key, ts in layout.groups.items():
-        if key in separate:
-            out[key] = ts
-        elif key in coalescers:
-            out[key] = coalescers[key].merge(ts)
-        else:
-            out[key] = coalesce(ts) if may_be_views(ts) else ts
-    return out
+    skip the pass, and a plan remembers which groups hold views and how they merge."""
+    coalescers = layout.coalescers
+    if coalescers is None:  # discovery's own layout
+        return {key: coalesce(ts) if may_be_views(ts) else ts for key, ts in layout.groups.items()}
+    return {key: coalescers[key].merge(ts) if key in coalescers else ts for key, ts in layout.groups.items()}
 
 
 def _norm_groups(layout: LocalLayout) -> dict:

@@ -468,11 +468,9 @@ class LocalLayout:
     entries: list[Entry] = field(default_factory=list)  # only with ``track=True``
     # only with ``track=True``: each parameter's route (None: no grad), for ``plan.LayoutPlan``
     routes: list[Optional[Route]] = field(default_factory=list)
-    # from a plan: the groups that hold separate tensors (``local_norms.may_be_views`` said no
-    # when the plan was made; only speed depends on it)
-    separate: frozenset = frozenset()
-    # from a plan: its remembered coalescing of each other group (``local_norms.Coalescer``)
-    coalescers: dict = field(default_factory=dict)
+    # from a plan: its remembered coalescing (``local_norms.Coalescer``) of each group that holds
+    # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
+    coalescers: Optional[dict] = None
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:

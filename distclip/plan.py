@@ -138,20 +138,18 @@ class LayoutPlan:
         self.batches = _batches(self.routes)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
-        self.separate: Optional[frozenset] = None  # see ``with_separate``
-        self.coalescers: dict[tuple, Coalescer] = {}
+        self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
         self.valid = True
         key = cache.key(params, stage)
         self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
         self._refs = [weakref.ref(p, self._forget) for p in params]
 
-    def with_separate(self, layout: LocalLayout) -> LocalLayout:
-        """``layout`` told which of its groups hold separate tensors (found on the plan's first
-        use) and given the plan's :class:`~distclip.local_norms.Coalescer` for each other group."""
-        if self.separate is None:
-            self.separate = frozenset(key for key, ts in layout.groups.items() if not may_be_views(ts))
-            self.coalescers = {key: Coalescer() for key in layout.groups if key not in self.separate}
-        layout.separate = self.separate
+    def with_coalescers(self, layout: LocalLayout) -> LocalLayout:
+        """``layout`` given the plan's :class:`~distclip.local_norms.Coalescer` of each group that
+        holds views of one buffer (found on the plan's first use; the other groups hold separate
+        tensors and skip coalescing)."""
+        if self.coalescers is None:
+            self.coalescers = {key: Coalescer() for key, ts in layout.groups.items() if may_be_views(ts)}
         layout.coalescers = self.coalescers
         return layout
 
@@ -345,7 +343,7 @@ class PlanCache:
             found = plan.apply(params)
             if found is not None:
                 self.plans.move_to_end(key)
-                return plan.with_separate(found)
+                return plan.with_coalescers(found)
             self.drop(key)
         elif hash(key) not in self.seen:
             self.seen[hash(key)] = None
@@ -358,4 +356,4 @@ class PlanCache:
             self.drop(next(iter(self.plans)))
         found = plan.apply(params)
         assert found is not None
-        return plan.with_separate(found)
+        return plan.with_coalescers(found)
