@@ -332,7 +332,7 @@ def _norms_of_rows(m: torch.Tensor, norm_type: float, acc: torch.dtype) -> torch
 
 def _row_norms(m: torch.Tensor, norm_type: float, acc: torch.dtype, repair: bool) -> torch.Tensor:
     norms = _norms_of_rows(m, norm_type, acc)
-    return _repair(norms, lambda rows: list(m.index_select(0, rows)), norm_type) if repair else norms
+    return _repair(norms, lambda rows: m.index_select(0, rows), norm_type) if repair else norms
 
 
 def piece_norms(
@@ -395,11 +395,17 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
         if repair:
             starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
 
-            def row(k: int) -> torch.Tensor:
-                i = bisect.bisect_right(starts, k) - 1
-                return mats[i][k - starts[i]]
+            def rows_at(idx: torch.Tensor) -> torch.Tensor:  # one gather per matrix with a bad row
+                picked, ks = [], idx.tolist()
+                i = 0
+                while i < len(ks):
+                    mat = bisect.bisect_right(starts, ks[i]) - 1
+                    j = bisect.bisect_left(ks, starts[mat + 1], lo=i)
+                    picked.append(mats[mat].index_select(0, idx[i:j] - starts[mat]))
+                    i = j
+                return torch.cat(picked) if len(picked) > 1 else picked[0]
 
-            norms = _repair(norms, lambda idx: [row(k) for k in idx.tolist()], norm_type)
+            norms = _repair(norms, rows_at, norm_type)
         parts.append(norms)
     if pieces.small:
         small = pieces.small
@@ -424,14 +430,21 @@ def _repair(norms: torch.Tensor, pieces_at, norm_type: float) -> torch.Tensor:
     """CPU slow path, taken only for the pieces whose float32 norm overflowed (sum g^2 beyond
     float32 although the norm is representable: fairscale #263) or may have underflowed (below
     ``TINY``, which includes all-zero pieces): those pieces alone (``pieces_at(indices)``) are
-    recomputed in float64."""
+    recomputed in float64.
+
+    ``pieces_at`` returns the pieces as the rows of one matrix where they are rows (measured in one
+    call: a model whose grads are mostly zero, such as experts that saw no token, would otherwise
+    pay one kernel per 512 elements; benchmarks/README.md) or as a list of tensors."""
     bad = torch.isinf(norms) | (norms < TINY)
     if not bool(bad.any()):  # CPU only: a free read
         return norms
     idx = bad.nonzero().flatten()
     fixed = norms.double()
-    redo = torch._foreach_norm(pieces_at(idx), norm_type, dtype=torch.float64)
-    fixed[idx] = torch.stack(list(redo))
+    pieces = pieces_at(idx)
+    if isinstance(pieces, torch.Tensor):
+        fixed[idx] = torch.linalg.vector_norm(pieces, norm_type, dim=1, dtype=torch.float64)
+    else:
+        fixed[idx] = torch.stack(list(torch._foreach_norm(pieces, norm_type, dtype=torch.float64)))
     return fixed
 
 

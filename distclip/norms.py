@@ -329,13 +329,13 @@ def _same_size_partials(tensors: Sequence[torch.Tensor], n: int, norm_type: floa
         body = flat.as_strided((k, r, ROW), (n, ROW, 1))
         norms = _rows_norms(body, norm_type, acc)
         if repair:
-            norms = _repair(norms.reshape(-1), lambda idx: [body[i // r, i % r] for i in idx.tolist()], norm_type).view(k, r)
+            norms = _repair(norms.reshape(-1), lambda idx: body[idx // r, idx % r], norm_type).view(k, r)
         parts.append(norms.double())
     if n % ROW:
         tail = flat[:, r * ROW :]
         norms = _rows_norms(tail, norm_type, acc)
         if repair:
-            norms = _repair(norms, lambda idx: [tail[i] for i in idx.tolist()], norm_type)
+            norms = _repair(norms, lambda idx: tail.index_select(0, idx), norm_type)
         parts.append(norms.double().unsqueeze(1))
     if norm_type > 0 and not math.isinf(norm_type) and len(parts) == 1 and r <= 1:
         return parts[0].reshape(-1).pow(norm_type)

@@ -89,3 +89,49 @@ def test_chunk_elements_bounds():
     big = 100 * local_norms.FLAT_CHUNK_MIN
     assert local_norms.chunk_elements(big) == big // 20 // local_norms.ROW * local_norms.ROW
     assert local_norms.chunk_elements(big) <= big / 10  # extra memory under 10 % above the floor
+
+
+def _mixed_values(kind: str) -> list[torch.Tensor]:
+    """Tensors that reach every piece kind of a large CPU group (above ``SMALL_GROUP``): flat
+    chunk rows, row matrices measured in place (several, with tails) and small pieces; the
+    second half of each is zero, tiny (its squares underflow float32) or huge (overflow)."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [3 * local_norms.FLAT_MAX + 77, 2 * local_norms.FLAT_MAX + 5, 300, 9000, 2000, 2000, 2000] + [700] * 40
+    special = {"zero": 0.0, "tiny": 1e-25, "huge": 1e25}[kind]
+    out = []
+    for i, n in enumerate(sizes):
+        v = torch.randn(n, generator=g, dtype=torch.float64)
+        if i % 2 == 0:
+            v[n // 2 :] *= special
+        out.append(v.float())
+    assert sum(v.numel() for v in out) > local_norms.SMALL_GROUP
+    return out
+
+
+@pytest.mark.parametrize("kind", ["zero", "tiny", "huge"])
+def test_repaired_pieces_give_the_reference(kind):
+    # The repair recomputes every bad piece in float64, a matrix of rows at a time: each
+    # repaired norm must be the float64 norm of exactly its own piece (a wrong row gather fails).
+    values = _mixed_values(kind)
+    ref = _reference(values)
+    got = float(distclip.get_total_norm([v.clone() for v in values]))
+    assert math.isclose(got, ref, rel_tol=1e-6), (got, ref)
+    # single pieces, as grad_norms measures them (same-size tensors share one flat copy)
+    norms = distclip.grad_norms(_params(values))
+    for (name, norm), v in zip(norms.items(), values):
+        want = float(torch.linalg.vector_norm(v.double()))
+        assert math.isclose(float(norm), want, rel_tol=1e-6), (name, float(norm), want)
+
+
+def test_repair_of_row_matrices_is_one_gather_per_matrix():
+    # Mostly-zero grads (experts that saw no token) make every row piece a repair: the repair
+    # must not fall back to one kernel per 512-element row.
+    values = [torch.zeros(20 * local_norms.FLAT_MAX) for _ in range(4)]
+    values[0][5] = 3.0
+    from torch.profiler import profile
+
+    with profile() as prof:
+        total = distclip.get_total_norm(values)
+    assert float(total) == 3.0
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::linalg_vector_norm")
+    assert calls <= 12, calls  # 4 row matrices + their repair, not 4 * 320 rows
