@@ -395,17 +395,7 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
         if repair:
             starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
 
-            def rows_at(idx: torch.Tensor) -> torch.Tensor:  # one gather per matrix with a bad row
-                picked, ks = [], idx.tolist()
-                i = 0
-                while i < len(ks):
-                    mat = bisect.bisect_right(starts, ks[i]) - 1
-                    j = bisect.bisect_left(ks, starts[mat + 1], lo=i)
-                    picked.append(mats[mat].index_select(0, idx[i:j] - starts[mat]))
-                    i = j
-                return torch.cat(picked) if len(picked) > 1 else picked[0]
-
-            norms = _repair(norms, rows_at, norm_type)
+            norms = _repair_mats(norms, mats, starts, norm_type)
         parts.append(norms)
     if pieces.small:
         small = pieces.small
@@ -445,6 +435,19 @@ def _repair(norms: torch.Tensor, pieces_at, norm_type: float) -> torch.Tensor:
         fixed[idx] = torch.linalg.vector_norm(pieces, norm_type, dim=1, dtype=torch.float64)
     else:
         fixed[idx] = torch.stack(list(torch._foreach_norm(pieces, norm_type, dtype=torch.float64)))
+    return fixed
+
+
+def _repair_mats(norms: torch.Tensor, mats: list[torch.Tensor], starts: list[int], norm_type: float) -> torch.Tensor:
+    """``_repair`` for the rows of matrices measured in place: a matrix with a bad row is measured
+    again whole in float64, in place (no gather: mostly-zero grads, such as experts that saw no
+    token, would otherwise copy every row, or pay one kernel per 512 elements)."""
+    bad = torch.isinf(norms) | (norms < TINY)
+    if not bool(bad.any()):  # CPU only: a free read
+        return norms
+    fixed = norms.double()
+    for i in sorted({bisect.bisect_right(starts, k) - 1 for k in bad.nonzero().flatten().tolist()}):
+        fixed[starts[i] : starts[i + 1]] = torch.linalg.vector_norm(mats[i], norm_type, dim=1, dtype=torch.float64)
     return fixed
 
 
