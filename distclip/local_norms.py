@@ -21,6 +21,7 @@ import bisect
 import itertools
 import math
 import operator
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -459,6 +460,13 @@ def _real_view(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tens
     return [t.abs() for t in tensors]
 
 
+def is_small_group(tensors: Sequence[torch.Tensor], norm_type: float, repair: bool) -> bool:
+    """Whether a CPU p=2 group is measured in one float64 copy rather than in float32 pieces
+    (``group_partial``; ``grad_norms`` measures the same groups the same way, so that its
+    ``"total"`` matches ``get_total_norm`` to float64 rounding)."""
+    return repair and norm_type == 2 and len(tensors) > 1 and sum(map(torch.Tensor.numel, tensors)) <= SMALL_GROUP
+
+
 def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, foreach: Optional[bool]) -> torch.Tensor:
     """Float64 partial (see module docstring) of same-device, same-dtype, same-weight tensors."""
     if tensors[0].is_complex():
@@ -467,7 +475,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     acc = accumulation_dtype(dtype, device, norm_type)
     # Reading a CPU tensor is not a device sync: there float32 is checked and repaired.
     repair = 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
-    if repair and norm_type == 2 and len(tensors) > 1 and sum(map(torch.Tensor.numel, tensors)) <= SMALL_GROUP:
+    if is_small_group(tensors, norm_type, repair):
         # A small group (a small model): one float64 copy and one dot product. Nothing to
         # repair in float64, and four kernels instead of the pieces' dozen, whose fixed cost is
         # all there is to a small model's norm.

@@ -67,6 +67,7 @@ from distclip.local_norms import (
     _real_view,
     _repair,
     accumulation_dtype,
+    is_small_group,
     owned_piece_norms,
 )
 from distclip.packet import HostView, Packet
@@ -405,8 +406,12 @@ def _bucket_partials(tensors: list[torch.Tensor], norm_type: float, sizes: Optio
     device, dtype = tensors[0].device, tensors[0].dtype
     acc = accumulation_dtype(dtype, device, norm_type)
     repair = 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
-    # few tensors: measured in place, as ``group_partial`` measures them (the same pieces, so
-    # "total" matches get_total_norm to float64 rounding); many: by size
+    if is_small_group(tensors, norm_type, repair):
+        # measured in one float64 copy, as ``group_partial`` measures a small group, so that
+        # "total" matches get_total_norm to float64 rounding rather than to float32's
+        tensors = list(flatten_dense_tensors(tensors).double().split([t.numel() for t in tensors]))
+        acc, repair = torch.float64, False
+    # few tensors: measured in place, as ``group_partial`` measures them; many: by size
     cpu = device.type == "cpu" and len(tensors) >= FLAT_MIN
     if cpu:
         out = _cpu_partials(tensors, norm_type, acc, repair, sizes or SizeBuckets.build(list(map(torch.Tensor.numel, tensors))))
