@@ -8,7 +8,7 @@ The partial is a float64 scalar that the reduction combines across ranks:
     p == inf:          max |g|   (NaN if any grad is NaN)
     p == -inf:         min |g|   (NaN if any grad is non-finite)
 
-Norms are taken per piece (see ``_Pieces``: on CPU rows of at most ``ROW`` elements, small grads
+Norms are taken per piece (see ``_Pieces``: on CPU rows of about ``ROW`` elements, small grads
 copied into flat chunks; on accelerators one ``torch._foreach_norm`` per group) and accumulated at
 least in float32; only the per-piece values are raised to ``p`` and summed in float64. On CPU
 the default p=2 never converts a grad to float64 (other p accumulate in float64 for accuracy, at
@@ -18,11 +18,12 @@ a cost); on accelerators ``_foreach_norm`` accumulates in float64 in-kernel.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import operator
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,6 +38,33 @@ from distclip.layout import GroupKey
 # 6.8e-6; one 64M-element vector_norm: 5e-3. Row-wise reduction runs at the same speed (~19 GB/s)
 # for every width from 256 to 8192.
 ROW = 512
+# A tensor measured in place is cut into rows of one length (``row_shape``): ROW, or where ROW does
+# not divide its size, a divisor of it between ROW_MIN and ROW_MAX, so that it needs one view and
+# one norm kernel instead of a second view for its tail and that tail's copy into a flat chunk
+# (FSDP1's flat shards have any size; benchmarks/README.md, "FSDP1"). Rows of up to 1024 elements
+# keep the error within 2.5x of 512's (above).
+ROW_MIN, ROW_MAX = ROW // 2, 2 * ROW
+
+
+class RowShape(NamedTuple):
+    """How an in-place tensor of ``rows * length + tail`` elements is cut into pieces."""
+
+    rows: int
+    length: int
+    tail: int
+
+
+@functools.lru_cache(maxsize=1 << 12)  # a pure function of the size: a model has few distinct sizes
+def row_shape(n: int) -> RowShape:
+    """The rows of a tensor of ``n > ROW`` elements: of ``ROW`` elements if that divides ``n``, else
+    of the divisor of ``n`` in [``ROW_MIN``, ``ROW_MAX``] nearest to ``ROW``, else of ``ROW`` elements
+    and a tail."""
+    if n % ROW:
+        for d in range(1, ROW_MAX - ROW + 1):
+            for length in (ROW + d, ROW - d):
+                if ROW_MIN <= length <= ROW_MAX and n % length == 0:
+                    return RowShape(n // length, length, 0)
+    return RowShape(n // ROW, ROW, n % ROW)
 
 
 def accumulation_dtype(dtype: torch.dtype, device: torch.device, norm_type: float) -> torch.dtype:
@@ -255,6 +283,16 @@ class _Pieces:
             self.flat = list(tensors)  # the common case of many small grads: no Python per tensor
             self.flat_owner = list(range(len(tensors))) if owned else []
             return
+        least = min(numels)
+        if least >= (flat_max if flatten else ROW + 1) and all(map(torch.Tensor.is_contiguous, tensors)):
+            # The common case of large grads (FSDP1's flat shards): each a row matrix in place,
+            # one C-level view call per tensor, where no size leaves a tail.
+            views = list(map(_mat_view, numels))
+            if None not in views:
+                sizes, strides = map(operator.itemgetter(0), views), map(operator.itemgetter(1), views)
+                self.mats = list(map(torch.Tensor.as_strided, tensors, sizes, strides))
+                self.mat_owner = list(range(len(tensors))) if owned else []
+                return
         for i, (t, n) in enumerate(zip(tensors, numels)):
             if n == 0:
                 continue
@@ -278,11 +316,11 @@ class _Pieces:
     def _rows(self, t: torch.Tensor, n: int, owner: int, flatten: bool) -> None:
         if not t.is_contiguous():  # rare; a copy keeps the accurate row path
             t = t.contiguous()
-        rows, offset = n // ROW, t.storage_offset()
-        self.mats.append(t.as_strided((rows, ROW), (ROW, 1)))  # one view call per tensor
+        rows, length, tail_numel = row_shape(n)
+        self.mats.append(t.as_strided((rows, length), (length, 1)))  # one view call per tensor
         self.mat_owner.append(owner)
-        if n % ROW:
-            tail = t.as_strided((n % ROW,), (1,), offset + rows * ROW)
+        if tail_numel:
+            tail = t.as_strided((tail_numel,), (1,), t.storage_offset() + rows * length)
             if flatten:
                 self.flat.append(tail)
                 self.flat_owner.append(owner)
@@ -323,6 +361,14 @@ class _Pieces:
             yield flat.view(-1, ROW), owner
             del flat
             i = j
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _mat_view(n: int) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
+    """The (size, stride) of the row matrix of a tensor of ``n > ROW`` elements; None if
+    ``row_shape`` leaves it a tail."""
+    rows, length, tail = row_shape(n)
+    return None if tail else ((rows, length), (length, 1))
 
 
 def _norms_of_rows(m: torch.Tensor, norm_type: float, acc: torch.dtype) -> torch.Tensor:
@@ -391,7 +437,10 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
         del m
     if pieces.mats:
         mats = pieces.mats
-        rows = [_norms_of_rows(m, norm_type, acc) for m in mats]
+        if mats[0].dtype == acc:  # one C-level call per matrix (see ``_norms_of_rows``)
+            rows = list(map(torch.linalg.vector_norm, mats, itertools.repeat(norm_type), itertools.repeat(1)))
+        else:
+            rows = [_norms_of_rows(m, norm_type, acc) for m in mats]
         norms = torch.cat(rows) if len(rows) > 1 else rows[0]
         if repair:
             starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
@@ -411,9 +460,10 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
 
 
 # A float32 piece norm below this may have lost its value to underflow of g^2 (fp32/bf16 grads of
-# ~1e-22 and smaller: the squares fall below float32's normal range). A piece has at most ROW
-# elements on CPU, so above it the largest element is >= TINY / sqrt(ROW) ~ 4e-17 and its square
-# (1.5e-33) keeps full float32 precision: what the smaller elements lose is < 1e-12 of the sum.
+# ~1e-22 and smaller: the squares fall below float32's normal range). A piece has at most ROW_MAX
+# (1024) elements on CPU, so a piece whose norm is at least TINY has a sum of squares of at least
+# TINY^2 = 2^-100, and what its underflowed squares lose (each less than float32's smallest
+# subnormal, 2^-149) is below 1024 * 2^-149 / 2^-100 = 2e-12 of it.
 TINY = 2.0**-50
 
 

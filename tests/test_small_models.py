@@ -135,3 +135,40 @@ def test_repair_of_row_matrices_is_one_gather_per_matrix():
     assert float(total) == 3.0
     calls = sum(e.count for e in prof.key_averages() if e.key == "aten::linalg_vector_norm")
     assert calls <= 12, calls  # 4 row matrices + their repair, not 4 * 320 rows
+
+
+@pytest.mark.parametrize("n", [local_norms.ROW + 1, 13_800, 16_001, 65_537, 100_003, 1 << 20])
+def test_row_shapes_cover_each_tensor_once(n):
+    rows, length, tail = local_norms.row_shape(n)
+    assert rows * length + tail == n and tail < length
+    assert local_norms.ROW_MIN <= length <= local_norms.ROW_MAX
+    assert tail == 0 or length == local_norms.ROW  # a tail only where no divisor is near ROW
+
+
+def test_large_grads_of_any_size_are_one_kernel_each_and_accurate():
+    # FSDP1's flat shards have any size (13 800 here: 4 000 small params in 80 units on 2 ranks).
+    # Each is measured as one in-place row matrix: one norm kernel, no tail view, no flat copy; and
+    # rows of about 512 elements keep float32's error far below one long reduction's, also on the
+    # adversarial case of one large element among many small ones.
+    sizes = [13_800, 13_800, 20_000, 65_536 + 512 * 3]
+    values = []
+    for n in sizes:
+        v = torch.full((n,), 1e-3)
+        v[0] = 1.0
+        values.append(v)
+    from torch.profiler import profile
+
+    with profile() as prof:
+        total = distclip.get_total_norm(values)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::linalg_vector_norm")
+    copies = sum(e.count for e in prof.key_averages() if e.key == "aten::flatten_dense_tensors")
+    assert calls == len(sizes) and copies == 0, (calls, copies)
+    ref = _reference(values)
+    assert abs(float(total) - ref) / ref < 3e-6, (float(total), ref)
+    whole = math.sqrt(sum(float(torch.linalg.vector_norm(v)) ** 2 for v in values))
+    assert abs(whole - ref) / ref > 1e-5  # the adversarial case: what one long reduction gets wrong
+    # grads clipped by the same norm, as torch scales them
+    params = _params(values)
+    distclip.clip_grad_norm_(params, 1.0)
+    for p, v in zip(params, values):
+        torch.testing.assert_close(p.grad, v * (1.0 / (ref + 1e-6)), rtol=1e-5, atol=0)
