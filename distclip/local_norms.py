@@ -23,7 +23,7 @@ import itertools
 import math
 import operator
 from collections.abc import Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, cast
 
 import torch
 
@@ -289,7 +289,8 @@ class _Pieces:
             # one C-level view call per tensor, where no size leaves a tail.
             views = list(map(_mat_view, numels))
             if None not in views:
-                sizes, strides = map(operator.itemgetter(0), views), map(operator.itemgetter(1), views)
+                found = cast(list[tuple[tuple[int, int], tuple[int, int]]], views)
+                sizes, strides = map(operator.itemgetter(0), found), map(operator.itemgetter(1), found)
                 self.mats = list(map(torch.Tensor.as_strided, tensors, sizes, strides))
                 self.mat_owner = list(range(len(tensors))) if owned else []
                 return
