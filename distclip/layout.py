@@ -501,17 +501,24 @@ def module_parameters(module: nn.Module) -> list[torch.Tensor]:
     out: dict[int, torch.Tensor] = {}  # by id, in first-seen order
     seen: set[int] = set()
     stack: list[Optional[nn.Module]] = [module]
+    pop, push, visit = stack.pop, stack.extend, seen.add  # bound once: this loop runs per module per call
     while stack:
-        m = stack.pop()
-        if m is None or id(m) in seen:
+        m = pop()
+        if m is None:
             continue
-        seen.add(id(m))
-        if m._parameters:
-            for p in m._parameters.values():
+        key = id(m)
+        if key in seen:
+            continue
+        visit(key)
+        state = m.__dict__  # where nn.Module keeps both dicts: no attribute lookup through the class
+        params = state["_parameters"]
+        if params:
+            for p in params.values():
                 if p is not None and id(p) not in out:
                     out[id(p)] = p
-        if m._modules:
-            stack.extend(reversed(m._modules.values()))
+        children = state["_modules"]
+        if children:
+            push(reversed(children.values()))
     return list(out.values())
 
 

@@ -246,3 +246,20 @@ def test_reduction_device_on_nccl(monkeypatch, bound, current, local_rank, expec
     else:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert reduce.reduction_device(Stage(True, 4)) == torch.device(expected)
+
+
+def test_module_walk_lists_what_parameters_lists():
+    # distclip walks a module's dicts itself (nn.Module.parameters builds a name per parameter):
+    # the same parameters in the same order, shared submodules and tied weights once, None skipped.
+    from distclip.layout import module_parameters
+
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(3, 4), shared, nn.Sequential(shared, nn.Linear(3, 5)), nn.ReLU())
+    model.register_parameter("unused", None)
+    model[3].extra = nn.Parameter(torch.ones(2))
+    emb = nn.Embedding(5, 3)
+    tied = nn.ModuleDict({"emb": emb, "head": nn.Linear(3, 5, bias=False)})
+    tied["head"].weight = emb.weight
+    for m in (model, tied, nn.Linear(2, 2), nn.ReLU()):
+        got, want = module_parameters(m), list(m.parameters())
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
