@@ -31,7 +31,7 @@ from distclip._torch import base_of, flatten_dense_tensors
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import GroupKey
 
-# On CPU every norm is taken over pieces of at most ROW elements, then the piece norms are combined
+# On CPU every norm is taken over pieces of about ROW elements (at most ROW_MAX), then the piece norms are combined
 # in float64. torch's CPU kernel accumulates float32 in a few lanes, so its error grows with the
 # length it reduces; measured on the CI machine (fp32, worst over constant and near-constant data,
 # the adversarial case for rounding bias): rows of 512: 3.7e-7 relative error, 1024: 9.3e-7, 8192:
@@ -283,8 +283,7 @@ class _Pieces:
             self.flat = list(tensors)  # the common case of many small grads: no Python per tensor
             self.flat_owner = list(range(len(tensors))) if owned else []
             return
-        least = min(numels)
-        if least >= (flat_max if flatten else ROW + 1) and all(map(torch.Tensor.is_contiguous, tensors)):
+        if min(numels) >= (flat_max if flatten else ROW + 1) and all(map(torch.Tensor.is_contiguous, tensors)):
             # The common case of large grads (FSDP1's flat shards): each a row matrix in place,
             # one C-level view call per tensor, where no size leaves a tail.
             views = list(map(_mat_view, numels))
@@ -438,10 +437,7 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
         del m
     if pieces.mats:
         mats = pieces.mats
-        if mats[0].dtype == acc:  # one C-level call per matrix (see ``_norms_of_rows``)
-            rows = list(map(torch.linalg.vector_norm, mats, itertools.repeat(norm_type), itertools.repeat(1)))
-        else:
-            rows = [_norms_of_rows(m, norm_type, acc) for m in mats]
+        rows = [_norms_of_rows(m, norm_type, acc) for m in mats]
         norms = torch.cat(rows) if len(rows) > 1 else rows[0]
         if repair:
             starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
@@ -511,6 +507,12 @@ def _real_view(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tens
     return [t.abs() for t in tensors]
 
 
+def repairs_float32(norm_type: float, acc: torch.dtype, device: torch.device) -> bool:
+    """Whether float32 piece norms are checked and repaired (see ``_repair``): finite p > 0 on the
+    host, where reading a tensor is not a device sync."""
+    return 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
+
+
 def is_small_group(tensors: Sequence[torch.Tensor], norm_type: float, repair: bool) -> bool:
     """Whether a CPU p=2 group is measured in one float64 copy rather than in float32 pieces
     (``group_partial``; ``grad_norms`` measures the same groups the same way, so that its
@@ -524,8 +526,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
         tensors = _real_view(tensors, norm_type)
     device, dtype = tensors[0].device, tensors[0].dtype
     acc = accumulation_dtype(dtype, device, norm_type)
-    # Reading a CPU tensor is not a device sync: there float32 is checked and repaired.
-    repair = 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
+    repair = repairs_float32(norm_type, acc, device)
     if is_small_group(tensors, norm_type, repair):
         # A small group (a small model): one float64 copy and one dot product. Nothing to
         # repair in float64, and four kernels instead of the pieces' dozen, whose fixed cost is

@@ -45,7 +45,6 @@ from distclip import _fsdp1, agreement, exchange, rank_errors
 from distclip._dtensor import local_of, spec_of
 from distclip._torch import flatten_dense_tensors
 from distclip.clip import _FLOAT64, _check_norm_type
-from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     _ANNOTATION_ATTR,
     DTensor,
@@ -69,6 +68,7 @@ from distclip.local_norms import (
     accumulation_dtype,
     is_small_group,
     owned_piece_norms,
+    repairs_float32,
 )
 from distclip.packet import HostView, Packet
 from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
@@ -405,7 +405,7 @@ def _bucket_partials(tensors: list[torch.Tensor], norm_type: float, sizes: Optio
     ``owned_piece_norms`` (pieces measured together, summed back per tensor)."""
     device, dtype = tensors[0].device, tensors[0].dtype
     acc = accumulation_dtype(dtype, device, norm_type)
-    repair = 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
+    repair = repairs_float32(norm_type, acc, device)
     if is_small_group(tensors, norm_type, repair):
         # measured in one float64 copy, as ``group_partial`` measures a small group, so that
         # "total" matches get_total_norm to float64 rounding rather than to float32's
