@@ -53,41 +53,50 @@ CALL = "bench.call"  # this module's own range around each profiled call
 def profiled_calls(
     fn: Callable[[], object], device: torch.device, calls: int, before: Optional[Callable[[], None]] = None
 ) -> list[tuple[dict[str, float], dict[str, float], float]]:
-    """``calls`` calls in one profiling session, each after ``before()`` and a barrier (inside the
-    session, so starting the profiler does not skew the ranks); per call: (host seconds per phase
-    seen, device seconds per phase seen, seconds of the whole call)."""
+    """``calls`` calls, each after ``before()`` (not profiled) in a profiling session of its own
+    that starts with a barrier (inside the session, so starting the profiler does not skew the
+    ranks); per call: (host seconds per phase seen, device seconds per phase seen, seconds of the
+    whole call).
+
+    One session per call, read and dropped before the next: the profiler keeps every op it
+    records, and with 128 000 parameter tensors one call is hundreds of thousands of ops (and a
+    ``before()`` that restores the grads as many copies again); ten calls in one session, with
+    their ``FunctionEvent`` objects, grew past the 24 GiB of the benchmark machine."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    totals = []
-    with quiet_stderr(), profile(activities=activities) as prof:
-        for _ in range(calls):
-            if before is not None:
-                before()
-            sync(device)
+    out = []
+    for _ in range(calls):
+        if before is not None:
+            before()
+        sync(device)
+        with quiet_stderr(), profile(activities=activities) as prof:
             dist.barrier()
             with record_function(CALL):
                 start = time.perf_counter()
                 fn()
                 sync(device)
-                totals.append(time.perf_counter() - start)
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+                total = time.perf_counter() - start
+        out.append((*_phase_times(prof.events(), device), total))
+        del prof
+    return out
+
+
+def _phase_times(events: list, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Host and device seconds per phase seen in one profiled call's events."""
     windows = [(e.time_range.start, e.time_range.end) for e in events if e.name == CALL]
-    assert len(windows) == calls, (len(windows), calls)
-    ranges: list[dict[str, list[tuple[float, float]]]] = [{} for _ in range(calls)]
-    device_us: list[dict[str, float]] = [{} for _ in range(calls)]
+    assert len(windows) == 1, len(windows)
+    lo, hi = windows[0]
+    ranges: dict[str, list[tuple[float, float]]] = {}
+    device_us: dict[str, float] = {}
     for e in events:
         if not e.name.startswith(PREFIX) or e.name[len(PREFIX) :] not in PHASES or e.device_type != DeviceType.CPU:
             continue  # (on CUDA a range also shows as a device annotation, on the device's clock)
         phase, (a, b) = e.name[len(PREFIX) :], (e.time_range.start, e.time_range.end)  # microseconds
-        i = next((i for i, (lo, hi) in enumerate(windows) if lo <= a <= hi), None)
-        if i is None:  # not inside a timed call (cannot happen: distclip runs only there)
+        if not lo <= a <= hi:  # not inside the timed call (cannot happen: distclip runs only there)
             continue
-        ranges[i].setdefault(phase, []).append((a, b))
+        ranges.setdefault(phase, []).append((a, b))
         if device.type == "cuda":
-            device_us[i][phase] = device_us[i].get(phase, 0.0) + float(getattr(e, "device_time_total", 0.0))
-    return [
-        ({ph: _merged_length(iv) * 1e-6 for ph, iv in r.items()}, {ph: us * 1e-6 for ph, us in d.items()}, total)
-        for r, d, total in zip(ranges, device_us, totals)
-    ]
+            device_us[phase] = device_us.get(phase, 0.0) + float(getattr(e, "device_time_total", 0.0))
+    return {ph: _merged_length(iv) * 1e-6 for ph, iv in ranges.items()}, {ph: us * 1e-6 for ph, us in device_us.items()}
 
 
 def distclip_phases(fn: Callable[[], object], device: torch.device, calls: int, before: Optional[Callable[[], None]] = None) -> dict:

@@ -148,13 +148,14 @@ def target_rows(results: list[dict], world: Optional[int] = None) -> list[dict]:
         rows.append(
             {"check": "distclip collectives per call (max over workloads)", "value": worst, "target": "== 1", "pass": all(c == 1 for c in colls)}
         )
-    firsts = [(r["first_call_ms"] / r["median_ms"], r) for r in dc if r.get("first_call_ms") and _median(r)]
+    # The first call discovers the layout, the second builds the plan (``distclip.plan``): each
+    # is a one-off cost, so both count (runs before the second call was recorded give the first).
+    firsts = [(max(r["first_call_ms"], r.get("second_call_ms") or 0.0) / r["median_ms"], r) for r in dc if r.get("first_call_ms") and _median(r)]
     if firsts:
         v, r = max(firsts, key=lambda x: x[0])
         where = f"{r['layout']} {'large' if r['size'] == 'large' else r['n_params']}"
-        rows.append(
-            {"check": f"distclip first call / warm median (max over workloads: {where})", "value": v, "target": "<= 2", "pass": v <= 2.0}
-        )
+        check = f"distclip first and second call / warm median (max over workloads: {where})"
+        rows.append({"check": check, "value": v, "target": "<= 2", "pass": v <= 2.0})
     mems = [(r["extra_peak_frac"], r) for r in dc if r.get("extra_peak_frac") is not None]
     if mems:
         v, r = max(mems, key=lambda x: x[0])

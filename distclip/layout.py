@@ -435,7 +435,7 @@ GroupKey = tuple  # (device, dtype, weight)
 
 
 class Entry(NamedTuple):
-    """One local tensor of ``local_layout(..., track=True)``: which parameter it belongs to."""
+    """One local tensor of ``local_layout(..., entries=True)``: which parameter it belongs to."""
 
     index: int  # type: ignore[assignment]  # shadows tuple.index(); position of its parameter in the list passed to ``local_layout``
     tensor: torch.Tensor  # the local tensor measured (FSDP1 padding removed); the DTensor if partial
@@ -465,9 +465,11 @@ class LocalLayout:
     groups: dict[GroupKey, list[torch.Tensor]]
     kinds: frozenset = frozenset()
     partial: list[tuple[DTensor, float]] = field(default_factory=list)
-    entries: list[Entry] = field(default_factory=list)  # only with ``track=True``
-    # only with ``track=True``: each parameter's route (None: no grad), for ``plan.LayoutPlan``
+    entries: list[Entry] = field(default_factory=list)  # only with ``entries=True``
+    # only with ``routes=True``, for ``plan.LayoutPlan``: each parameter's route (None: no grad)
+    # and the list of ``groups`` its local tensor joined (None: no grad, Partial, FSDP1 runs)
     routes: list[Optional[Route]] = field(default_factory=list)
+    joins: list[Optional[list[torch.Tensor]]] = field(default_factory=list)
     # from a plan: its remembered coalescing (``local_norms.Coalescer``) of each group that holds
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
     coalescers: Optional[dict] = None
@@ -596,7 +598,7 @@ class DTensorRoute(NamedTuple):
     dims its placements shard (and by its parameter's marks)."""
 
     # The grad's DTensorSpec (FSDP2 reuses one per parameter: a plan compares it by identity); None
-    # where no route is kept (``local_layout`` without ``track``).
+    # where no route is kept (``local_layout`` without ``routes``).
     spec: Any
     weight: float
 
@@ -695,7 +697,7 @@ class DiscoveryCache:
       parameter, its grad and the parameters of the same shape.
     - ``dtensor_weights``: (mesh, placement types, dtype) -> route and group list, for grads made
       with ``DTensor.from_local`` (a spec each): the weight depends only on which mesh dims shard.
-      Without ``track`` (no one reads the routes) those grads share that route, naming no spec.
+      Without ``routes`` (no one reads them) those grads share that route, naming no spec.
     - ``flat_routes``: ``id(param)`` -> route of an FSDP1 parameter (``fsdp1``: its ``Fsdp1Piece``).
     - ``marked_routes``: weight -> the route of marked plain grads of that weight (routes are
       values: grads of one weight share one).
@@ -708,10 +710,10 @@ class DiscoveryCache:
     - ``dtype_codes``: the census's code of each dtype.
     """
 
-    def __init__(self, stage: Stage, fsdp1: dict[int, _fsdp1.Fsdp1Piece], track: bool) -> None:
+    def __init__(self, stage: Stage, fsdp1: dict[int, _fsdp1.Fsdp1Piece], routes: bool) -> None:
         self.stage = stage
         self.fsdp1 = fsdp1
-        self.track = track  # routes are kept (``LocalLayout.routes``)
+        self.routes = routes  # routes are kept (``LocalLayout.routes``)
         self.groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
         self.replica = ReplicaRoute(element_weight(1, stage.size))  # what ``weigh(stage)`` gives
         self.replicas: dict[tuple, list[torch.Tensor]] = {}
@@ -755,7 +757,7 @@ class DiscoveryCache:
         route, bucket = found
         if bucket is None:
             check_partial_ops(spec)  # the structure holds placement types only, not a Partial's reduce op
-        if self.track:  # a route of its own, naming its spec
+        if self.routes:  # a route of its own, naming its spec
             found = (PartialRoute(spec, route.weight) if bucket is None else DTensorRoute(spec, route.weight), bucket)
         self.dtensor_routes[id(spec)] = found
         return found
@@ -913,7 +915,12 @@ def classify(
 
 
 def local_layout(
-    params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, track: bool = False, grads: Optional[list[torch.Tensor]] = None
+    params: list[torch.Tensor],
+    module: Optional[nn.Module],
+    stage: Stage,
+    entries: bool = False,
+    routes: bool = False,
+    grads: Optional[list[torch.Tensor]] = None,
 ) -> LocalLayout:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
 
@@ -921,9 +928,10 @@ def local_layout(
     counted: a FlatParameter passed without its FSDP module, a shard group that does not fit inside
     a pipeline stage, a mark lost by re-wrapping.
 
-    With ``track``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
-    each local tensor comes from, for per-parameter norms, and ``LocalLayout.routes`` holds each
-    parameter's route (for a layout plan). With ``grads`` (one tensor per entry of ``params``:
+    With ``entries``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
+    each local tensor comes from, for per-parameter norms. With ``routes``, ``LocalLayout.routes``
+    holds each parameter's route and ``LocalLayout.joins`` the group list it joined (for a layout
+    plan). With ``grads`` (one tensor per entry of ``params``:
     ``get_total_norm`` measuring the tensors it is given), those are measured instead of
     ``params[i].grad``.
     """
@@ -932,12 +940,13 @@ def local_layout(
     if grads is None:
         grads = list(map(_grad_of, params))
     if not stage.distributed:
-        return _undistributed_layout(grads, track)
-    cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {}, track)
+        return _undistributed_layout(grads, entries, routes)
+    cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {}, routes)
     annotations: list[Optional[Annotation]] = list(map(dict.get, map(_dict_of, params), repeat(_ANNOTATION_ATTR)))
     layout = LocalLayout(cache.groups, fingerprint(params, annotations, cache))
-    partial, entries = layout.partial, layout.entries
-    routes: list[Optional[Route]] = [None] * len(params) if track else []
+    partial, entry_list = layout.partial, layout.entries
+    route_list: list[Optional[Route]] = [None] * len(params) if routes else []
+    joins: list[Optional[list[torch.Tensor]]] = [None] * len(params) if routes else []
     for index, (param, grad, annotation) in enumerate(zip(params, grads, annotations)):
         if grad is None:
             continue
@@ -956,34 +965,40 @@ def local_layout(
             for start, stop, weight in route.runs:  # type: ignore[union-attr]
                 piece = grad[start:stop]
                 cache.groups[(piece.device, piece.dtype, weight)].append(piece)
-                if track:
-                    entries.append(Entry(index, piece, weight, False, start))
-            if track:
-                routes[index] = route
+                if entries:
+                    entry_list.append(Entry(index, piece, weight, False, start))
+            if routes:
+                route_list[index] = route
             continue
         if bucket is not None:
             bucket.append(local)
         else:  # only a Partial grad has no group: it is made whole first
             partial.append((grad, route.weight))  # type: ignore[arg-type,union-attr]  # a DTensor grad's route
-        if track:
-            entries.append(Entry(index, local, route.weight, bucket is None))  # type: ignore[union-attr]
-            routes[index] = route
-    layout.routes = routes
+        if entries:
+            entry_list.append(Entry(index, local, route.weight, bucket is None))  # type: ignore[union-attr]
+        if routes:
+            route_list[index] = route
+            joins[index] = bucket
+    layout.routes, layout.joins = route_list, joins
     return layout
 
 
-def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], track: bool) -> LocalLayout:
+def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool, routes: bool) -> LocalLayout:
     """Without torch.distributed every gradient is whole on this rank: weight 1, no agreement."""
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
-    entries: list[Entry] = []
-    routes: list[Optional[Route]] = [None] * len(grads) if track else []
+    entry_list: list[Entry] = []
+    route_list: list[Optional[Route]] = [None] * len(grads) if routes else []
+    joins: list[Optional[list[torch.Tensor]]] = [None] * len(grads) if routes else []
     for i, g in enumerate(grads):
         if g is not None:
-            groups[(g.device, g.dtype, 1.0)].append(g)
-            if track:
-                entries.append(Entry(i, g, 1.0))
-                routes[i] = _UNDISTRIBUTED
-    return LocalLayout(groups, entries=entries, routes=routes)
+            bucket = groups[(g.device, g.dtype, 1.0)]
+            bucket.append(g)
+            if entries:
+                entry_list.append(Entry(i, g, 1.0))
+            if routes:
+                route_list[i] = _UNDISTRIBUTED
+                joins[i] = bucket
+    return LocalLayout(groups, entries=entry_list, routes=route_list, joins=joins)
 
 
 _grad_of = operator.attrgetter("grad")

@@ -252,7 +252,7 @@ def collect(parameters: Union[NamedParams, Named], stage: Stage) -> Local:
     Purely local; raises (before any collective) where ``local_layout`` does."""
     named = parameters if isinstance(parameters, Named) else parameters_of(parameters)
     names, params, module = named.names, named.params, named.module
-    layout = local_layout(params, module, stage, track=True)
+    layout = local_layout(params, module, stage, entries=True)
     flat: dict[int, list[_fsdp1.FlatSegment]] = {}
     if module is not None:
         for p in params:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -36,106 +35,48 @@ from distclip.layout import (
     FlatRunsRoute,
     FlatShardRoute,
     LocalLayout,
+    MarkedRoute,
     Marks,
     PartialRoute,
+    ReplicaRoute,
+    Route,
     Stage,
     local_layout,
 )
 from distclip.local_norms import Coalescer, may_be_views
 
 
-class Structure(NamedTuple):
-    """What a DTensor grad's layout depends on, compared when its spec is another object. The
-    placements themselves, not only their types: a Partial's reduce op decides how its grad is
-    made whole (and a "max" one must be refused by discovery)."""
-
-    mesh: Any
-    placements: tuple
-    dtype: torch.dtype
-    device: torch.device  # of the local tensor
-
-
-# How a plan finds one parameter's local tensor(s) in a later call, and what it checks first. Each
-# is made from the route discovery gave the parameter (``layout.Route``); ``slot`` is the index of
-# a group in ``LayoutPlan.keys``. Classes with slots, not tuples: ``LayoutPlan._apply_each`` reads
-# their fields once per parameter per call, and a slot is the fastest field Python reads.
-
-
-@dataclass(slots=True)
-class PlainStep:
-    """The grad itself (``ReplicaRoute``, ``MarkedRoute``, an FSDP1 view without padding): still
-    of the same class, dtype and device."""
-
-    slot: int
-    cls: type
-    dtype: torch.dtype
-    device: torch.device
-
-
-@dataclass(slots=True)
-class PaddedStep:
-    """A padded FSDP1 flat shard (``FlatShardRoute``): checked as ``PlainStep``, measured without
-    its padding (static for the FlatParameter)."""
-
-    slot: int
-    cls: type
-    dtype: torch.dtype
-    device: torch.device
-    padding: int
-
-
-@dataclass(slots=True)
-class RunsStep:
-    """FSDP1 over TP (``FlatRunsRoute``): a flat shard measured in runs, static as the padding."""
-
-    runs: tuple[tuple[int, int, int], ...]  # (slot, start, stop)
-    cls: type
-    dtype: torch.dtype
-    device: torch.device
-
-
-@dataclass(slots=True)
-class DTensorStep:
-    """A DTensor grad's local tensor (``DTensorRoute``): the same spec object (FSDP2 reuses one
-    per parameter) or, failing that, the same structure."""
-
-    slot: int
-    spec: Any
-    structure: Structure
-
-
-@dataclass(slots=True)
-class PartialStep:
-    """A ``Partial`` DTensor grad (``PartialRoute``): checked as ``DTensorStep``, made whole
-    before it is measured, under ``weight``."""
-
-    weight: float
-    spec: Any
-    structure: Structure
-
-
-Step = Union[PlainStep, PaddedStep, RunsStep, DTensorStep, PartialStep]
-
-
 class LayoutPlan:
-    """One parameter list's layout: per parameter, how to get its local tensor and which group
-    it joins (``routes``), plus the agreement kinds (computed once per plan, not per call)."""
+    """One parameter list's layout, kept from the discovery that built it: per parameter its route
+    (``layout.Route``: how its local tensor is found, what it weighs), the group it joins (its
+    index in ``keys``, whose (device, dtype) its grad must still have) and its grad's class; plus
+    the agreement kinds (computed once per plan, not per call).
+
+    Building a plan adds no Python per parameter to the discovery it comes from (a DTensor grad's
+    mesh and placements, which hash and compare in Python, are read only where a later grad's spec
+    is another object), so the call that builds it costs little more than a first call."""
 
     def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache) -> None:
-        layout = local_layout(params, module, stage, track=True)
+        layout = local_layout(params, module, stage, routes=True)
         self.kinds = layout.kinds
         self.keys: list[tuple] = list(layout.groups)
-        slot = {key: i for i, key in enumerate(self.keys)}
-        # One structure object per distinct structure: a plan holding thousands of tuples per
-        # parameter more would bring Python's full garbage collection forward into a later call.
-        structures: dict[tuple, Structure] = {}
-        of_spec: dict[int, Structure] = {}  # by spec id: FSDP2 shares specs, and a mesh hashes in Python
-        self.routes: list[Optional[Step]] = [None] * len(params)
-        for index, (route, p) in enumerate(zip(layout.routes, params)):
-            if route is not None:
-                self.routes[index] = _step(route, p.grad, slot, structures, of_spec)
+        slot_of = {id(members): slot for slot, members in enumerate(layout.groups.values())}
+        self.routes: list[Optional[Route]] = layout.routes
+        self.slots: list[Optional[int]] = list(map(slot_of.get, map(id, layout.joins)))  # None: no group
         self.grad_types = [type(p.grad) for p in params]  # NoneType where there is no grad
-        self.batches = _batches(self.routes)
+        # What a Partial grad's local tensor was (it joins no group) and where FSDP1 runs go, by
+        # parameter index: few parameters, found with one C-level pass over the routes.
+        self.extra: dict[int, tuple] = {}
+        for index in [i for i, cls in enumerate(map(type, self.routes)) if cls is PartialRoute or cls is FlatRunsRoute]:
+            route, grad = self.routes[index], params[index].grad
+            assert grad is not None  # it has a route
+            if isinstance(route, PartialRoute):
+                self.extra[index] = (local_of(grad).device, grad.dtype)
+            else:
+                assert isinstance(route, FlatRunsRoute)
+                slot = self.keys.index
+                self.extra[index] = tuple((slot((grad.device, grad.dtype, weight)), start, stop) for start, stop, weight in route.runs)
+        self.batches = _batches(self.routes, self.slots, self.keys)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
         self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
@@ -160,14 +101,14 @@ class LayoutPlan:
         if self.first is not None:
             layout, self.first = self.first, None
             return layout
+        grads = list(map(_grad, params))
+        if list(map(type, grads)) != self.grad_types:  # a grad gone, new, or of another class
+            return None
         if self.batches is not None:
-            grads = list(map(_grad, params))
-            if list(map(type, grads)) != self.grad_types:  # a grad gone, new, or of another class
-                return None
             batched = self._apply_batches(grads)
             if batched is not None:
                 return batched
-        return self._apply_each(params)
+        return self._apply_each(grads)
 
     def _apply_batches(self, grads: list) -> Optional[LocalLayout]:
         """The common case (plain and DTensor grads only), checked a batch at a time with C-level
@@ -191,77 +132,49 @@ class LayoutPlan:
                 lists[batch.slot] = list(map(local_of, tensors))
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, [])
 
-    def _apply_each(self, params: list[torch.Tensor]) -> Optional[LocalLayout]:
-        """The plan checked parameter by parameter (any step, and DTensor specs by structure)."""
-        lists: list[list[torch.Tensor]] = [[] for _ in self.keys]
+    def _apply_each(self, grads: list) -> Optional[LocalLayout]:
+        """The plan checked parameter by parameter (any route, and DTensor specs by structure);
+        ``grads`` are of the plan's classes (``apply`` checked)."""
+        keys, extra = self.keys, self.extra
+        lists: list[list[torch.Tensor]] = [[] for _ in keys]
         partial: list[tuple[DTensor, float]] = []
-        plain_step, dtensor_step, partial_step, padded_step = PlainStep, DTensorStep, PartialStep, PaddedStep
-        steps: list[Any] = self.routes  # told apart by class below, which mypy does not follow
-        try:
-            for p, step in zip(params, steps):
-                grad: Any = p.grad
-                if step is None:
-                    if grad is not None:
-                        return None
-                    continue
-                kind = step.__class__
-                # A None grad, or a plain one where a DTensor was, fails ``spec_of``
-                # (AttributeError, below); a None grad fails the class checks.
-                if kind is dtensor_step:
-                    spec = spec_of(grad)
-                    if spec is not step.spec and _structure(spec, grad) != step.structure:
-                        return None
-                    lists[step.slot].append(local_of(grad))
-                elif kind is plain_step:
-                    if grad.__class__ is not step.cls or grad.dtype != step.dtype or grad.device != step.device:
-                        return None
-                    lists[step.slot].append(grad)
-                elif kind is partial_step:
-                    spec = spec_of(grad)
-                    if spec is not step.spec and _structure(spec, grad) != step.structure:
-                        return None
-                    partial.append((grad, step.weight))  # a DTensor, as checked
-                elif kind is padded_step:
-                    if grad.__class__ is not step.cls or grad.dtype != step.dtype or grad.device != step.device:
-                        return None
-                    lists[step.slot].append(grad[: grad.numel() - step.padding])
-                else:  # RunsStep
-                    if grad.__class__ is not step.cls or grad.dtype != step.dtype or grad.device != step.device:
-                        return None
-                    for run_slot, start, stop in step.runs:
-                        lists[run_slot].append(grad[start:stop])
-        except AttributeError:  # a grad gone (None) or no longer a DTensor
-            return None
+        routes: list[Any] = self.routes  # told apart by class below, which mypy does not follow
+        slots: list[Any] = self.slots  # an int wherever the route joins a group
+        for index, (grad, route, slot) in enumerate(zip(grads, routes, slots)):
+            if route is None:  # no grad, then and now
+                continue
+            kind = route.__class__
+            if kind is DTensorRoute:
+                spec = spec_of(grad)
+                device, dtype, _ = keys[slot]
+                if spec is not route.spec and _structure(spec, grad) != _structure_of(route.spec, dtype, device):
+                    return None
+                lists[slot].append(local_of(grad))
+            elif kind is PartialRoute:
+                spec = spec_of(grad)
+                device, dtype = extra[index]
+                if spec is not route.spec and _structure(spec, grad) != _structure_of(route.spec, dtype, device):
+                    return None
+                partial.append((grad, route.weight))  # a DTensor, as checked
+            elif kind is FlatRunsRoute:
+                runs = extra[index]
+                if grad.dtype != keys[runs[0][0]][1] or grad.device != keys[runs[0][0]][0]:
+                    return None
+                for run_slot, start, stop in runs:
+                    lists[run_slot].append(grad[start:stop])
+            else:  # the grad itself: ReplicaRoute, MarkedRoute, FlatShardRoute (less its padding)
+                device, dtype, _ = keys[slot]
+                if grad.dtype != dtype or grad.device != device:
+                    return None
+                padding = route.padding if kind is FlatShardRoute else 0
+                lists[slot].append(grad[: grad.numel() - padding] if padding else grad)
         return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
-
-
-def _step(route: Any, grad: Any, slot: dict[tuple, int], structures: dict[tuple, Structure], of_spec: dict[int, Structure]) -> Step:
-    """The plan's step for one parameter, from the route (a ``layout.Route``) discovery gave it."""
-    kind = route.__class__
-    if kind is DTensorRoute or kind is PartialRoute:
-        spec = route.spec
-        structure = of_spec.get(id(spec))
-        if structure is None:
-            found = _structure(spec, grad)
-            structure = structures.get(found)
-            if structure is None:
-                structure = structures[found] = Structure(*found)
-            of_spec[id(spec)] = structure
-        if kind is PartialRoute:
-            return PartialStep(route.weight, spec, structure)
-        return DTensorStep(slot[(grad.device, grad.dtype, route.weight)], spec, structure)
-    if kind is FlatRunsRoute:
-        runs = tuple((slot[(grad.device, grad.dtype, weight)], start, stop) for start, stop, weight in route.runs)
-        return RunsStep(runs, type(grad), grad.dtype, grad.device)
-    where = slot[(grad.device, grad.dtype, route.weight)]
-    if kind is FlatShardRoute and route.padding:
-        return PaddedStep(where, type(grad), grad.dtype, grad.device, route.padding)
-    return PlainStep(where, type(grad), grad.dtype, grad.device)
 
 
 _grad = operator.attrgetter("grad")
 _dtype = operator.attrgetter("dtype")
 _get_device = torch.Tensor.get_device
+_spec = operator.attrgetter("spec")
 
 
 class _Batch(NamedTuple):
@@ -269,34 +182,36 @@ class _Batch(NamedTuple):
 
     slot: int  # index of the group in ``LayoutPlan.keys``
     take: Callable[[list], tuple]  # the group's grads, in parameter order
-    dtype: torch.dtype  # plain grads: the dtype and device every one must still have
+    dtype: torch.dtype  # the dtype and device every grad (DTensor: every local tensor) must still have
     device: torch.device
     device_index: int  # ``Tensor.get_device()`` of that device (-1 on CPU)
     specs: Optional[tuple]  # DTensor grads: the spec object each had
 
 
-def _batches(steps: list[Optional[Step]]) -> Optional[list[_Batch]]:
+_BATCHED = (ReplicaRoute, MarkedRoute, DTensorRoute, FlatShardRoute, type(None))
+
+
+def _batches(routes: list[Optional[Route]], slots: list[Optional[int]], keys: list[tuple]) -> Optional[list[_Batch]]:
     """Batches for ``LayoutPlan._apply_batches``, or None where that path does not apply (Partial
     grads, padded FSDP1 shards or FSDP1-over-TP runs, or plain and DTensor grads in one group)."""
+    classes = set(map(type, routes))
+    if not classes.issubset(_BATCHED) or (FlatShardRoute in classes and any(
+            r.padding for r in routes if isinstance(r, FlatShardRoute))):
+        return None
     members: dict[int, list[int]] = {}
-    for i, step in enumerate(steps):
-        if step is None:
-            continue
-        if not isinstance(step, (PlainStep, DTensorStep)):
-            return None
-        members.setdefault(step.slot, []).append(i)
+    for i, slot in enumerate(slots):
+        if slot is not None:
+            members.setdefault(slot, []).append(i)
     out = []
     for slot, idx in members.items():
-        chosen = [steps[i] for i in idx]
         take = operator.itemgetter(*idx) if len(idx) > 1 else (lambda grads, i=idx[0]: (grads[i],))
-        if all(isinstance(step, PlainStep) for step in chosen):
-            first = chosen[0]
-            assert isinstance(first, PlainStep)
-            out.append(_Batch(slot, take, first.dtype, first.device, _index(first.device), None))
-        elif all(isinstance(step, DTensorStep) for step in chosen):
-            dsteps = [step for step in chosen if isinstance(step, DTensorStep)]
-            structure = dsteps[0].structure  # the dtype of the grads and the device of their local tensors
-            out.append(_Batch(slot, take, structure.dtype, structure.device, _index(structure.device), tuple(s.spec for s in dsteps)))
+        chosen = take(routes) if len(idx) > 1 else (routes[idx[0]],)
+        dtensors = sum(map(DTensorRoute.__instancecheck__, chosen))
+        device, dtype, _ = keys[slot]
+        if dtensors == 0:
+            out.append(_Batch(slot, take, dtype, device, _index(device), None))
+        elif dtensors == len(idx):
+            out.append(_Batch(slot, take, dtype, device, _index(device), tuple(map(_spec, chosen))))
         else:
             return None
     return out
@@ -307,8 +222,15 @@ def _index(device: torch.device) -> int:
 
 
 def _structure(spec: Any, grad: Any) -> tuple:
-    """A DTensor grad's ``Structure``, as a plain tuple (equal to one)."""
+    """What a DTensor grad's layout depends on, compared when its spec is another object: the
+    placements themselves, not only their types (a Partial's reduce op decides how its grad is
+    made whole, and a "max" one must be refused by discovery)."""
     return (spec.mesh, tuple(spec.placements), grad.dtype, local_of(grad).device)
+
+
+def _structure_of(spec: Any, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``_structure`` of the grad a plan saw, from its spec and its local tensor's dtype and device."""
+    return (spec.mesh, tuple(spec.placements), dtype, device)
 
 
 class PlanCache:

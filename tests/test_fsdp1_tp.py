@@ -40,7 +40,7 @@ def _build(orig: bool):
 
 def _check(fsdp, orig: bool, ref: dict) -> dict:
     import distclip
-    from distclip import _fsdp1, clip, plan, verify
+    from distclip import _fsdp1, clip, layout, verify
 
     out: dict = {"orig": orig, "failures": []}
     fail = out["failures"].append
@@ -71,7 +71,7 @@ def _check(fsdp, orig: bool, ref: dict) -> dict:
             if name not in norms or not abs(float(norms[name]) - want) <= 1e-5 * want:
                 fail(f"p={p}: grad_norms[{name!r}] {float(norms.get(name, math.nan))} vs reference {want}")
     # the later calls above ran on a layout plan: with use_orig_params=False on the route for runs
-    out["runs_route"] = any(isinstance(step, plan.RunsStep) for cached in clip.PLANS.plans.values() for step in cached.routes)
+    out["runs_route"] = any(isinstance(route, layout.FlatRunsRoute) for cached in clip.PLANS.plans.values() for route in cached.routes)
     rows = {r["name"]: r for r in distclip.describe_rows(fsdp)}
     out["pieces"] = {n: r["pieces"] for n, r in rows.items()}
     wrong_weight = [n for n, r in rows.items() if r["weight"] is not None and r["weight"] != r["pieces"] / 4]

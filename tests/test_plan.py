@@ -101,3 +101,44 @@ def test_same_parameters_whose_grads_change_placement_or_marks():
     for rank_results in run_world(_placement_changes, 2):
         for got, ref in rank_results:
             assert abs(got - ref) <= 1e-6 * ref, rank_results
+
+
+def _specs_renewed(rank, world):
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = [full_grad((2 * world, 3), 4), full_grad((6,), 5)]
+    shard = dparam(full[0], mesh, [Shard(0)])
+    summed = dparam(full[1], mesh, [Replicate()])
+    params = [shard, summed]
+    ids = tuple(map(id, params))
+
+    def renew(placement=Shard(0)):
+        # a spec object per grad per call (DTensor.from_local), the same mesh and placements
+        local = full[0].tensor_split(world)[rank] if placement == Shard(0) else full[0]
+        shard.grad = DTensor.from_local(local.clone(), mesh, [placement])
+        summed.grad = DTensor.from_local(full[1] / world, mesh, [Partial()])
+
+    def plan():
+        return next(found for key, found in PLANS.plans.items() if key[1] == ids)
+
+    out = []
+    for _ in range(2):
+        renew()
+        out.append((float(distclip.clip.total_grad_norm(params)), reference_norm(full, 2.0)))
+    built = plan()
+    for p in (2.0, 1.0, math.inf):
+        renew()
+        out.append((float(distclip.clip.total_grad_norm(params, p)), reference_norm(full, p)))
+    held = plan() is built and built.valid  # new spec objects of the same structure: the plan holds
+    renew(Replicate())  # another placement under a new spec: the plan must not hold
+    out.append((float(distclip.clip.total_grad_norm(params)), reference_norm(full, 2.0)))
+    replaced = plan() is not built or not built.valid
+    return out, held, replaced
+
+
+def test_new_spec_objects_of_the_same_structure_keep_the_plan_and_others_do_not():
+    for rank_results, held, replaced in run_world(_specs_renewed, 2):
+        for got, ref in rank_results:
+            assert abs(got - ref) <= 1e-6 * ref, rank_results
+        assert held and replaced
