@@ -6,8 +6,8 @@ distclip from its own worktree (``PYTHONPATH``) and the workloads from this chec
 are the same bytes whatever the commit. The machine's load drifts between worlds, so the numbers to
 read are the per-round ratios' median, not the absolute times.
 
-Per workload and commit a world records the first call (discovery included) and the median of
-``--repeats`` warm calls of ``clip_grad_norm_`` with clipping on (``max_norm`` below the norm).
+Per workload and commit a world records the first call (discovery included), the second (the
+layout plan built) and the median of ``--repeats`` warm calls of ``clip_grad_norm_`` with clipping on (``max_norm`` below the norm).
 
     python benchmarks/compare_commits.py c4fdedc HEAD --layouts plain_sep,dtensor_sep,fsdp2 \\
         --rounds 5 --ranks 2 --out benchmarks/results
@@ -81,20 +81,25 @@ def _rounds(trees: list[tuple[str, Path]], args: argparse.Namespace, workdir: Pa
 def _summarize(trees: list[tuple[str, Path]], rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
     after = args.commits[-1]
     summary: dict[str, dict] = {}
-    print(f"\n{'workload':<22} {'commit':<12} {'first ms':>9} {'warm ms':>9} {'warm ratio (after/this)':>24} {'first ratio':>12}")
+    print(
+        f"\n{'workload':<22} {'commit':<12} {'first ms':>9} {'second ms':>10} {'warm ms':>9} {'warm ratio (after/this)':>24}"
+        f" {'first ratio':>12} {'second ratio':>13}"
+    )
     for key in rounds[0][after]["workloads"]:
         for before in args.commits:
             warm = statistics.median(run[before]["workloads"][key]["warm_ms"] for run in rounds)
             first = statistics.median(run[before]["workloads"][key]["first_ms"] for run in rounds)
-            row = {"warm_ms": warm, "first_ms": first}
+            second = statistics.median(run[before]["workloads"][key]["second_ms"] for run in rounds)
+            row = {"warm_ms": warm, "first_ms": first, "second_ms": second}
             if before != after:
-                for field in ("warm", "first"):
+                for field in ("warm", "first", "second"):
                     ratios = (run[after]["workloads"][key][f"{field}_ms"] / run[before]["workloads"][key][f"{field}_ms"] for run in rounds)
                     row[f"{field}_ratio"] = statistics.median(ratios)
             summary.setdefault(key, {})[before] = row
             ratio = f"{row['warm_ratio']:.3f}" if "warm_ratio" in row else "-"
             fratio = f"{row['first_ratio']:.3f}" if "first_ratio" in row else "-"
-            print(f"{key:<22} {before[:12]:<12} {first:9.2f} {warm:9.3f} {ratio:>24} {fratio:>12}")
+            sratio = f"{row['second_ratio']:.3f}" if "second_ratio" in row else "-"
+            print(f"{key:<22} {before[:12]:<12} {first:9.2f} {second:10.2f} {warm:9.3f} {ratio:>24} {fratio:>12} {sratio:>13}")
     record = {
         "commits": {c: sha for c, (sha, _) in zip(args.commits, trees)},
         "ranks": args.ranks,
@@ -132,8 +137,9 @@ def work(args: argparse.Namespace) -> None:
             distclip.clip_grad_norm_(target, max_norm)
 
         first = slowest_rank([timed_call(call, device)], device)[0]
+        second = slowest_rank([timed_call(call, device)], device)[0]
         warm = slowest_rank([timed_call(call, device) for _ in range(args.repeats)], device)
-        result["workloads"][f"{layout}:{n}"] = {"first_ms": first * 1e3, "warm_ms": statistics.median(warm) * 1e3}
+        result["workloads"][f"{layout}:{n}"] = {"first_ms": first * 1e3, "second_ms": second * 1e3, "warm_ms": statistics.median(warm) * 1e3}
         del w, target, call
     result["hardware"] = env.hardware_info(device, backend, threads)
     if dist.get_rank() == 0:
