@@ -10,7 +10,7 @@ tests that can tell it is stale:
   every plan that names it, through a weakref callback, so a recycled id is never trusted);
 - for each parameter, a grad exactly where there was one, of the same class; for plain grads the
   same dtype and device; for DTensor grads the same ``DTensorSpec`` object (FSDP2 reuses one per
-  parameter) or, failing that, the same mesh, placement types and dtype;
+  parameter) or, failing that, the same mesh, placements, dtype and device;
 - no ``mark_sharded``/``mark_replicated`` made since (a version counter in ``layout.Marks``).
 
 Anything else (grads set to None, parameters added, frozen or re-wrapped, another mesh, dtype or
@@ -23,7 +23,7 @@ from __future__ import annotations
 import operator
 import weakref
 from collections import OrderedDict
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -63,9 +63,9 @@ class LayoutPlan:
         slot_of = {id(members): slot for slot, members in enumerate(layout.groups.values())}
         self.routes: list[Optional[Route]] = layout.routes
         self.slots: list[Optional[int]] = list(map(slot_of.get, map(id, layout.joins)))  # None: no group
-        self.grad_types = [type(p.grad) for p in params]  # NoneType where there is no grad
+        self.grad_types = list(map(type, map(_grad, params)))  # NoneType where there is no grad
         # What a Partial grad's local tensor was (it joins no group) and where FSDP1 runs go, by
-        # parameter index: few parameters, found with one C-level pass over the routes.
+        # parameter index: few parameters, found in one pass over the routes' classes.
         self.extra: dict[int, tuple] = {}
         for index in [i for i, cls in enumerate(map(type, self.routes)) if cls is PartialRoute or cls is FlatRunsRoute]:
             route, grad = self.routes[index], params[index].grad
@@ -198,14 +198,13 @@ def _batches(routes: list[Optional[Route]], slots: list[Optional[int]], keys: li
     if not classes.issubset(_BATCHED) or (FlatShardRoute in classes and any(
             r.padding for r in routes if isinstance(r, FlatShardRoute))):
         return None
-    members: dict[int, list[int]] = {}
-    for i, slot in enumerate(slots):
-        if slot is not None:
-            members.setdefault(slot, []).append(i)
     out = []
-    for slot, idx in members.items():
+    joined: set[Any] = set(slots)
+    joined.discard(None)
+    for slot in sorted(joined):
+        idx = list(compress(range(len(slots)), map(operator.eq, slots, repeat(slot))))  # C-level, once per group
         take = operator.itemgetter(*idx) if len(idx) > 1 else (lambda grads, i=idx[0]: (grads[i],))
-        chosen = take(routes) if len(idx) > 1 else (routes[idx[0]],)
+        chosen = tuple(map(routes.__getitem__, idx))
         dtensors = sum(map(DTensorRoute.__instancecheck__, chosen))
         device, dtype, _ = keys[slot]
         if dtensors == 0:
