@@ -56,7 +56,7 @@ class LayoutPlan:
     mesh and placements, which hash and compare in Python, are read only where a later grad's spec
     is another object), so the call that builds it costs little more than a first call."""
 
-    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache) -> None:
+    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache, key: tuple) -> None:
         layout = local_layout(params, module, stage, routes=True)
         self.kinds = layout.kinds
         self.keys: list[tuple] = list(layout.groups)
@@ -81,7 +81,6 @@ class LayoutPlan:
         self.marks_version = Marks.version
         self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
         self.valid = True
-        key = cache.key(params, stage)
         self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
         self._refs = [weakref.ref(p, self._forget) for p in params]
 
@@ -271,7 +270,7 @@ class PlanCache:
             while len(self.seen) > 4 * self.size:
                 self.seen.popitem(last=False)
             return local_layout(params, module, stage)
-        plan = LayoutPlan(params, module, stage, self)
+        plan = LayoutPlan(params, module, stage, self, key)
         self.plans[key] = plan
         while len(self.plans) > self.size:
             self.drop(next(iter(self.plans)))
