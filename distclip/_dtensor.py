@@ -31,13 +31,18 @@ else:  # pragma: no cover - torch built without distributed
     SHARD_PLACEMENTS = ()
 
 __all__ = [
-    "DTensor", "DeviceMesh", "Partial", "Replicate", "Shard", "SHARD_PLACEMENTS", "spec_of", "local_of", "mesh_ranks",
+    "DTensor", "DeviceMesh", "Partial", "Replicate", "Shard", "SHARD_PLACEMENTS", "spec_of", "specs_of", "local_of", "mesh_ranks",
     "partial_dims", "check_partial_ops", "reducible_partial", "is_sum_dim",
 ]
 
 # ``grad._spec`` and ``grad._local_tensor`` as C-level getters (as fast as the attribute access)
 spec_of: Callable[[Any], Any] = operator.attrgetter("_spec")
 local_of: Callable[[Any], torch.Tensor] = operator.attrgetter("_local_tensor")
+
+
+def specs_of(tensors: list) -> list:
+    """The spec of each DTensor in ``tensors``, None for anything else."""
+    return [spec_of(t) if isinstance(t, DTensor) else None for t in tensors]
 
 MEASURABLE_PARTIAL_OPS = ("sum", "avg")
 

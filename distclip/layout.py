@@ -470,6 +470,7 @@ class LocalLayout:
     # and the list of ``groups`` its local tensor joined (None: no grad, Partial, FSDP1 runs)
     routes: list[Optional[Route]] = field(default_factory=list)
     joins: list[Optional[list[torch.Tensor]]] = field(default_factory=list)
+    grads: list[Optional[torch.Tensor]] = field(default_factory=list)  # and the grads it read
     # from a plan: its remembered coalescing (``local_norms.Coalescer``) of each group that holds
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
     coalescers: Optional[dict] = None
@@ -595,11 +596,9 @@ class MarkedRoute(NamedTuple):
 
 class DTensorRoute(NamedTuple):
     """A DTensor grad that is not ``Partial``: its local tensor is measured, weighted by the mesh
-    dims its placements shard (and by its parameter's marks)."""
+    dims its placements shard (and by its parameter's marks). Grads of one weight share a route
+    (a plan keeps each grad's spec itself)."""
 
-    # The grad's DTensorSpec (FSDP2 reuses one per parameter: a plan compares it by identity); None
-    # where no route is kept (``local_layout`` without ``routes``).
-    spec: Any
     weight: float
 
 
@@ -607,7 +606,6 @@ class PartialRoute(NamedTuple):
     """A ``Partial`` (sum or average) DTensor grad: made whole by one all-reduce over its partial
     mesh dims before it is measured; ``weight`` is that of the reduced value."""
 
-    spec: Any  # as for ``DTensorRoute``
     weight: float
 
 
@@ -696,8 +694,8 @@ class DiscoveryCache:
       group list its local tensor joins (None: ``Partial``). FSDP2 shares a spec between a
       parameter, its grad and the parameters of the same shape.
     - ``dtensor_weights``: (mesh, placement types, dtype) -> route and group list, for grads made
-      with ``DTensor.from_local`` (a spec each): the weight depends only on which mesh dims shard.
-      Without ``routes`` (no one reads them) those grads share that route, naming no spec.
+      with ``DTensor.from_local`` (a spec each): the weight depends only on which mesh dims shard,
+      and those grads share that route.
     - ``flat_routes``: ``id(param)`` -> route of an FSDP1 parameter (``fsdp1``: its ``Fsdp1Piece``).
     - ``marked_routes``: weight -> the route of marked plain grads of that weight (routes are
       values: grads of one weight share one).
@@ -710,10 +708,9 @@ class DiscoveryCache:
     - ``dtype_codes``: the census's code of each dtype.
     """
 
-    def __init__(self, stage: Stage, fsdp1: dict[int, _fsdp1.Fsdp1Piece], routes: bool) -> None:
+    def __init__(self, stage: Stage, fsdp1: dict[int, _fsdp1.Fsdp1Piece]) -> None:
         self.stage = stage
         self.fsdp1 = fsdp1
-        self.routes = routes  # routes are kept (``LocalLayout.routes``)
         self.groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
         self.replica = ReplicaRoute(element_weight(1, stage.size))  # what ``weigh(stage)`` gives
         self.replicas: dict[tuple, list[torch.Tensor]] = {}
@@ -750,15 +747,12 @@ class DiscoveryCache:
         if found is None:
             weight = _dtensor_weight(spec, self, None)
             if check_partial_ops(spec):
-                found = (PartialRoute(None, weight), None)
+                found = (PartialRoute(weight), None)
             else:
-                found = (DTensorRoute(None, weight), self.groups[(grad.device, grad.dtype, weight)])
+                found = (DTensorRoute(weight), self.groups[(grad.device, grad.dtype, weight)])
             self.dtensor_weights[structure] = found
-        route, bucket = found
-        if bucket is None:
+        if found[1] is None:
             check_partial_ops(spec)  # the structure holds placement types only, not a Partial's reduce op
-        if self.routes:  # a route of its own, naming its spec
-            found = (PartialRoute(spec, route.weight) if bucket is None else DTensorRoute(spec, route.weight), bucket)
         self.dtensor_routes[id(spec)] = found
         return found
 
@@ -893,8 +887,8 @@ def classify(
             return found if found is not None else cache.dtensor_route(spec, grad)
         weight = _dtensor_weight(spec, cache, annotation)
         if check_partial_ops(spec):
-            return PartialRoute(spec, weight), None
-        return DTensorRoute(spec, weight), cache.groups[(grad.device, grad.dtype, weight)]
+            return PartialRoute(weight), None
+        return DTensorRoute(weight), cache.groups[(grad.device, grad.dtype, weight)]
     piece = cache.fsdp1.get(id(param)) if cache.fsdp1 else None
     if piece is not None:
         route = cache.flat_route(param, piece, annotation)
@@ -930,8 +924,8 @@ def local_layout(
 
     With ``entries``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
     each local tensor comes from, for per-parameter norms. With ``routes``, ``LocalLayout.routes``
-    holds each parameter's route and ``LocalLayout.joins`` the group list it joined (for a layout
-    plan). With ``grads`` (one tensor per entry of ``params``:
+    holds each parameter's route, ``LocalLayout.joins`` the group list it joined and
+    ``LocalLayout.grads`` the grads read (for a layout plan). With ``grads`` (one tensor per entry of ``params``:
     ``get_total_norm`` measuring the tensors it is given), those are measured instead of
     ``params[i].grad``.
     """
@@ -941,7 +935,7 @@ def local_layout(
         grads = list(map(_grad_of, params))
     if not stage.distributed:
         return _undistributed_layout(grads, entries, routes)
-    cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {}, routes)
+    cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {})
     annotations: list[Optional[Annotation]] = list(map(dict.get, map(_dict_of, params), repeat(_ANNOTATION_ATTR)))
     layout = LocalLayout(cache.groups, fingerprint(params, annotations, cache))
     partial, entry_list = layout.partial, layout.entries
@@ -980,6 +974,8 @@ def local_layout(
             route_list[index] = route
             joins[index] = bucket
     layout.routes, layout.joins = route_list, joins
+    if routes:
+        layout.grads = list(grads)
     return layout
 
 
@@ -998,7 +994,7 @@ def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool
             if routes:
                 route_list[i] = _UNDISTRIBUTED
                 joins[i] = bucket
-    return LocalLayout(groups, entries=entry_list, routes=route_list, joins=joins)
+    return LocalLayout(groups, entries=entry_list, routes=route_list, joins=joins, grads=list(grads) if routes else [])
 
 
 _grad_of = operator.attrgetter("grad")

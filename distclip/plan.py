@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from distclip._dtensor import DTensor, local_of, spec_of
+from distclip._dtensor import DTensor, local_of, spec_of, specs_of
 from distclip.layout import (
     DTensorRoute,
     FlatRunsRoute,
@@ -49,12 +49,13 @@ from distclip.local_norms import Coalescer, may_be_views
 class LayoutPlan:
     """One parameter list's layout, kept from the discovery that built it: per parameter its route
     (``layout.Route``: how its local tensor is found, what it weighs), the group it joins (its
-    index in ``keys``, whose (device, dtype) its grad must still have) and its grad's class; plus
-    the agreement kinds (computed once per plan, not per call).
+    index in ``keys``, whose (device, dtype) its grad must still have), its grad's class and, for
+    a DTensor grad, its spec; plus the agreement kinds (computed once per plan, not per call).
 
-    Building a plan adds no Python per parameter to the discovery it comes from (a DTensor grad's
-    mesh and placements, which hash and compare in Python, are read only where a later grad's spec
-    is another object), so the call that builds it costs little more than a first call."""
+    Building a plan adds only C-level passes to the discovery it comes from (and one short
+    comprehension for DTensor grads' specs; a DTensor grad's mesh and placements, which hash and
+    compare in Python, are read only where a later grad's spec is another object), so the call
+    that builds it costs little more than a first call."""
 
     def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache, key: tuple) -> None:
         layout = local_layout(params, module, stage, routes=True)
@@ -63,12 +64,19 @@ class LayoutPlan:
         slot_of = {id(members): slot for slot, members in enumerate(layout.groups.values())}
         self.routes: list[Optional[Route]] = layout.routes
         self.slots: list[Optional[int]] = list(map(slot_of.get, map(id, layout.joins)))  # None: no group
-        self.grad_types = list(map(type, map(_grad, params)))  # NoneType where there is no grad
+        grads = layout.grads
+        self.grad_types = list(map(type, grads))  # NoneType where there is no grad
+        classes = set(map(type, self.routes))
+        # The spec of each DTensor grad (None elsewhere): FSDP2 keeps one per parameter, so a
+        # later grad's spec is compared by identity first.
+        self.specs: list = specs_of(grads) if DTensorRoute in classes or PartialRoute in classes else []
         # What a Partial grad's local tensor was (it joins no group) and where FSDP1 runs go, by
         # parameter index: few parameters, found in one pass over the routes' classes.
         self.extra: dict[int, tuple] = {}
-        for index in [i for i, cls in enumerate(map(type, self.routes)) if cls is PartialRoute or cls is FlatRunsRoute]:
-            route, grad = self.routes[index], params[index].grad
+        rare = [i for i, cls in enumerate(map(type, self.routes)) if cls is PartialRoute or cls is FlatRunsRoute] if (
+            PartialRoute in classes or FlatRunsRoute in classes) else []
+        for index in rare:
+            route, grad = self.routes[index], grads[index]
             assert grad is not None  # it has a route
             if isinstance(route, PartialRoute):
                 self.extra[index] = (local_of(grad).device, grad.dtype)
@@ -76,13 +84,13 @@ class LayoutPlan:
                 assert isinstance(route, FlatRunsRoute)
                 slot = self.keys.index
                 self.extra[index] = tuple((slot((grad.device, grad.dtype, weight)), start, stop) for start, stop, weight in route.runs)
-        self.batches = _batches(self.routes, self.slots, self.keys)
+        self.batches = _batches(self.routes, classes, self.slots, self.keys, self.specs)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
         self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
         self.valid = True
         self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
-        self._refs = [weakref.ref(p, self._forget) for p in params]
+        self._refs = list(map(weakref.ref, params, repeat(self._forget)))
 
     def with_coalescers(self, layout: LocalLayout) -> LocalLayout:
         """``layout`` given the plan's :class:`~distclip.local_norms.Coalescer` of each group that
@@ -134,7 +142,7 @@ class LayoutPlan:
     def _apply_each(self, grads: list) -> Optional[LocalLayout]:
         """The plan checked parameter by parameter (any route, and DTensor specs by structure);
         ``grads`` are of the plan's classes (``apply`` checked)."""
-        keys, extra = self.keys, self.extra
+        keys, extra, specs = self.keys, self.extra, self.specs
         lists: list[list[torch.Tensor]] = [[] for _ in keys]
         partial: list[tuple[DTensor, float]] = []
         routes: list[Any] = self.routes  # told apart by class below, which mypy does not follow
@@ -144,15 +152,15 @@ class LayoutPlan:
                 continue
             kind = route.__class__
             if kind is DTensorRoute:
-                spec = spec_of(grad)
+                spec, old = spec_of(grad), specs[index]
                 device, dtype, _ = keys[slot]
-                if spec is not route.spec and _structure(spec, grad) != _structure_of(route.spec, dtype, device):
+                if spec is not old and _structure(spec, grad) != _structure_of(old, dtype, device):
                     return None
                 lists[slot].append(local_of(grad))
             elif kind is PartialRoute:
-                spec = spec_of(grad)
+                spec, old = spec_of(grad), specs[index]
                 device, dtype = extra[index]
-                if spec is not route.spec and _structure(spec, grad) != _structure_of(route.spec, dtype, device):
+                if spec is not old and _structure(spec, grad) != _structure_of(old, dtype, device):
                     return None
                 partial.append((grad, route.weight))  # a DTensor, as checked
             elif kind is FlatRunsRoute:
@@ -173,7 +181,6 @@ class LayoutPlan:
 _grad = operator.attrgetter("grad")
 _dtype = operator.attrgetter("dtype")
 _get_device = torch.Tensor.get_device
-_spec = operator.attrgetter("spec")
 
 
 class _Batch(NamedTuple):
@@ -190,10 +197,12 @@ class _Batch(NamedTuple):
 _BATCHED = (ReplicaRoute, MarkedRoute, DTensorRoute, FlatShardRoute, type(None))
 
 
-def _batches(routes: list[Optional[Route]], slots: list[Optional[int]], keys: list[tuple]) -> Optional[list[_Batch]]:
+def _batches(
+    routes: list[Optional[Route]], classes: set[type], slots: list[Optional[int]], keys: list[tuple], specs: list
+) -> Optional[list[_Batch]]:
     """Batches for ``LayoutPlan._apply_batches``, or None where that path does not apply (Partial
-    grads, padded FSDP1 shards or FSDP1-over-TP runs, or plain and DTensor grads in one group)."""
-    classes = set(map(type, routes))
+    grads, padded FSDP1 shards or FSDP1-over-TP runs, or plain and DTensor grads in one group).
+    ``classes``: those of ``routes``; ``specs``: each grad's spec where it is a DTensor."""
     if not classes.issubset(_BATCHED) or (FlatShardRoute in classes and any(
             r.padding for r in routes if isinstance(r, FlatShardRoute))):
         return None
@@ -209,7 +218,7 @@ def _batches(routes: list[Optional[Route]], slots: list[Optional[int]], keys: li
         if dtensors == 0:
             out.append(_Batch(slot, take, dtype, device, _index(device), None))
         elif dtensors == len(idx):
-            out.append(_Batch(slot, take, dtype, device, _index(device), tuple(map(_spec, chosen))))
+            out.append(_Batch(slot, take, dtype, device, _index(device), tuple(take(specs))))
         else:
             return None
     return out
