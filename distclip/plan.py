@@ -71,19 +71,17 @@ class LayoutPlan:
         # later grad's spec is compared by identity first.
         self.specs: list = specs_of(grads) if DTensorRoute in classes or PartialRoute in classes else []
         # What a Partial grad's local tensor was (it joins no group) and where FSDP1 runs go, by
-        # parameter index: few parameters, found in one pass over the routes' classes.
+        # parameter index (looked for only where the routes' classes say there are some).
         self.extra: dict[int, tuple] = {}
-        rare = [i for i, cls in enumerate(map(type, self.routes)) if cls is PartialRoute or cls is FlatRunsRoute] if (
-            PartialRoute in classes or FlatRunsRoute in classes) else []
-        for index in rare:
-            route, grad = self.routes[index], grads[index]
-            assert grad is not None  # it has a route
-            if isinstance(route, PartialRoute):
-                self.extra[index] = (local_of(grad).device, grad.dtype)
-            else:
-                assert isinstance(route, FlatRunsRoute)
-                slot = self.keys.index
-                self.extra[index] = tuple((slot((grad.device, grad.dtype, weight)), start, stop) for start, stop, weight in route.runs)
+        if PartialRoute in classes or FlatRunsRoute in classes:
+            slot = self.keys.index
+            for index, (route, grad) in enumerate(zip(self.routes, grads)):
+                if isinstance(route, PartialRoute):
+                    assert grad is not None  # it has a route
+                    self.extra[index] = (local_of(grad).device, grad.dtype)
+                elif isinstance(route, FlatRunsRoute):
+                    assert grad is not None
+                    self.extra[index] = tuple((slot((grad.device, grad.dtype, weight)), start, stop) for start, stop, weight in route.runs)
         self.batches = _batches(self.routes, classes, self.slots, self.keys, self.specs)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
         self.marks_version = Marks.version
