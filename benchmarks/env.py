@@ -56,8 +56,7 @@ def shutdown() -> None:
 
     Leaving through ``os._exit`` is on purpose. With gloo, tearing down the interpreter after
     ``destroy_process_group`` occasionally aborts a rank (``terminate called without an active
-    exception``, SIGABRT) once its results are written: seen about once in 20 runs of
-    ``bench_grad_norms.py`` on 2 CPU ranks, and it failed CI's benchmark smoke test
+    exception``, SIGABRT) once its results are written; it failed CI's benchmark smoke test
     (pytorch/pytorch#179291 describes the cause: gloo's worker threads still holding work while the
     interpreter finalizes). A benchmark has nothing left to do here: output is flushed first, and
     the exit code is 0 only after the barrier and the destroy both returned."""
