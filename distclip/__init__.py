@@ -12,7 +12,8 @@ from distclip.agreement import LayoutMismatchError
 from distclip.audit import AuditReport, audit
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from distclip.guard import GradGuard, GuardOutput
-from distclip.layout import GroupLike, ParamsLike, mark_replicated, mark_sharded
+from distclip.layout import ParamsLike
+from distclip.marks import GroupLike, mark_replicated, mark_sharded
 from distclip.norms import describe, describe_rows, grad_norms
 from distclip.rank_errors import RankInputError
 

@@ -43,6 +43,7 @@ class Fsdp1Piece(NamedTuple):
     runs: Optional[tuple[Run, ...]] = None
     segment_pieces: tuple[int, ...] = ()  # with runs: every segment's pieces, alike on every rank
     tp_ranks: tuple[frozenset[int], ...] = ()  # global ranks of each TP mesh involved (for the stage check)
+    shard_group: Optional[object] = None  # FSDP1's shard group when it shards (a ProcessGroup: ranks read only for a mark)
 
 
 def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
@@ -62,26 +63,29 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
     found: dict[int, Fsdp1Piece] = {}
     for handle in _handles(module, FullyShardedDataParallel):
         flat_param = handle.flat_param
-        pieces = handle.process_group.size() if handle.uses_sharded_strategy else 1
+        sharded = handle.uses_sharded_strategy
+        pieces = handle.process_group.size() if sharded else 1
+        group = handle.process_group if sharded else None
         tp = _tp_of(flat_param) if getattr(handle, "_fsdp_extension", None) is not None else None
         if handle._use_orig_params:
             if tp is None:
+                piece = Fsdp1Piece(pieces, 0, shard_group=group)
                 for param in flat_param._params or ():
-                    found[id(param)] = Fsdp1Piece(pieces, 0)
+                    found[id(param)] = piece
             else:
                 for param, (tp_count, ranks) in zip(flat_param._params or (), tp):
-                    found[id(param)] = Fsdp1Piece(pieces * tp_count, 0, None, (), () if ranks is None else (ranks,))
+                    found[id(param)] = Fsdp1Piece(pieces * tp_count, 0, None, (), () if ranks is None else (ranks,), group)
         elif tp is None:
-            found[id(flat_param)] = Fsdp1Piece(pieces, int(flat_param._shard_numel_padded))
+            found[id(flat_param)] = Fsdp1Piece(pieces, int(flat_param._shard_numel_padded), shard_group=group)
         else:
             per_segment = tuple(pieces * tp_count for tp_count, _ in tp)
             meshes = tuple(dict.fromkeys(ranks for _, ranks in tp if ranks is not None))
             padding = int(flat_param._shard_numel_padded)
             if len(set(per_segment)) == 1:  # every segment alike: one weight, as without TP
-                found[id(flat_param)] = Fsdp1Piece(per_segment[0], padding, None, (), meshes)
+                found[id(flat_param)] = Fsdp1Piece(per_segment[0], padding, None, (), meshes, group)
             else:
                 runs = _runs(cast("FlatParameter", flat_param), per_segment)
-                found[id(flat_param)] = Fsdp1Piece(pieces, padding, runs, per_segment, meshes)
+                found[id(flat_param)] = Fsdp1Piece(pieces, padding, runs, per_segment, meshes, group)
     return found
 
 
@@ -300,15 +304,16 @@ def flat_segments(flat_param: torch.Tensor) -> list[FlatSegment]:
 
 
 class LiveFlatParameters:
-    """The FSDP1 FlatParameters alive in this process, held weakly, so that ``get_total_norm`` can
-    refuse a flat gradient passed without its module (its sharding group is not on the tensor).
+    """The FSDP1 modules (each holds a ``FlatParamHandle``) alive in this process, held weakly (modules,
+    never the parameters: a weakref on a tensor makes ``torch.utils.swap_tensors`` refuse it), so
+    that ``get_total_norm`` can refuse a flat gradient passed without its module (its sharding group
+    is not on the tensor).
 
-    FSDP1 keeps no registry of its instances, so the FlatParameters are found with one pass over
-    the garbage collector's objects, once per distinct list of tensors measured (a new model means a
-    new list), and from every FSDP1 module distclip is given.
+    FSDP1 keeps no registry of its instances, so they are found with one pass over the garbage
+    collector's objects, once per distinct list of tensors measured (a new model means a new list).
     """
 
-    params: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()  # by id (tensors compare element-wise)
+    holders: ClassVar[weakref.WeakSet] = weakref.WeakSet()
     scanned: ClassVar[set[tuple]] = set()
 
     @classmethod
@@ -322,10 +327,14 @@ class LiveFlatParameters:
                 cls.scanned.clear()
             cls.scanned.add(signature)
             # ``type()``, not ``isinstance``: some module-level objects warn when their ``__class__`` is read
-            cls.params.update((id(o), o) for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and is_flat_parameter(o))
+            for o in gc.get_objects():
+                if issubclass(type(o), nn.Module) and o.__dict__.get("_handle") is not None:
+                    cls.holders.add(o)
         out = []
-        for flat in list(cls.params.values()):
-            grad = flat.grad
+        for holder in list(cls.holders):
+            handle = holder.__dict__.get("_handle")
+            flat = getattr(handle, "flat_param", None)
+            grad = flat.grad if flat is not None else None
             if grad is not None and grad.numel():
                 out.append((grad.data_ptr(), grad.data_ptr() + grad.numel() * grad.element_size()))
         return out

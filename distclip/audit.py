@@ -31,7 +31,7 @@ import torch.distributed as dist
 from distclip import exchange, rank_errors
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
-from distclip.layout import _ANNOTATION_ATTR, GroupLike, Stage, current_stage
+from distclip.layout import GroupLike, Stage, current_stage
 from distclip.norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of
 from distclip.reduce import reduction_device
 
@@ -154,7 +154,7 @@ def audit(
         tied_seen: dict[int, int] = defaultdict(int)
         tied_key: dict[tuple, tuple] = {}
         for param, pnames in zip(local.params, local.param_names):
-            annotation = param.__dict__.get(_ANNOTATION_ATTR)
+            annotation = local.annotation(param)
             if annotation is not None and annotation.replicated_over is not None:
                 # the k-th tied tensor of every rank is one tensor: its copies on the other stages and
                 # on the other data-parallel replicas (each with its own group) are all copies
@@ -164,7 +164,7 @@ def audit(
                     tied_seen[size] += 1
         records: list[Record] = []
         for u in local.units:
-            annotation = u.param.__dict__.get(_ANNOTATION_ATTR)
+            annotation = local.annotation(u.param)
             marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
             key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
             piece: tuple

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distclip import agreement, rank_errors
+from distclip import agreement, marks, rank_errors
 from distclip._dtensor import DTensor, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
 from distclip._torch import phase
 from distclip.gc_pause import paused as gc_paused
@@ -32,7 +32,6 @@ from distclip.host_reads import host_reads_allowed
 from distclip.layout import (
     GroupLike,
     LocalLayout,
-    LostMarks,
     ParamsLike,
     Stage,
     as_param_list,
@@ -140,10 +139,9 @@ def _prepare(
         checked_max = _check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
         p = _check_norm_type(norm_type)
         stage = current_stage(pp_group, group)
-        LostMarks.raise_if_any()
         if given and module is None:
             if stage.distributed:
-                reject_unknown_layouts(params)
+                reject_unknown_layouts(params, marks.table(params, None))
             layout = local_layout(params, None, stage, grads=params)
         else:
             layout = PLANS.layout(params, module, stage)

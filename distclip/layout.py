@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Any, ClassVar, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from distclip import _fsdp1
+from distclip import _fsdp1, marks
 from distclip._dtensor import (  # DTensor, DeviceMesh: re-exported
     SHARD_PLACEMENTS,
     DeviceMesh,
@@ -42,12 +41,10 @@ from distclip._dtensor import (  # DTensor, DeviceMesh: re-exported
     mesh_ranks,
     spec_of,
 )
-from distclip._torch import WRAPPER_TAGS
+from distclip.marks import Annotation, GroupLike, as_process_group, group_info, table  # noqa: F401  # re-exported
 
-GroupLike = Union["dist.ProcessGroup", "DeviceMesh"]
 ParamsLike = Union[torch.Tensor, Iterable[torch.Tensor], nn.Module]
 
-_ANNOTATION_ATTR = "_distclip_annotation"
 _MASK = (1 << 61) - 1
 
 
@@ -91,270 +88,15 @@ def element_weight(pieces: int, stage_size: int, stage_copies: int = 1) -> float
     return pieces / (stage_size * stage_copies)
 
 
-@dataclass(frozen=True)
-class GroupInfo:
-    """A process group as the layout needs it: its member ranks (global), fixed when it is named."""
-
-    group: dist.ProcessGroup = field(compare=False, hash=False, repr=False)
-    ranks: frozenset[int] = frozenset()
-
-    @property
-    def size(self) -> int:
-        return len(self.ranks)
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """What ``mark_sharded`` / ``mark_replicated`` recorded on a parameter.
-
-    ``sharded_over`` holds every group the tensor is split over (an expert split over an
-    expert-parallel *and* a tensor-parallel group is in ``ep * tp`` pieces); marking with the same
-    group twice changes nothing.
-    """
-
-    sharded_over: tuple[GroupInfo, ...] = ()
-    replicated_over: Optional[GroupInfo] = None
-
-    @property
-    def pieces(self) -> int:
-        return math.prod(g.size for g in self.sharded_over)
-
-
-def as_process_group(group: object, what: str) -> dist.ProcessGroup:
-    """Accept a ProcessGroup or a 1-D DeviceMesh; raise TypeError for anything else."""
-    if dist.is_available():
-        if isinstance(group, DeviceMesh):
-            if group.ndim != 1:
-                raise TypeError(f"{what} must be a ProcessGroup or a 1-D DeviceMesh, got a {group.ndim}-D DeviceMesh")
-            return group.get_group()
-        if isinstance(group, dist.ProcessGroup):
-            return group
-    raise TypeError(f"{what} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got {type(group).__name__}")
-
-
-def group_info(group: object, what: str) -> GroupInfo:
-    pg = as_process_group(group, what)
-    return GroupInfo(pg, frozenset(dist.get_process_group_ranks(pg)))
-
-
-class Marks:
-    """The marks made in this process.
-
-    ``version`` counts marks: a cached layout plan (``plan``) made before a new
-    ``mark_sharded``/``mark_replicated`` (or before a module mark reached a new parameter) is not
-    trusted after it. ``params`` holds (weakly) every parameter that carries a mark, so that
-    ``get_total_norm`` can refuse a gradient of one passed without its parameter, whose layout
-    the tensor alone does not show.
-    """
-
-    version = 0
-    # by id: a WeakSet would compare tensors with ``==`` (element-wise)
-    params: ClassVar[weakref.WeakValueDictionary] = weakref.WeakValueDictionary()
-
-
-def _merged(current: Annotation, mark: Annotation) -> Annotation:
-    """``current`` with the groups of ``mark`` added (the same group twice counts once)."""
-    sharded = current.sharded_over + tuple(g for g in mark.sharded_over if g not in current.sharded_over)
-    return Annotation(sharded, mark.replicated_over if mark.replicated_over is not None else current.replicated_over)
-
-
-@dataclass
-class SlotMark:
-    """A ``mark_sharded(module, ...)``/``mark_replicated(module, ...)``: applies to every parameter
-    under ``module``, found by name at every layout discovery, so it follows the parameter *slot*
-    through whatever replaces the parameter objects (``fully_shard``, ``load_state_dict(assign=True)``,
-    ``to_empty``, re-wrapping)."""
-
-    annotation: Annotation
-    names: frozenset[str]  # the parameter names under the module when it was marked
-
-
-class SlotMarks:
-    """Module marks, held weakly by module (a freed model takes its marks with it)."""
-
-    modules: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def add(cls, module: nn.Module, mark: Annotation) -> None:
-        # a module may hold no parameter on this rank (an expert container on a rank with no experts)
-        names = frozenset(_unwrapped(name) for name, _ in module.named_parameters())
-        found = cls.modules.get(module)
-        annotation = _merged(found.annotation, mark) if found is not None else mark
-        cls.modules[module] = SlotMark(annotation, names | (found.names if found is not None else frozenset()))
-        Marks.version += 1
-        cls.apply()
-
-    @classmethod
-    def apply(cls) -> None:
-        """Put every module mark on the parameters now under its module (cheap when nothing changed:
-        one pass over the parameters of the marked modules). A marked parameter name that is no
-        longer a parameter but a plain tensor attribute was flattened into an FSDP1 FlatParameter
-        (``use_orig_params=False``): that mark is lost and reported at the call."""
-        if not cls.modules:
-            return
-        for module, mark in list(cls.modules.items()):
-            present: set[str] = set()
-            for name, p in module.named_parameters():
-                present.add(name)
-                current: Annotation = p.__dict__.get(_ANNOTATION_ATTR) or Annotation()
-                merged = _merged(current, mark.annotation)
-                if merged != current:
-                    setattr(p, _ANNOTATION_ATTR, merged)
-                    Marks.params[id(p)] = p
-                    Marks.version += 1
-            missing = mark.names - {_unwrapped(name) for name in present}
-            if missing:
-                LostMarks.found.extend(
-                    f"parameter {name!r} of a marked {type(module).__name__} is no longer a parameter (flattened by FSDP1 "
-                    "without use_orig_params?)" for name in sorted(missing)
-                )
-                mark.names = mark.names - missing
-
-
-def _unwrapped(name: str) -> str:
-    """A parameter name without the prefixes wrappers insert between modules (FSDP1, activation
-    checkpointing, ``torch.compile``), so a module mark matches its parameters after wrapping."""
-    if "_" in name:
-        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
-            name = name.replace(wrapper, "")
-    return name
-
-
-class LostMarks:
-    """Marks on parameter *objects* that were lost when the object was replaced, reported at the
-    next call.
-
-    ``fully_shard`` (and FSDP1 without ``use_orig_params``) replaces every parameter by a new one,
-    and so do ``load_state_dict(assign=True)`` and ``to_empty`` for parameters on the meta device:
-    a ``mark_sharded`` made on the old object would vanish and the norm would be silently wrong
-    (4.0 instead of sqrt(32) for a Megatron-TP weight under FSDP2). A marked plain parameter gets a
-    finalizer that holds only its ``__dict__``; its death is a lost mark when a wrapper tagged it
-    after the mark (``_torch.WRAPPER_TAGS``: FSDP2 and FSDP1 each set one) and it was never
-    seen kept by FSDP1 (``use_orig_params=True`` keeps it), or when it was a meta-device parameter.
-    A model that is simply freed (marked after wrapping, or kept by its wrapper) reports nothing.
-    Module marks (``mark_sharded(module, group)``) follow the slot and are never lost this way.
-    """
-
-    found: ClassVar[list[str]] = []
-
-    @classmethod
-    def watch(cls, param: torch.Tensor) -> None:
-        attrs = param.__dict__
-        if not attrs.get("_distclip_watched"):
-            attrs["_distclip_watched"] = True
-            attrs["_distclip_tags_at_mark"] = frozenset(tag for tag in WRAPPER_TAGS if tag in attrs)
-            finalizer = weakref.finalize(param, cls._on_death, attrs, tuple(param.shape), param.device.type == "meta")
-            finalizer.atexit = False
-
-    @staticmethod
-    def kept(param: torch.Tensor) -> None:
-        """``param`` was seen alive inside its wrapper (FSDP1 ``use_orig_params=True``): its death
-        later is the model being freed, not a mark lost."""
-        param.__dict__["_distclip_kept"] = True
-
-    @classmethod
-    def _on_death(cls, attrs: dict, shape: tuple, was_meta: bool) -> None:
-        annotation = attrs.get(_ANNOTATION_ATTR)
-        if annotation is None:
-            return
-        tagged_after = any(tag in attrs for tag in WRAPPER_TAGS if tag not in attrs.get("_distclip_tags_at_mark", ()))
-        if (tagged_after and not attrs.get("_distclip_kept")) or was_meta:
-            what = "mark_sharded" if annotation.sharded_over else "mark_replicated"
-            how = "on the meta device, then replaced (load_state_dict(assign=True) or to_empty)" if was_meta else "then re-wrapped"
-            cls.found.append(f"a parameter of shape {list(shape)} marked with {what} {how}")
-
-    @classmethod
-    def raise_if_any(cls) -> None:
-        if cls.found:
-            lost, cls.found[:] = list(cls.found), []
-            raise ValueError(
-                "distclip: marked parameters were replaced, which drops their marks (re-wrapped by fully_shard or "
-                "FSDP1 without use_orig_params, or loaded with load_state_dict(assign=True)/to_empty from the meta "
-                f"device): {'; '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}. Mark the module that holds them "
-                "(mark_sharded(module, group) follows its parameters by name through any replacement), or mark the "
-                "parameters after wrapping or loading, so their extra sharding is counted"
-            )
-
-
-def _annotate(target: object, fn: str, group: object, field_name: str) -> None:
-    if not isinstance(target, (torch.Tensor, nn.Module)):
-        raise TypeError(f"distclip.{fn}: expected a torch.Tensor parameter or an nn.Module, got {type(target).__name__}")
-    info = group_info(group, f"distclip.{fn}: group")
-    if dist.get_rank(info.group) < 0:
-        raise ValueError(f"distclip.{fn}: this rank ({dist.get_rank()}) is not a member of the given group")
-    mark = Annotation((info,), None) if field_name == "sharded_over" else Annotation((), info)
-    if isinstance(target, nn.Module):
-        SlotMarks.add(target, mark)
-        return
-    current: Annotation = getattr(target, _ANNOTATION_ATTR, Annotation())
-    new = _merged(current, mark)
-    if new == current:  # the same group twice: idempotent
-        return
-    setattr(target, _ANNOTATION_ATTR, new)
-    Marks.params[id(target)] = target
-    Marks.version += 1
-    if not isinstance(target, DTensor):
-        LostMarks.watch(target)
-
-
-def mark_sharded(param: Union[torch.Tensor, nn.Module], group: GroupLike) -> Union[torch.Tensor, nn.Module]:
-    """Declare that ``param``'s local gradient is one disjoint piece of a tensor split over ``group``.
-
-    Use it for Megatron-style tensor-parallel weights, MoE experts spread over an expert-parallel
-    group (a rank may hold any number of experts, including none), or ZeRO-style flat partitions.
-    Copies of the same piece on other ranks of the pipeline stage (data-parallel replicas) are
-    counted once. Marks compose: a tensor marked over an expert-parallel group and a
-    tensor-parallel group is in ``ep * tp`` pieces; the same group twice counts once. On a DTensor
-    parameter the mark adds to what its placements show.
-
-    Given a module, the mark applies to every parameter under it and is remembered by module and
-    parameter name: it holds for whatever parameter objects the module holds at each call, so it
-    survives ``fully_shard``, ``load_state_dict(assign=True)``, ``to_empty`` and re-wrapping (mark
-    the experts of a meta-initialised model before loading it). A mark on a parameter object is
-    lost when the object is replaced; that is reported (``ValueError``) at the next call.
-
-    Args:
-        param (Tensor or nn.Module): a parameter (plain tensor or DTensor), or a module whose
-            parameters are all marked.
-        group (ProcessGroup or DeviceMesh): the ranks that together hold the whole tensor; this
-            rank must be a member.
-
-    Returns:
-        ``param``, annotated in place.
-    """
-    _annotate(param, "mark_sharded", group, "sharded_over")
-    return param
-
-
-def mark_replicated(param: Union[torch.Tensor, nn.Module], group: GroupLike) -> Union[torch.Tensor, nn.Module]:
-    """Declare that ``param``'s gradient is identical on every rank of ``group``; count it once.
-
-    Use it for a weight tied across pipeline stages (an input embedding on the first stage and
-    the output head on the last): ``group`` holds the ranks with the copies, e.g. Megatron's
-    embedding group. Within a stage, plain tensors are already counted once. Works on DTensor
-    parameters too (FSDP2 on each stage: mark after ``fully_shard``, or mark the module), and on
-    modules (every parameter under it, by name, as :func:`mark_sharded`).
-
-    Args:
-        param (Tensor or nn.Module): a parameter (plain tensor or DTensor), or a module.
-        group (ProcessGroup or DeviceMesh): ranks holding identical copies; this rank must be a member.
-
-    Returns:
-        ``param``, annotated in place.
-    """
-    _annotate(param, "mark_replicated", group, "replicated_over")
-    return param
-
-
-def reject_unknown_layouts(tensors: list[torch.Tensor]) -> None:
+def reject_unknown_layouts(tensors: list[torch.Tensor], marked_here: dict[int, Annotation]) -> None:
     """``get_total_norm`` measures the tensors it is given, with the layout the tensors themselves
     show (DTensor placements; a plain tensor is replicated across the stage). Some plain tensors
     are pieces whose layout only their parameter knows: the gradient (or a view of it) of a
     parameter marked with ``mark_sharded``/``mark_replicated``, or of an FSDP1 FlatParameter.
     Counting those as replicas would be silently wrong, so they are refused (before any
     collective; every rank raises together through ``rank_errors``). A tensor that carries a mark
-    itself is counted by its mark."""
-    marked = [p for p in list(Marks.params.values()) if p.grad is not None]
+    itself is counted by its mark (``marked_here``: the marks of ``tensors``)."""
+    marked = [p for p in marks.marked_parameters() if p.grad is not None]
     flat = _fsdp1.flat_grad_ranges(tensors)
     if not marked and not flat:
         return
@@ -362,12 +104,13 @@ def reject_unknown_layouts(tensors: list[torch.Tensor]) -> None:
     views: set[tuple[int, int]] = set()
     for p in marked:
         g = p.grad
+        assert g is not None  # ``marked`` holds parameters with a grad
         local = local_of(g) if isinstance(g, DTensor) else g
         ids.update((id(g), id(local)))
         if local.numel():
             views.add((local.data_ptr(), local.numel()))
     for t in tensors:
-        if _ANNOTATION_ATTR in t.__dict__:
+        if id(t) in marked_here:
             continue
         local = local_of(t) if isinstance(t, DTensor) else t
         if id(t) in ids or id(local) in ids or (local.numel() and (local.data_ptr(), local.numel()) in views):
@@ -474,6 +217,7 @@ class LocalLayout:
     # from a plan: its remembered coalescing (``local_norms.Coalescer``) of each group that holds
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
     coalescers: Optional[dict] = None
+    marks: dict[int, Annotation] = field(default_factory=dict)  # the parameters' marks, by id (``marks.table``)
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -792,14 +536,31 @@ def _dtensor_weight(spec: Any, cache: DiscoveryCache, annotation: Optional[Annot
 
 def _flat_route(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, annotation: Optional[Annotation], stage: Stage) -> Route:
     """An FSDP1 parameter's route: its shard, or under FSDP1 over TP with runs one weight per run."""
-    if annotation is not None:  # kept inside its wrapper (use_orig_params=True): its death is a free
-        LostMarks.kept(param)
+    if annotation is not None and annotation.sharded_over:
+        _check_not_fsdp1_group(annotation, piece)
     # FSDP1 over TP: the TP meshes too lie inside the stage
     meshes = tuple((ranks, "a DTensor (tensor-parallel) mesh inside FSDP1") for ranks in piece.tp_ranks) if piece.tp_ranks else ()
     if piece.runs is None:
         return FlatShardRoute(weigh(stage, piece.pieces, annotation, meshes), piece.trailing_padding)
     how = " (FSDP1 shards x tensor-parallel pieces)"
     return FlatRunsRoute(tuple((start, stop, weigh(stage, pieces, annotation, meshes, how=how)) for start, stop, pieces in piece.runs))
+
+
+def _check_not_fsdp1_group(annotation: Annotation, piece: _fsdp1.Fsdp1Piece) -> None:
+    """A ``mark_sharded`` on a parameter FSDP1 shards may only add a sharding FSDP1 does not do
+    (e.g. Megatron-TP pieces flattened by FSDP1): a mark group that shares ranks other than this
+    one with FSDP1's own shard group would count FSDP1's sharding twice."""
+    if piece.shard_group is None:
+        return
+    fsdp_ranks = frozenset(dist.get_process_group_ranks(cast(dist.ProcessGroup, piece.shard_group)))
+    me = dist.get_rank()
+    for info in annotation.sharded_over:
+        if (info.ranks & fsdp_ranks) - {me}:
+            raise ValueError(
+                f"distclip: mark_sharded over ranks {sorted(info.ranks)} on a parameter that FSDP1 already shards over "
+                f"ranks {sorted(fsdp_ranks)}: FSDP1's own sharding is counted from FSDP1 itself, so this mark would "
+                "count it twice. Mark only a sharding FSDP1 does not do (e.g. the tensor-parallel group of a "
+                "Megatron-TP weight), or remove the mark")
 
 
 def _reject_bare_flat_parameter() -> None:
@@ -929,15 +690,14 @@ def local_layout(
     ``get_total_norm`` measuring the tensors it is given), those are measured instead of
     ``params[i].grad``.
     """
-    SlotMarks.apply()
-    LostMarks.raise_if_any()
     if grads is None:
         grads = list(map(_grad_of, params))
-    if not stage.distributed:
+    if not stage.distributed:  # no process group, so no mark
         return _undistributed_layout(grads, entries, routes)
+    marked = table(params, module)
     cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {})
-    annotations: list[Optional[Annotation]] = list(map(dict.get, map(_dict_of, params), repeat(_ANNOTATION_ATTR)))
-    layout = LocalLayout(cache.groups, fingerprint(params, annotations, cache))
+    annotations: list[Optional[Annotation]] = list(map(marked.get, map(id, params))) if marked else [None] * len(params)
+    layout = LocalLayout(cache.groups, fingerprint(params, annotations, cache), marks=marked)
     partial, entry_list = layout.partial, layout.entries
     route_list: list[Optional[Route]] = [None] * len(params) if routes else []
     joins: list[Optional[list[torch.Tensor]]] = [None] * len(params) if routes else []
@@ -998,4 +758,3 @@ def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool
 
 
 _grad_of = operator.attrgetter("grad")
-_dict_of = operator.attrgetter("__dict__")

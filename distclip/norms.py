@@ -33,7 +33,7 @@ import operator
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any, ClassVar, NamedTuple, Optional, Union, cast
 
@@ -46,12 +46,9 @@ from distclip._dtensor import local_of, spec_of
 from distclip._torch import flatten_dense_tensors
 from distclip.clip import _FLOAT64, _check_norm_type
 from distclip.layout import (
-    _ANNOTATION_ATTR,
+    Annotation,
     DTensor,
     GroupLike,
-    LostMarks,
-    Marks,
-    SlotMarks,
     Stage,
     current_stage,
     local_layout,
@@ -70,7 +67,9 @@ from distclip.local_norms import (
     owned_piece_norms,
     repairs_float32,
 )
+from distclip.marks import Marks
 from distclip.packet import HostView, Packet
+from distclip.plan import identity_of
 from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
 
 __all__ = ["GradNorms", "Measured", "NameOrder", "clean_name", "describe", "describe_rows", "grad_norms"]
@@ -164,6 +163,10 @@ class Local:
     kinds: frozenset
     flat: dict[int, list[_fsdp1.FlatSegment]]  # id(flat param) -> its segments
     param_names: list[list[str]]  # per parameter, the names it stands for
+    marks: dict[int, Annotation] = field(default_factory=dict)  # the parameters' marks, by id
+
+    def annotation(self, param: torch.Tensor) -> Optional[Annotation]:
+        return self.marks.get(id(param))
 
 
 @dataclass
@@ -295,7 +298,7 @@ def collect(parameters: Union[NamedParams, Named], stage: Stage) -> Local:
         flat_grad = entry.tensor.reshape(-1)  # the local shard, padding removed
         for seg_name, seg in zip(param_names[entry.index], segments):
             units.append(Unit(seg_name, p, flat_grad[seg.offset : seg.offset + seg.numel], entry.weight, False, seg))
-    return Local(params, module, all_names, units, layout.kinds, flat, param_names)
+    return Local(params, module, all_names, units, layout.kinds, flat, param_names, layout.marks)
 
 
 # ----------------------------------------------------------------------------- per-tensor math
@@ -580,7 +583,7 @@ class NameOrder:
 def _local_sig(local: Local) -> tuple:
     tied: list[tuple[str, tuple[int, ...]]] = []
     for p, pnames in zip(local.params, local.param_names):
-        annotation = p.__dict__.get(_ANNOTATION_ATTR)
+        annotation = local.annotation(p)
         if annotation is not None and annotation.replicated_over is not None:
             ranks = tuple(sorted(annotation.replicated_over.ranks))
             tied.extend((n, ranks) for n in pnames)
@@ -590,8 +593,7 @@ def _local_sig(local: Local) -> tuple:
 # ----------------------------------------------------------------------------- the plan
 
 
-def _replicated_ranks(param: torch.Tensor) -> Optional[frozenset[int]]:
-    annotation = param.__dict__.get(_ANNOTATION_ATTR)
+def _replicated_ranks(annotation: Optional[Annotation]) -> Optional[frozenset[int]]:
     return annotation.replicated_over.ranks if annotation is not None and annotation.replicated_over is not None else None
 
 
@@ -623,7 +625,8 @@ class NormsPlan:
     weight, whether ``Partial``), agreement kinds, buckets; and the checks that tell a later call
     whether it still holds: the same parameter objects and names, grads where there were grads, of
     the same class, plain ones of the same dtype and device, DTensor ones with the same spec
-    object, no mark made since. Holds no tensor (a parameter's death invalidates the plan)."""
+    object, no mark made since, and the same tensors behind the parameters' ids
+    (``plan.identity_of``). Holds no tensor and no reference to a parameter."""
 
     _cache: ClassVar[dict[tuple, NormsPlan]] = {}
     _SIZE: ClassVar[int] = 8
@@ -632,12 +635,13 @@ class NormsPlan:
         self._module = weakref.ref(local.module) if local.module is not None else None  # never keeps a model alive
         self.names = named.names
         self.ids = list(map(id, named.params))
+        self.identity = identity_of(named.params)  # the tensors behind those ids (no reference kept)
         self.kinds = local.kinds
         self.sig = _local_sig(local)
         self.all_names = local.names
         self.unit_names = [u.name for u in local.units]
         self.weights = [u.weight for u in local.units]
-        self.tied = [_replicated_ranks(u.param) for u in local.units]
+        self.tied = [_replicated_ranks(local.annotation(u.param)) for u in local.units]
         self.partial = [i for i, u in enumerate(local.units) if u.partial]
         self.has_elements = [bool(u.tensor.numel()) for u in local.units]
         self.has_float64 = any(u.tensor.dtype in _FLOAT64 for u in local.units)
@@ -648,7 +652,6 @@ class NormsPlan:
         self.marks_version = Marks.version
         self.steps = self._steps(named.params, local)  # None: not reusable (FSDP1 segments, slices)
         self.key: Optional[tuple] = None
-        self._refs: list = []
 
     @property
     def module(self) -> nn.Module | None:
@@ -722,6 +725,9 @@ class NormsPlan:
         plan = cls._cache.get(key)
         if plan is None or plan.ids != list(map(id, named.params)) or plan.names != named.names or plan.module is not named.module:
             return None
+        if identity_of(named.params) != plan.identity:  # a recycled id: another tensor behind it
+            cls._cache.pop(key, None)
+            return None
         tensors = plan.tensors(named.params)
         if tensors is None:
             cls._cache.pop(key, None)
@@ -733,13 +739,6 @@ class NormsPlan:
             return
         key = self.key = (stage, len(named.params), id(named.params[0]) if named.params else 0)
         cache = NormsPlan._cache
-
-        def forget(_ref: object, plan: NormsPlan = self) -> None:
-            plan.valid = False
-            if cache.get(key) is plan:
-                del cache[key]
-
-        self._refs = [weakref.ref(p, forget) for p in named.params]
         cache.pop(key, None)
         cache[key] = self
         while len(cache) > self._SIZE:
@@ -882,8 +881,6 @@ def measure(
             raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
         stage = current_stage(pp_group, group)
         named = parameters_of(parameters, trainable_only, strip_prefixes)
-        SlotMarks.apply()
-        LostMarks.raise_if_any()
         found = NormsPlan.find(named, stage)
         if found is not None:
             return p, stage, found[0], found[1]
@@ -1067,13 +1064,13 @@ def describe_rows(
             partial.add(id(u.param))
     rows = []
     for p, pnames in zip(local.params, local.param_names):
-        annotation = p.__dict__.get(_ANNOTATION_ATTR)
+        annotation = local.annotation(p)
         mark = ""
         mark_pieces = 1
         if annotation is not None:
-            for info in annotation.sharded_over:
-                mark += f" + mark_sharded over ranks {sorted(info.ranks)}"
-                mark_pieces *= info.size
+            for over in annotation.sharded_over:
+                mark += f" + mark_sharded over ranks {sorted(over.ranks)}"
+                mark_pieces *= over.size
             if annotation.replicated_over is not None:
                 copies = stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
                 mark += f" + mark_replicated over ranks {sorted(annotation.replicated_over.ranks)} ({copies} stage copies)"

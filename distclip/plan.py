@@ -6,12 +6,15 @@ than the math. Between two training steps almost nothing changes, so the answer 
 :class:`LayoutPlan` and each call only *checks* it, parameter by parameter, with the cheapest
 tests that can tell it is stale:
 
-- the same parameter objects in the same order (their ids; a parameter that dies invalidates
-  every plan that names it, through a weakref callback, so a recycled id is never trusted);
+- the same parameter objects in the same order: their ids, and for each the address of the
+  tensor it holds now and its class. The plan holds no reference to a parameter, not even a weak
+  one (``torch.utils.swap_tensors``, which ``.to()`` uses for DTensor parameters, refuses a tensor
+  with a weakref), so a recycled id is told apart by the tensor behind it: a swapped or replaced
+  parameter holds another one;
 - for each parameter, a grad exactly where there was one, of the same class; for plain grads the
   same dtype and device; for DTensor grads the same ``DTensorSpec`` object (FSDP2 reuses one per
   parameter) or, failing that, the same mesh, placements, dtype and device;
-- no ``mark_sharded``/``mark_replicated`` made since (a version counter in ``layout.Marks``).
+- no ``mark_sharded``/``mark_replicated`` made since (a version counter in ``marks.Marks``).
 
 Anything else (grads set to None, parameters added, frozen or re-wrapped, another mesh, dtype or
 device) fails the check and the layout is discovered anew. The plan holds no strong reference to
@@ -21,7 +24,6 @@ a parameter or a gradient, so it never keeps a model alive.
 from __future__ import annotations
 
 import operator
-import weakref
 from collections import OrderedDict
 from itertools import compress, repeat
 from typing import Any, Callable, NamedTuple, Optional
@@ -36,7 +38,6 @@ from distclip.layout import (
     FlatShardRoute,
     LocalLayout,
     MarkedRoute,
-    Marks,
     PartialRoute,
     ReplicaRoute,
     Route,
@@ -44,6 +45,7 @@ from distclip.layout import (
     local_layout,
 )
 from distclip.local_norms import Coalescer, may_be_views
+from distclip.marks import Marks
 
 
 class LayoutPlan:
@@ -57,7 +59,7 @@ class LayoutPlan:
     compare in Python, are read only where a later grad's spec is another object), so the call
     that builds it costs little more than a first call."""
 
-    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, cache: PlanCache, key: tuple) -> None:
+    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> None:
         layout = local_layout(params, module, stage, routes=True)
         self.kinds = layout.kinds
         self.keys: list[tuple] = list(layout.groups)
@@ -87,8 +89,7 @@ class LayoutPlan:
         self.marks_version = Marks.version
         self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
         self.valid = True
-        self._forget = lambda _ref, key=key, cache=cache: cache.drop(key)
-        self._refs = list(map(weakref.ref, params, repeat(self._forget)))
+        self.identity = identity_of(params)
 
     def with_coalescers(self, layout: LocalLayout) -> LocalLayout:
         """``layout`` given the plan's :class:`~distclip.local_norms.Coalescer` of each group that
@@ -106,6 +107,8 @@ class LayoutPlan:
         if self.first is not None:
             layout, self.first = self.first, None
             return layout
+        if identity_of(params) != self.identity:
+            return None
         grads = list(map(_grad, params))
         if list(map(type, grads)) != self.grad_types:  # a grad gone, new, or of another class
             return None
@@ -177,6 +180,14 @@ class LayoutPlan:
 
 
 _grad = operator.attrgetter("grad")
+_cdata = operator.attrgetter("_cdata")
+
+
+def identity_of(params: list[torch.Tensor]) -> tuple[list[int], list[type]]:
+    """What tells the same parameter objects from new ones at recycled ids, without holding them:
+    the address of the tensor each holds (another after a swap, a replacement or a free) and its
+    class (an FSDP1 FlatParameter is not an nn.Parameter)."""
+    return list(map(_cdata, params)), list(map(type, params))
 _dtype = operator.attrgetter("dtype")
 _get_device = torch.Tensor.get_device
 
@@ -241,8 +252,9 @@ def _structure_of(spec: Any, dtype: torch.dtype, device: torch.device) -> tuple:
 class PlanCache:
     """The plans of the parameter lists seen recently (at most ``size``), by (stage, parameter ids).
 
-    One instance lives in ``distclip.clip``; entries leave when any of their parameters dies, or
-    when more recent lists push them out.
+    One instance lives in ``distclip.clip``. A plan names parameters by id only and is checked
+    against the tensors they hold (``identity_of``) before use, so a freed model keeps nothing
+    alive and a recycled id never passes; more recent lists push old plans out.
     """
 
     def __init__(self, size: int = 16) -> None:
@@ -277,7 +289,7 @@ class PlanCache:
             while len(self.seen) > 4 * self.size:
                 self.seen.popitem(last=False)
             return local_layout(params, module, stage)
-        plan = LayoutPlan(params, module, stage, self, key)
+        plan = LayoutPlan(params, module, stage)
         self.plans[key] = plan
         while len(self.plans) > self.size:
             self.drop(next(iter(self.plans)))

@@ -64,11 +64,29 @@ def test_a_plan_keeps_no_model_alive():
     distclip.clip_grad_norm_(model, 1.0)
     ids = tuple(id(p) for p in model.parameters())
     assert any(key[1] == ids for key in PLANS.plans)
-    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(model)]
+    assert all(weakref.getweakrefcount(p) == 0 for p in model.parameters())  # torch's swap_tensors needs none
+    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(model)]  # the test's own, after the calls
     del model
     gc.collect()
     assert all(r() is None for r in refs)
-    assert not any(key[1] == ids for key in PLANS.plans)  # dropped with its parameters
+
+
+def test_a_plan_is_not_trusted_for_another_tensor_at_the_same_id():
+    """A plan names parameters by id only: a swapped parameter (same object, another tensor behind
+    it, what ``.to()`` does to DTensor parameters) or a recycled id must not pass its check."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model(torch.randn(3, 4)).sum().backward()
+    params = list(model.parameters())
+    for _ in range(3):
+        distclip.clip_grad_norm_(params, 1e9)
+    plan = PLANS.plans[PLANS.key(params, distclip.layout.SINGLE_PROCESS)]
+    assert plan.apply(params) is not None
+    grad = params[0].grad
+    params[0].grad = None
+    torch.utils.swap_tensors(params[0], nn.Parameter(torch.zeros(4, 4)))
+    params[0].grad = grad
+    assert plan.apply(params) is None  # discovered anew
+    assert abs(float(distclip.clip_grad_norm_(params, 1e9)) - _ref(params)) <= 1e-6 * _ref(params)
 
 
 def _placement_changes(rank, world):

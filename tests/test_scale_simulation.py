@@ -24,8 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
-from distclip import agreement, layout, reduce
-from distclip.layout import Annotation, GroupInfo, Stage
+from distclip import agreement, layout, marks, reduce
+from distclip.layout import Stage
+from distclip.marks import Annotation, GroupInfo
 from distclip.packet import TOTAL_HEAD, Packet
 
 CONFIGS = {
@@ -66,7 +67,7 @@ class Simulation:
         p = nn.Parameter(torch.zeros(shape))
         p.grad = torch.ones(shape)
         if annotation is not None:
-            setattr(p, layout._ANNOTATION_ATTR, annotation)  # what mark_sharded/mark_replicated record
+            setattr(p, marks.TENSOR_MARK_ATTR, annotation)  # what mark_sharded/mark_replicated record
         return p
 
     def held(self, coords) -> list[tuple[tuple, tuple, nn.Parameter]]:
@@ -89,11 +90,11 @@ class Simulation:
         ep_rank, ep_base = dp_index % ep, dp_index - dp_index % ep  # ep groups: consecutive dp ranks
         ep_ranks = frozenset(int(self.grid[s].flatten(0, 1)[ep_base + i, t]) for i in range(ep))
         tp_ranks = frozenset(self.grid[s, r, d].tolist())
-        marks = Annotation((GroupInfo(None, ep_ranks), GroupInfo(None, tp_ranks)))
+        expert_marks = Annotation((GroupInfo(ep_ranks), GroupInfo(tp_ranks)))
         for e in range(self.num_experts):
             if e % (ep - 1) == ep_rank:
                 # the ep groups of the stage are data-parallel replicas of each other
-                out.append((("expert", s, e), (t,), self._plain((4, 2), marks)))
+                out.append((("expert", s, e), (t,), self._plain((4, 2), expert_marks)))
                 self.numel[("expert", s, e)] = 8 * tp
         # embedding tied between the first and last stage, vocab-sharded over tp (a DTensor on the
         # tp sub-mesh), declared with mark_replicated over the embedding group
@@ -101,7 +102,7 @@ class Simulation:
             tp_mesh = self._mesh(self.grid[s, r, d], ("tp",))
             p = self._dtensor((3, 4), (3 * tp, 4), tp_mesh, [Shard(0)])
             group = frozenset(int(self.grid[stage, r, d, t]) for stage in (0, pp - 1))
-            setattr(p, layout._ANNOTATION_ATTR, Annotation((), GroupInfo(None, group)))
+            setattr(p, marks.TENSOR_MARK_ATTR, Annotation((), GroupInfo(group)))
             out.append((("tied",), (t,), p))
             self.numel[("tied",)] = 12 * tp
         return out
