@@ -85,8 +85,10 @@ def _make_module(parallel: bool):
             self.clip_calls = 0
 
         def configure_model(self) -> None:
-            if not parallel:
+            # Lightning calls it again for trainer.test(): parallelize once, as its docs advise
+            if not parallel or getattr(self, "_parallelized", False):
                 return
+            self._parallelized = True
             from torch.distributed.fsdp import fully_shard
             from torch.distributed.tensor.parallel import (
                 ColwiseParallel,
@@ -103,6 +105,9 @@ def _make_module(parallel: bool):
             fully_shard(self.net, mesh=mesh["data_parallel"])
 
         def training_step(self, batch, batch_idx):
+            return _loss(self.net, batch)
+
+        def test_step(self, batch, batch_idx):
             return _loss(self.net, batch)
 
         def configure_optimizers(self):
@@ -195,9 +200,21 @@ def model_parallel_world(rank, world):
     # 3. GradientClipping trains correctly.
     module = _make_module(True)
     cb = _CountingClip.make()
-    _fit(module, [cb], n, world, rank // 2, 2, strategy=strategy())
+    trainer = _fit(module, [cb], n, world, rank // 2, 2, strategy=strategy())
     meshes = {tuple(p.device_mesh.mesh_dim_names) for p in module.parameters()}
-    return {"lightning_own": lightning_own, "double": double, "norms": cb.norms, "params": _full_params(module), "meshes": meshes}
+    params = _full_params(module)
+
+    # 4. fit, then test: Lightning moves the model (``model.to(root_device)``), which swaps every
+    # DTensor parameter; distclip must have left nothing on them that swap_tensors refuses.
+    from torch.utils.data import DataLoader
+
+    try:
+        trainer.test(module, DataLoader(_data(n)[rank // 2 :: 2], batch_size=B, shuffle=False), verbose=False)
+        tested = "ok"
+    except Exception as e:  # noqa: BLE001
+        tested = f"{type(e).__name__}: {e}"
+    return {"lightning_own": lightning_own, "double": double, "norms": cb.norms, "params": params, "meshes": meshes,
+            "tested": tested}
 
 
 def test_model_parallel_tp_fsdp2_mixed_meshes():
@@ -210,6 +227,7 @@ def test_model_parallel_tp_fsdp2_mixed_meshes():
         assert r["lightning_own"] != "no error", r["lightning_own"]
         assert "mesh" in r["lightning_own"].lower(), r["lightning_own"]
         assert "gradient_clip_val" in r["double"], r["double"]
+        assert r["tested"] == "ok", r["tested"]  # fit then test with the callback
     # two optimizer steps, the same norm on every rank, clipping active
     assert len(r0["norms"]) == 2 and all(n > MAX_NORM for n in r0["norms"]), r0["norms"]
     assert all(r["norms"] == r0["norms"] for r in results)
