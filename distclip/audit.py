@@ -19,11 +19,12 @@ trust:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence, Union, cast
+from typing import Callable, NamedTuple, Optional, Sequence, Union, cast
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,8 @@ import torch.distributed as dist
 from distclip import exchange, rank_errors
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
-from distclip.layout import GroupLike, Stage, current_stage
+from distclip.host_reads import host_reads_allowed
+from distclip.layout import GroupLike, Stage, current_stage, pairing_names
 from distclip.norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of
 from distclip.reduce import reduction_device
 
@@ -67,7 +69,13 @@ class AuditReport:
 
     def __str__(self) -> str:
         head = "distclip audit: OK" if self.ok else f"distclip audit: {len(self.problems)} problem(s)"
-        lines = [f"{head} (2-norm {self.norm:.9g}, float64 reference {self.reference_norm:.9g})"]
+        reference = f"float64 reference {self.reference_norm:.9g}"
+        if not self.ok:
+            # the reference counts one copy of each piece by its name, pipeline stage and position, as
+            # distclip sees them: a layout problem below (a forgotten pp_group on stages with the same
+            # names, a forgotten mark) makes it the norm of what distclip counted, not of the model
+            reference += " over the pieces as distclip names them (name, stage, position): not the model's norm if the layout is wrong"
+        lines = [f"{head} (2-norm {self.norm:.9g}, {reference})"]
         lines += [f"  - {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -212,19 +220,39 @@ def audit(
         raise error
     assert found is not None  # a failed rank raised above
     stage, items, local, records = found
-    for i, u in enumerate(local.units):
-        if u.partial:
-            records[i] = _measured(records[i], _whole(u))
-    everyone: list = [records]
-    if stage.distributed:
-        everyone = exchange.all_gather_objects(records, reduction_device(stage), stage.group, what="audit")
+
+    def whole_and_measured() -> list[Record]:
+        # every Partial grad made whole before any is measured: the collectives go out whatever
+        # the local math does next
+        # in an order every rank agrees on, whatever order each rank's list has (``reduce._pairing_key``)
+        held = [i for i, u in enumerate(local.units) if u.partial]
+        names = pairing_names([local.units[i].tensor for i in held], [local.units[i].param for i in held])
+        keyed = sorted(zip(held, names), key=lambda item: (item[1], tuple(local.units[item[0]].tensor.shape),
+                                                           str(local.units[item[0]].tensor.dtype),
+                                                           repr(spec_of(local.units[item[0]].tensor).placements)))
+        wholes = [(i, _whole(local.units[i])) for i, _ in keyed]
+        out = list(records)
+        for i, tensor in wholes:
+            out[i] = _measured(records[i], tensor)
+        return out
+
+    measured, error = rank_errors.attempt(whole_and_measured)
+    everyone: list = [measured]
+    if stage.distributed:  # the records' exchange carries each rank's failure: every rank raises together
+        shared = exchange.all_gather_objects((measured, rank_errors.describe(error) if error is not None else None),
+                                             reduction_device(stage), stage.group, what="audit")
+        failures = [failure for _, failure in shared]
+        if any(f is not None for f in failures) or error is not None:
+            rank_errors.raise_gathered(failures, error, stage.global_ranks())
+        everyone = [rank_records for rank_records, _ in shared]
     problems = _copy_problems(everyone)
     reference_total, reference_by_name = _reference(everyone)
     details = {}
     for p in NORM_TYPES:
         # ``local.module`` is set exactly when ``items`` is a module
-        mine = float(total_grad_norm(cast(torch.nn.Module, items) if local.module is not None else local.params, p,
-                                     pp_group=pp_group, group=group))
+        mine = float(_on_every_rank(functools.partial(
+            total_grad_norm, cast(torch.nn.Module, items) if local.module is not None else local.params, p, pp_group=pp_group,
+            group=group), stage))
         by_name = grad_norms(items, p, pp_group=pp_group, group=group, trainable_only=trainable_only,
                              strip_prefixes=strip_prefixes if local.module is not None else False)
         ref = reference_total[p]
@@ -241,6 +269,21 @@ def audit(
             elif not _close(float(got), ref_n, rtol):
                 problems.append(f"{name}: grad_norms {p:g}-norm {float(got):.9g} vs float64 reference {ref_n:.9g}")
     return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
+
+
+def _on_every_rank(fn: Callable[[], torch.Tensor], stage: Stage) -> torch.Tensor:
+    """``fn()``, a distclip norm call, raising on every rank if it raised on any. Without host reads
+    a rank that fails raises alone and the others get a NaN norm: the audit's next collective would
+    leave them waiting until the timeout, so one gather of the errors follows (elsewhere the call
+    itself raises on every rank)."""
+    if not stage.distributed or host_reads_allowed(reduction_device(stage)):
+        return fn()
+    value, error = rank_errors.attempt(fn)
+    failures = rank_errors.gather(error, reduction_device(stage), stage.group)
+    if any(f is not None for f in failures) or error is not None:
+        rank_errors.raise_gathered(failures, error, stage.global_ranks())
+    assert value is not None
+    return value
 
 
 def _copy_problems(everyone: list[list[Record]]) -> list[str]:

@@ -18,14 +18,14 @@ import numbers
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Optional, cast
+from typing import NamedTuple, Optional, Union, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from distclip import agreement, marks, rank_errors
-from distclip._dtensor import DTensor, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
+from distclip._dtensor import DTensor, Replicate, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
 from distclip._torch import phase
 from distclip.gc_pause import paused as gc_paused
 from distclip.host_reads import host_reads_allowed
@@ -38,10 +38,19 @@ from distclip.layout import (
     current_stage,
     local_grad_tensors,
     local_layout,
+    pairing_names,
     reject_unknown_layouts,
 )
 from distclip.local_norms import coalesce, local_partial, may_be_views, scale_
-from distclip.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
+from distclip.packet import (
+    TOTAL_HEAD,
+    Packet,
+    failed_vector,
+    total_from_head,
+    total_from_head_host,
+    total_head,
+    total_head_host,
+)
 from distclip.plan import PlanCache
 from distclip.rank_errors import NotANumberError
 from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
@@ -179,7 +188,7 @@ def _norm_groups(layout: LocalLayout) -> dict:
     if not layout.partial:
         return layout.groups
     groups = dict(layout.groups)
-    for tensor, weight in reduce_partial_grads(layout.partial):
+    for tensor, weight in reduce_partial_grads(layout.named_partial()):
         groups.setdefault((tensor.device, tensor.dtype, weight), []).append(tensor)
     return groups
 
@@ -187,11 +196,18 @@ def _norm_groups(layout: LocalLayout) -> dict:
 def _join_partial_reductions(call: Call) -> None:
     """A failed rank still issues the ``Partial``-grad collectives its mesh peers issue: which
     ones depends on the grads alone, so it can tell even when its other input is bad."""
+    join_partial_grads(call.params if call.given else [p.grad for p in call.params], call.params)
+
+
+def join_partial_grads(grads: list, holders: Optional[list] = None) -> None:
+    """``_join_partial_reductions`` for a list of grads (``grad_norms`` joins with its own);
+    ``holders``: the parameter of each grad (None: the grads were given themselves), which name
+    them as the healthy ranks do (``layout.pairing_names``)."""
     try:
-        tensors = call.params if call.given else [p.grad for p in call.params]
-        partial = [(cast(DTensor, t), 0.0) for t in tensors if reducible_partial(t)]
-        if partial:
-            reduce_partial_grads(partial)
+        chosen = [(t, h) for t, h in zip(grads, holders if holders is not None else grads) if reducible_partial(t)]
+        if chosen:
+            names = pairing_names([t for t, _ in chosen], [h for _, h in chosen])
+            reduce_partial_grads([(cast(DTensor, t), 0.0, name) for (t, _), name in zip(chosen, names)])
     except Exception:  # noqa: BLE001 - this rank raises its own error right after the main collective
         pass
 
@@ -208,49 +224,103 @@ def _scale_groups(layout: LocalLayout) -> dict:
     return groups
 
 
+class _Mine(NamedTuple):
+    """This rank's part of a total norm, before the reduction."""
+
+    head: Union[list[float], torch.Tensor]  # ``total_head_host``'s floats where host reads are allowed, else ``total_head``
+    has_float64: bool
+    device: torch.device  # where the head is reduced
+    grad_device: Optional[torch.device]
+
+
+def _local_head(call: Call, foreach: Optional[bool], device: Optional[torch.device]) -> _Mine:
+    """Step 3 on this rank: the local partial and its head, on ``device`` (None: a single
+    process, the grads' device). Raises whatever the grads make the local math raise."""
+    layout = call.layout
+    assert layout is not None  # a failed call never computes a partial
+    norm_type = call.norm_type
+    groups = _norm_groups(layout)  # first: its ``Partial`` collectives go out whatever fails after them
+    has_float64 = any(dtype in _FLOAT64 for _, dtype, _ in layout.groups) or any(g.dtype in _FLOAT64 for g, _ in layout.partial)
+    grad_device = next(iter(groups))[0] if groups else None
+    if device is None:
+        device = grad_device or torch.device("cpu")
+    with phase("local_norms"):
+        partial = local_partial(groups, norm_type, foreach, device)
+    has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
+    if host_reads_allowed(device):
+        return _Mine(total_head_host(partial.item(), has_elements, norm_type), has_float64, device, grad_device)
+    return _Mine(total_head(partial, has_elements, norm_type), has_float64, device, grad_device)
+
+
+def _share(call: Call, foreach: Optional[bool], device: torch.device) -> tuple[torch.Tensor, Optional[tuple[_Mine, Packet]],
+                                                                                  Optional[Exception]]:
+    """A distributed call's one failure path, from its entry to its collective: this rank's
+    vector for the all-reduce and (its part, its packet), or, if anything failed here (argument
+    checks and discovery in ``_prepare``, the local math, the packing), the failed vector
+    (``packet.failed_vector``) and the error. Either way this rank has issued exactly the
+    ``Partial``-grad collectives its peers issue."""
+    use_max = math.isinf(call.norm_type)
+    if call.error is not None:
+        _join_partial_reductions(call)
+        return failed_vector(TOTAL_HEAD, True, use_max, device), None, call.error
+
+    def encoded() -> tuple[torch.Tensor, tuple[_Mine, Packet]]:
+        mine = _local_head(call, foreach, device)
+        assert call.layout is not None
+        packet = Packet(TOTAL_HEAD, agreement.Signature(call.signature, call.layout.kinds, call.stage), use_max)
+        if isinstance(mine.head, list):
+            return packet.encode_host(mine.head, has_float64=mine.has_float64), (mine, packet)
+        return packet.encode_device(mine.head, device, has_float64=mine.has_float64), (mine, packet)
+
+    # A failure inside ``_norm_groups`` is not followed by a join: its collectives may have gone out.
+    found, error = rank_errors.attempt(encoded)
+    if found is None:
+        return failed_vector(TOTAL_HEAD, True, use_max, device), None, error
+    return found[0], found[1], None
+
+
 def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torch.dtype, Optional[torch.Tensor], Optional[float]]:
     """Steps 3 and 4: the total norm in float64 (identical on every rank), the dtype to return it
     in, and, where host reads are not allowed, a device-side flag set if the norm is poisoned
     (ranks disagreed or a rank failed: every grad must stay as it is), and the total as a float
     where it was read on the host (CPU)."""
-    norm_type, stage, layout = call.norm_type, call.stage, call.layout
-    if layout is not None:
-        has_float64 = any(dtype in _FLOAT64 for _, dtype, _ in layout.groups) or any(
-            g.dtype in _FLOAT64 for g, _ in layout.partial
-        )
-        groups = _norm_groups(layout)
-    else:
-        _join_partial_reductions(call)
-        has_float64, groups = False, {}
-    grad_device = next(iter(groups))[0] if groups else None
-    device = reduction_device(stage) if stage.distributed else (grad_device or torch.device("cpu"))
-    with phase("local_norms"):
-        partial = local_partial(groups, norm_type, foreach, device)
-    has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
-    out_device = grad_device or device
-    if not stage.distributed and host_reads_allowed(device):
-        # One process on the host: no rank to agree with or to tell of a failure (an error has
-        # been raised at once, as torch would), so no packet and no collective; the same head
-        # and root as the reduced path, from the same Python floats.
-        total_value = total_from_head_host(total_head_host(partial.item(), has_elements, norm_type), norm_type)
-        total = torch.tensor(total_value, dtype=torch.float64, device=out_device)
-        if call.error_if_nonfinite:
-            _raise_if_nonfinite(call, total, torch.tensor(has_float64))
-        return total, torch.float64 if has_float64 else torch.float32, None, total_value
-    sig = None
-    if stage.distributed:
-        sig = agreement.Signature(call.signature, layout.kinds if layout is not None else frozenset({("failed",)}), stage)
-    packet = Packet(TOTAL_HEAD, sig, math.isinf(norm_type))
-    flags = {"has_float64": has_float64, "failed": call.error is not None}
-    if host_reads_allowed(device):  # every rank reads the same reduced values: they act together
-        packed = packet.encode_host(total_head_host(partial.item(), has_elements, norm_type), **flags)
-        with phase("reduce"):
-            all_reduce(packed, norm_type, stage)
+    norm_type, stage = call.norm_type, call.stage
+    if not stage.distributed:
+        # One process: no rank to agree with or to tell of a failure, so an error is raised at
+        # once, as torch would (``_prepare`` has raised its own).
+        mine = _local_head(call, foreach, None)
+        out_dtype = torch.float64 if mine.has_float64 else torch.float32
+        if isinstance(mine.head, list):
+            # on the host: no packet and no collective; the same head and root as the reduced
+            # path, from the same Python floats
+            total_value = total_from_head_host(mine.head, norm_type)
+            total = torch.tensor(total_value, dtype=torch.float64, device=mine.grad_device or mine.device)
+            if call.error_if_nonfinite:
+                _raise_if_nonfinite(call, total, torch.tensor(mine.has_float64))
+            return total, out_dtype, None, total_value
+        packet = Packet(TOTAL_HEAD, None, math.isinf(norm_type))
+        view = packet.decode_device(packet.encode_device(mine.head, mine.device, has_float64=mine.has_float64))
+        total = total_from_head(view.head, norm_type)
+        _raise_if_nonfinite(call, total, view.has_float64)
+        return total, out_dtype, None, None
+    device = reduction_device(stage)
+    packed, found, error = _share(call, foreach, device)
+    with phase("reduce"):
+        all_reduce(packed, norm_type, stage)
+    host_reads = host_reads_allowed(device)
+    if found is None:  # this rank failed; the others know it from the flag
+        assert error is not None
+        if host_reads:  # every rank raises together: this one its own error
+            rank_errors.settle(True, error, device, stage.group)
+        raise error  # accelerators: the others see a NaN norm and leave every grad alone
+    mine, packet = found
+    out_device = mine.grad_device or device
+    if host_reads:  # every rank reads the same reduced values: they act together
         host = packet.decode_host(packed.tolist())
-        rank_errors.settle(host.failed, call.error, device, stage.group)
+        rank_errors.settle(host.failed, None, device, stage.group)
         if host.disagreed:
-            assert sig is not None  # one process always agrees with itself
-            agreement.raise_mismatch(sig)
+            assert packet.sig is not None
+            agreement.raise_mismatch(packet.sig)
         total_value = total_from_head_host(host.head, norm_type)
         total = torch.tensor(total_value, dtype=torch.float64, device=out_device)
         # any rank's float64 grad: every rank returns the same dtype
@@ -259,18 +329,10 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         return total, torch.float64 if host.has_float64 else torch.float32, None, total_value
     # Accelerators: no host sync. A failure or disagreement poisons the norm and leaves the grads
     # alone; every decision that must agree is taken from the float64 total, identical on every rank.
-    packed = packet.encode_device(total_head(partial, has_elements, norm_type), device, **flags)
-    with phase("reduce"):
-        all_reduce(packed, norm_type, stage)
-    if call.error is not None:  # after the collective, which the others wait for
-        raise call.error
     view = packet.decode_device(packed)
     total = total_from_head(view.head, norm_type)
     # The dtype follows this rank's own grads (agreeing would be a host sync).
-    out_dtype = torch.float64 if has_float64 else torch.float32
-    if not stage.distributed:
-        _raise_if_nonfinite(call, total, view.has_float64)
-        return total, out_dtype, None, None
+    out_dtype = torch.float64 if mine.has_float64 else torch.float32
     poisoned = view.failed | view.disagreed
     total = torch.where(poisoned, math.nan, total)
     if call.error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -280,10 +342,23 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
                 "gradient was changed; that rank raised its own error (details are not gathered on accelerators)"
             )
         if bool(view.disagreed):
-            assert sig is not None
-            agreement.raise_mismatch(sig)
+            assert packet.sig is not None
+            agreement.raise_mismatch(packet.sig)
     _raise_if_nonfinite(call, total, view.has_float64)
     return total.to(out_device), out_dtype, poisoned, None
+
+
+def as_torch_returns(total: torch.Tensor, call: Call) -> torch.Tensor:
+    """The total in the kind torch returns, already reduced: where every grad this rank measured is
+    a DTensor on one mesh (FSDP2, TP, HSDP), torch returns a DTensor, and code written for it reads
+    ``total.full_tensor()``; so does this, a ``Replicate`` DTensor on that mesh holding the same
+    value on every rank (``.full_tensor()``, ``.to_local()``, ``.item()`` and ``float()`` all give
+    the global norm, no communication). Elsewhere a plain tensor, as torch (plain and DDP grads,
+    FSDP1) or where torch raises (DTensors on several meshes, or mixed with plain tensors)."""
+    mesh = call.layout.result_mesh if call.layout is not None else None
+    if mesh is None:
+        return total
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
 def _raise_if_nonfinite(call: Call, total: torch.Tensor, has64: torch.Tensor) -> None:
@@ -350,19 +425,23 @@ def get_total_norm(
             replicas, pieces) is relative to it.
 
     Returns:
-        Total norm as a plain tensor: float32 (float64 if a measured tensor is float64), on the
-        tensors' device.
+        Total norm, float32 (float64 if a measured tensor is float64), on the tensors' device: a
+        ``Replicate`` DTensor where every measured tensor is a DTensor on one mesh (what torch
+        returns a DTensor for, here already reduced), else a plain tensor.
     """
     tensors = _materialize(tensors, "tensors")
-    if isinstance(tensors, (list, tuple)) and tensors and all(isinstance(t, nn.Parameter) and t.grad is not None for t in tensors):
+    # Parameters given: their values are measured, as torch does. Warned whenever the tensors look
+    # like parameters, not only when every one has a grad (a LoRA model's frozen base has none).
+    if isinstance(tensors, (list, tuple)) and tensors and any(isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad)
+                                                              for t in tensors if isinstance(t, torch.Tensor)):
         warnings.warn(
-            "distclip.get_total_norm measures the tensors it is given, as torch does: these are parameters with "
-            "gradients, so their values are measured. Pass [p.grad for p in params] or the module to measure the "
-            "gradients", stacklevel=3,
+            "distclip.get_total_norm measures the tensors it is given, as torch does: these look like parameters "
+            "(leaf tensors that require grad), so their values are measured, not their gradients. Pass "
+            "[p.grad for p in params if p.grad is not None] or the module to measure the gradients", stacklevel=3,
         )
     call = _prepare("get_total_norm", tensors, norm_type, error_if_nonfinite, pp_group, group=group, given=True)
     total, out_dtype, _, _ = _total_norm(call, foreach)
-    return total.to(out_dtype)
+    return as_torch_returns(total.to(out_dtype), call)
 
 
 def total_grad_norm(
@@ -412,7 +491,9 @@ def clip_grad_norm_(
             the default process group); exactly those ranks call.
 
     Returns:
-        Total norm of the gradients before clipping (a plain tensor, identical on every rank).
+        Total norm of the gradients before clipping, identical on every rank: a ``Replicate``
+        DTensor where every grad is a DTensor on one mesh (as torch returns a DTensor there), else
+        a plain tensor.
     """
     parameters = _materialize(parameters, "parameters")
     call = _prepare("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm, group)
@@ -425,7 +506,7 @@ def clip_grad_norm_(
         if coef_value != 1.0:  # multiplying by exactly 1.0 changes nothing: skip the pass over every grad
             with phase("scale"):
                 scale_(_scale_groups(call.layout), torch.tensor(coef_value, dtype=torch.float64), foreach)
-        return total.to(out_dtype)
+        return as_torch_returns(total.to(out_dtype), call)
     # From the float64 total, identical on every rank: so is every coefficient, bit for bit.
     coef = (call.max_norm / (total + 1e-6)).clamp(max=1.0)
     if poisoned is not None:
@@ -435,7 +516,7 @@ def clip_grad_norm_(
     if not (host_reads_allowed(coef.device) and bool(coef == 1.0)):
         with phase("scale"):
             scale_(_scale_groups(call.layout), coef, foreach)
-    return total.to(out_dtype)
+    return as_torch_returns(total.to(out_dtype), call)
 
 
 @torch.no_grad()
@@ -488,10 +569,10 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         if dist.is_available() and dist.is_initialized():  # still join the Partial grads' collectives
             _join_partial_reductions(Call("clip_grad_value_", 2.0, None, False, Stage(True), params))
         raise
-    partial = [cast(DTensor, p.grad) for p in params if reducible_partial(p.grad)]
-    if partial:
-        _clamp_partial_grads(partial, clip_value)
-    plain = [p for p in params if not reducible_partial(p.grad)] if partial else params
+    holders = [p for p in params if reducible_partial(p.grad)]
+    if holders:
+        _clamp_partial_grads([cast(DTensor, p.grad) for p in holders], holders, clip_value)
+    plain = [p for p in params if not reducible_partial(p.grad)] if holders else params
     for tensors in local_grad_tensors(plain).values():
         tensors = coalesce(tensors)
         if foreach is False:
@@ -502,11 +583,13 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
             torch._foreach_clamp_max_(tensors, clip_value)
 
 
-def _clamp_partial_grads(grads: list[DTensor], clip_value: float) -> None:
-    """Clamp ``Partial`` grads' full values and write them back as summands (see ``clip_grad_value_``)."""
-    # ``reduce_partial_grads`` returns its own bucket order with the weight passed through: the
-    # index travels in the weight's place
-    for value, index in reduce_partial_grads([(g, float(i)) for i, g in enumerate(grads)]):
+def _clamp_partial_grads(grads: list[DTensor], holders: list[torch.Tensor], clip_value: float) -> None:
+    """Clamp ``Partial`` grads' full values and write them back as summands (see ``clip_grad_value_``);
+    ``holders``: their parameters, which name them for the pairing across ranks."""
+    # ``reduce_partial_grads`` returns its own order with the tag passed through: the index
+    # travels in the tag's place
+    names = pairing_names(grads, holders)
+    for value, index in reduce_partial_grads([(g, float(i), n) for i, (g, n) in enumerate(zip(grads, names))]):
         grad = grads[int(index)]
         spec, local = spec_of(grad), local_of(grad)
         clamped = value.clamp(-clip_value, clip_value).view(local.shape)

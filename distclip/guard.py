@@ -85,7 +85,10 @@ def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
         local = _norms.collect(source.named(), stage)
         tensors = [local_of(u.tensor) if isinstance(u.tensor, DTensor) else u.tensor for u in local.units]
         bad = torch.stack([torch.isfinite(t).all() for t in tensors]).logical_not().tolist() if tensors else []
-        found = [u.name for u, b in zip(local.units, bad) if b]
+        tied = {n for p, names in zip(local.params, local.param_names) for n in names
+                if (a := local.annotation(p)) is not None and a.replicated_over is not None}
+        # every name, so that names two pipeline stages share are made unique as grad_norms makes them
+        found = (stage.index, [u.name for u in local.units], [u.name for u, b in zip(local.units, bad) if b], tied)
     except Exception as e:  # noqa: BLE001 - joined below, raised on every rank
         if not stage.distributed:
             raise
@@ -93,13 +96,14 @@ def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
     everyone: list = [found]
     if stage.distributed:
         everyone = exchange.all_gather_objects(found, _norms.reduction_device(stage), stage.group, what="GradGuard.clip_")
-    errors = [x[1] for x in everyone if isinstance(x, tuple)]
+    errors = [x[1] for x in everyone if len(x) == 2 and x[0] == "error"]
     if errors:
         raise RuntimeError(f"distclip: could not name the non-finite gradients: {errors[0]}")
-    names: dict[str, None] = {}
-    for rank_names in everyone:
-        names.update(dict.fromkeys(rank_names))
-    return list(names)
+    unique, _ = _norms.stage_unique([(index, names, tied) for index, names, _, tied in everyone])
+    out: dict[str, None] = {}
+    for index, _, bad_names, _ in everyone:
+        out.update(dict.fromkeys(unique(index, n) for n in bad_names))
+    return list(out)
 
 
 class GuardOutput:

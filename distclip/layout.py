@@ -218,6 +218,18 @@ class LocalLayout:
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
     coalescers: Optional[dict] = None
     marks: dict[int, Annotation] = field(default_factory=dict)  # the parameters' marks, by id (``marks.table``)
+    # the rank-agreed name of each ``partial`` grad's parameter, in ``partial``'s order (``marks.names_of``):
+    # what pairs it with its summands on the other ranks
+    partial_names: list[str] = field(default_factory=list)
+
+    # The mesh of this rank's grads when every one is a DTensor on that one mesh (what makes
+    # torch's clip return a DTensor; ``clip.as_torch_returns``), else None.
+    result_mesh: Optional[DeviceMesh] = None
+
+    def named_partial(self) -> list:
+        """``partial`` as ``reduce.PartialGrad``-shaped (grad, weight, name) triples."""
+        names = self.partial_names or [""] * len(self.partial)
+        return [(grad, weight, name) for (grad, weight), name in zip(self.partial, names)]
 
 
 def as_param_list(parameters: ParamsLike) -> tuple[list[torch.Tensor], Optional[nn.Module]]:
@@ -734,9 +746,47 @@ def local_layout(
             route_list[index] = route
             joins[index] = bucket
     layout.routes, layout.joins = route_list, joins
+    layout.result_mesh = _one_mesh(grads, cache)
+    if partial:
+        partial_ids = {id(g) for g, _ in partial}
+        holders = [param for param, grad in zip(params, grads) if grad is not None and id(grad) in partial_ids]
+        if len(holders) == len(partial):
+            layout.partial_names = pairing_names([g for g, _ in partial], holders)
     if routes:
         layout.grads = list(grads)
     return layout
+
+
+def _one_mesh(grads: Sequence[Optional[torch.Tensor]], cache: DiscoveryCache) -> Optional[DeviceMesh]:
+    """The one mesh of ``grads`` when every grad there is is a DTensor on it (equal meshes may be
+    distinct objects), else None."""
+    mesh_id = None
+    first = None
+    for grad in grads:
+        if grad is None:
+            continue
+        if not isinstance(grad, DTensor):
+            return None
+        mesh = spec_of(grad).mesh
+        found = cache.mesh_id(mesh)
+        if mesh_id is None:
+            mesh_id, first = found, mesh
+        elif found != mesh_id:
+            return None
+    return first
+
+
+def pairing_names(grads: Sequence[torch.Tensor], holders: Sequence[torch.Tensor]) -> list[str]:
+    """The names that pair ``Partial`` grads with their summands on the other ranks
+    (``reduce.reduce_partial_grads``), one per grad; ``holders``: the parameter of each (or the
+    grad itself, given without its parameter). Only grads that look alike to every rank (shape,
+    dtype, mesh, placements) need one, and only then are names looked up (``marks.names_of``: the
+    parameter's name under the topmost module holding it, the same whichever module the call got,
+    so a rank that failed and only joins the collectives pairs its grads the same way)."""
+    keys = [(tuple(g.shape), g.dtype, spec_of(g).mesh, tuple(spec_of(g).placements)) for g in grads]
+    if len(set(keys)) == len(keys):
+        return [""] * len(grads)
+    return marks.names_of(list(holders), None)
 
 
 def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool, routes: bool) -> LocalLayout:

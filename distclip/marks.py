@@ -148,6 +148,7 @@ class _Owners:
     hit checked against the slot) so that marking many parameters costs one pass, not one each."""
 
     index: ClassVar[dict[int, list[tuple[weakref.ref, str]]]] = {}
+    parents: ClassVar[dict[int, tuple[weakref.ref, str]]] = {}  # id(module) -> (a module holding it, its name there)
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> list[tuple[nn.Module, str]]:
@@ -169,16 +170,75 @@ class _Owners:
     @classmethod
     def _rebuild(cls) -> None:
         index: dict[int, list[tuple[weakref.ref, str]]] = {}
+        parents: dict[int, tuple[weakref.ref, str]] = {}
         # ``type()``, not ``isinstance``: some module-level objects warn when their ``__class__`` is read
         for obj in gc.get_objects():
             if issubclass(type(obj), nn.Module):
                 params = obj.__dict__.get("_parameters")
+                ref = weakref.ref(obj)
                 if params:
-                    ref = weakref.ref(obj)
                     for name, p in params.items():
                         if p is not None:
                             index.setdefault(id(p), []).append((ref, name))
-        cls.index = index
+                for name, child in (obj.__dict__.get("_modules") or {}).items():
+                    if child is not None:
+                        parents.setdefault(id(child), (ref, name))
+        cls.index, cls.parents = index, parents
+
+    @classmethod
+    def names(cls, tensors: list[torch.Tensor]) -> list[str]:
+        """``name_of`` each tensor, or of the parameter whose grad it is, from the index as it stands."""
+        names = [cls.name_of(t, rebuild=False) for t in tensors]
+        if not all(names):
+            by_grad = cls.grads()
+            names = [name or (cls.name_of(by_grad[id(t)], rebuild=False) if id(t) in by_grad else "")
+                     for name, t in zip(names, tensors)]
+        return names
+
+    @classmethod
+    def grads(cls) -> dict[int, torch.Tensor]:
+        """id(grad) -> parameter, for the parameters of the live modules (the index as it stands)."""
+        out: dict[int, torch.Tensor] = {}
+        for slots in cls.index.values():
+            for ref, name in slots:
+                module = ref()
+                p = module.__dict__.get("_parameters", {}).get(name) if module is not None else None
+                if p is not None and p.grad is not None:
+                    out[id(p.grad)] = p
+        return out
+
+    @classmethod
+    def name_of(cls, tensor: torch.Tensor, rebuild: bool = True) -> str:
+        """``tensor``'s name under the topmost module that holds it ("" if no module holds it)."""
+        owners = cls.of(tensor) if rebuild else cls._lookup(tensor)
+        if not owners:
+            return ""
+        module, name = owners[0]
+        parts = [name]
+        for _ in range(64):  # a cycle of modules would be a bug elsewhere: stop, the name stays rank-agreed
+            up = cls.parents.get(id(module))
+            parent = up[0]() if up is not None else None
+            if up is None or parent is None or parent.__dict__.get("_modules", {}).get(up[1]) is not module:
+                break
+            parts.append(up[1])
+            module = parent
+        return unwrapped(".".join(reversed(parts)))
+
+
+def names_of(params: list[torch.Tensor], module: Optional[nn.Module]) -> list[str]:
+    """A name for each tensor that every rank gives the same tensor: its name in ``module``, or
+    without a module its name under the topmost module holding it, or, for a grad given without
+    its parameter (torch's two-step API), its parameter's name; "" where nothing names it."""
+    if module is not None:
+        found: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            found.setdefault(id(p), unwrapped(name))
+        return [found.get(id(p), "") for p in params]
+    names = _Owners.names(params)
+    if not all(names):  # the index may predate these modules: look once more, with a fresh one
+        _Owners._rebuild()
+        names = _Owners.names(params)
+    return names
 
 
 def annotate(target: object, fn: str, group: object, sharded: bool) -> None:

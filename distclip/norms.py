@@ -28,6 +28,7 @@ module, ``named_parameters()``, a generator); unnamed tensors are named by their
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import weakref
@@ -44,7 +45,7 @@ from torch import nn
 from distclip import _fsdp1, agreement, exchange, rank_errors
 from distclip._dtensor import local_of, spec_of
 from distclip._torch import flatten_dense_tensors
-from distclip.clip import _FLOAT64, _check_norm_type
+from distclip.clip import _FLOAT64, _check_norm_type, join_partial_grads
 from distclip.layout import (
     Annotation,
     DTensor,
@@ -52,6 +53,7 @@ from distclip.layout import (
     Stage,
     current_stage,
     local_layout,
+    pairing_names,
     shard_pieces,
     stage_copies,
 )
@@ -68,7 +70,7 @@ from distclip.local_norms import (
     repairs_float32,
 )
 from distclip.marks import Marks
-from distclip.packet import HostView, Packet
+from distclip.packet import HostView, Packet, failed_vector
 from distclip.plan import identity_of
 from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
 
@@ -481,6 +483,25 @@ def tensor_partials(tensors: list[torch.Tensor], norm_type: float, device: torch
 # ----------------------------------------------------------------------------- the name order
 
 
+def stage_unique(held: list[tuple[int, Iterable[str], set[str]]]) -> tuple[Callable[[int, str], str], set[str]]:
+    """The one rule for names across pipeline stages, from every rank's (stage index, names, tied
+    names): a name two stages hold for different tensors (stages built as separate
+    ``nn.Sequential``s both have ``0.weight``) becomes ``stage{i}.`` + name on every stage that
+    holds it; a tied copy's name (``mark_replicated``) stays as it is, and so does a name within one
+    stage. Returns ``unique(stage index, name)`` and the names that clash."""
+    stages_of: dict[str, set[int]] = {}
+    for index, names, tied in held:
+        for n in names:
+            if n not in tied:
+                stages_of.setdefault(n, set()).add(index)
+    clashes = {n for n, stages in stages_of.items() if len(stages) > 1}
+
+    def unique(index: int, name: str) -> str:
+        return f"stage{index}.{name}" if name in clashes else name
+
+    return unique, clashes
+
+
 class NameOrder:
     """The global order of names, agreed once by every rank and cached.
 
@@ -489,7 +510,9 @@ class NameOrder:
     ``mark_replicated`` groups at the time of the agreement: a call whose local signature differs
     raises the "names changed" flag on its all-reduce, and every rank re-agrees in that call.
 
-    ``names`` is the union of every rank's names (every pipeline stage), in rank order;
+    ``names`` is the union of every rank's names (every pipeline stage), in rank order, a name that
+    two stages hold for different tensors made unique as ``stage{i}.name`` on each (``index`` also
+    finds this rank's own names under them);
     ``tied_peers[name]`` lists, for a local ``mark_replicated`` parameter, the names of its copies
     on the other pipeline stages (matched by group and order), so that a tied weight counts once
     per dict entry even when its copies carry different names on different stages.
@@ -535,17 +558,19 @@ class NameOrder:
         everyone: list = [mine]
         if stage.distributed:
             everyone = exchange.all_gather_objects(mine, reduction_device(stage), stage.group, what="grad_norms")
+        unique, clashes = stage_unique([(index, rank_names, {n for n, _ in rank_tied}) for index, _, rank_names, rank_tied in everyone])
+
         order: dict[str, None] = {}
-        for _, _, rank_names, _ in everyone:
-            order.update(dict.fromkeys(rank_names))
+        for index, _, rank_names, _ in everyone:
+            order.update(dict.fromkeys(unique(index, n) for n in rank_names))
         # the k-th tensor marked replicated over group R on each rank is one tied tensor
         nth: dict[tuple, str] = {}
         global_ranks = stage.global_ranks() if stage.distributed else [0]
-        for rank, (_, _, _, rank_tied) in zip(global_ranks, everyone):
+        for rank, (index, _, _, rank_tied) in zip(global_ranks, everyone):
             seen: dict[tuple, int] = {}
             for name, ranks in rank_tied:
                 k = seen[tuple(ranks)] = seen.get(tuple(ranks), -1) + 1
-                nth[(rank, tuple(ranks), k)] = name
+                nth[(rank, tuple(ranks), k)] = unique(index, name)
         me = dist.get_rank() if stage.distributed else 0
         peers: dict[str, list[str]] = {}
         seen = {}
@@ -553,7 +578,10 @@ class NameOrder:
             k = seen[tuple(ranks)] = seen.get(tuple(ranks), -1) + 1
             others = set(ranks) & set(stage.pp_ranks or ()) - {me}
             peers[name] = [nth[(q, tuple(ranks), k)] for q in sorted(others) if (q, tuple(ranks), k) in nth]
-        return cls(cls.context_of(stage), local_sig, list(order), peers)
+        found = cls(cls.context_of(stage), local_sig, list(order), peers)
+        # this rank's own names find their entries under their stage-unique names
+        found.index.update((n, found.index[unique(stage.index, n)]) for n in names if n in clashes)
+        return found
 
     def entries(self, groups: Callable[[str], str | None] | None) -> tuple[list[str], list[int]]:
         """Entry names and, per global name, its entry (-1: left out); cached per ``groups``."""
@@ -643,6 +671,7 @@ class NormsPlan:
         self.weights = [u.weight for u in local.units]
         self.tied = [_replicated_ranks(local.annotation(u.param)) for u in local.units]
         self.partial = [i for i, u in enumerate(local.units) if u.partial]
+        self.partial_names = pairing_names([local.units[i].tensor for i in self.partial], [local.units[i].param for i in self.partial])
         self.has_elements = [bool(u.tensor.numel()) for u in local.units]
         self.has_float64 = any(u.tensor.dtype in _FLOAT64 for u in local.units)
         self.grad_device = local.units[0].tensor.device if local.units else None
@@ -875,12 +904,15 @@ def measure(
 ) -> Measured:
     """:func:`grad_norms` keeping the float64 values and this rank's units (``GradGuard`` clips
     each group with them; ``units=False``: no unit entries). Same arguments, same collectives."""
+    seen: list[list[torch.Tensor]] = []  # the parameters, once read: a failed rank's ``Partial`` collectives
+
     def local_part() -> tuple[float, Stage, NormsPlan, list[torch.Tensor]]:
         p = _check_norm_type(norm_type)
         if groups is not None and not callable(groups):
             raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
         stage = current_stage(pp_group, group)
         named = parameters_of(parameters, trainable_only, strip_prefixes)
+        seen.append(named.params)
         found = NormsPlan.find(named, stage)
         if found is not None:
             return p, stage, found[0], found[1]
@@ -908,21 +940,34 @@ def measure(
         order = NameOrder.agree(plan.sig, stage)
         order.store(plan.module)
     stale = order.local_sig != plan.sig
-    unit_tensors = tensors
-    if plan.partial:
-        tensors = list(tensors)
-        for i, value in _reduce_partial_units(tensors, plan.partial).items():
-            tensors[i] = value
     device = reduction_device(stage) if stage.distributed else None
     device = device or plan.grad_device or torch.device("cpu")
-    partials = tensor_partials(tensors, p, device, plan.buckets if not plan.partial else None)
+    # From here to the all-reduce every failure takes the one failure path: the rank still sends
+    # a vector (``failed_vector``) and every rank raises together.
+    partials: Optional[torch.Tensor] = None
+    if error is None:
+        partials, error = rank_errors.attempt(lambda: _unit_partials(plan, tensors, p, device))
+    else:  # the ``Partial`` collectives its peers issue here
+        if not seen:  # failed before reading them (a generator is still unread)
+            try:
+                seen.append(parameters_of(parameters, trainable_only, strip_prefixes).params)
+            except Exception:  # noqa: BLE001 - nothing to join with; this rank raises its own error below
+                pass
+        join_partial_grads([q.grad for q in seen[0]] if seen else [], seen[0] if seen else [])
     for _attempt in range(2):
-        packing = plan.packing_for(order, entry_groups, stage, device)
-        packed, packet = _pack(plan, packing, partials, p, stage, device, stale, error is not None)
+        built = None
+        if error is None:
+            assert partials is not None
+            built, error = rank_errors.attempt(functools.partial(_pack, plan, order, entry_groups, partials, p, stage, device, stale))
+        packed = built[1] if built is not None else _failed(order, entry_groups, p, stage, device, error)
         all_reduce(packed, p, stage)
+        if built is None:  # this rank failed: every rank raises together, this one its own error
+            rank_errors.settle(True, error, packed.device, stage.group)
+        assert built is not None
+        packing, _, packet = built
         # read on the host (a sync on accelerators, as reading which names are present is anyway)
         view = packet.decode_host(packed.tolist())
-        rank_errors.settle(view.failed, error, packed.device, stage.group)
+        rank_errors.settle(view.failed, None, packed.device, stage.group)
         if not view.names_changed:
             break
         order = NameOrder.agree(plan.sig, stage)
@@ -936,9 +981,28 @@ def measure(
             at = order.index.get(name)
             e = entry_of[at] if at is not None else -1
             unit_entries.append(entry_names[e] if e >= 0 else None)
-    return Measured(names, norms64, torch.float64 if view.has_float64 else torch.float32, unit_tensors, unit_entries, stage)
+    return Measured(names, norms64, torch.float64 if view.has_float64 else torch.float32, tensors, unit_entries, stage)
 
 
+def _unit_partials(plan: NormsPlan, tensors: list[torch.Tensor], p: float, device: torch.device) -> torch.Tensor:
+    """The per-unit partials: ``Partial`` grads made whole first (their collectives go out before
+    anything here can fail; a failure inside them is not followed by a join), then measured."""
+    if plan.partial:
+        tensors = list(tensors)
+        for i, value in _reduce_partial_units(tensors, plan.partial, plan.partial_names).items():
+            tensors[i] = value
+    return tensor_partials(tensors, p, device, plan.buckets if not plan.partial else None)
+
+
+def _failed(order: NameOrder, entry_groups: Optional[Callable], p: float, stage: Stage, device: torch.device,
+            error: Optional[Exception]) -> torch.Tensor:
+    """A failed rank's vector: as long as the others' (their entries follow the agreed order)."""
+    assert error is not None
+    try:
+        n = len(order.entries(entry_groups)[0]) + 1
+    except Exception:  # the length is what failed: no vector of the others' length to send
+        raise error from None
+    return failed_vector(2 * n, stage.distributed, math.isinf(p), device)
 
 
 def _fallback_norm_type(norm_type: object) -> float:
@@ -949,19 +1013,22 @@ def _fallback_norm_type(norm_type: object) -> float:
         return 2.0
 
 
-def _reduce_partial_units(tensors: list[torch.Tensor], partial: list[int]) -> dict[int, torch.Tensor]:
-    """``Partial`` grads made whole (one all-reduce per partial mesh group, as in clip.py)."""
-    wanted = [(cast(DTensor, tensors[i]), float(i)) for i in partial]  # a partial unit holds its DTensor grad
+def _reduce_partial_units(tensors: list[torch.Tensor], partial: list[int], names: list[str]) -> dict[int, torch.Tensor]:
+    """``Partial`` grads made whole (one all-reduce per partial mesh group, as in clip.py), paired
+    across ranks by ``names`` (``layout.pairing_names``)."""
+    wanted = [(cast(DTensor, tensors[i]), float(i), name) for i, name in zip(partial, names)]  # a partial unit holds its DTensor grad
     # ``reduce_partial_grads`` returns (value, weight) pairs with the weight passed through
     # unchanged, in its own bucket order: the unit's index travels in the weight's place.
     return {int(i): value for value, i in reduce_partial_grads(wanted)}
 
 
-def _pack(plan: NormsPlan, packing: Packing, s: torch.Tensor, p: float, stage: Stage, device: torch.device, stale: bool,
-          failed: bool) -> tuple[torch.Tensor, Packet]:
+def _pack(plan: NormsPlan, order: NameOrder, groups: Optional[Callable], s: torch.Tensor, p: float, stage: Stage,
+          device: torch.device, stale: bool) -> tuple[Packing, torch.Tensor, Packet]:
     """This rank's vector (see ``packet``): its head is the per-entry weighted partials and the
     total's partial, then per-entry flags; the packet adds the agreement slots and the flags
-    (names changed, has float64, failed). ``s``: the per-unit partials."""
+    (names changed, has float64, failed). ``s``: the per-unit partials. Returns the packing (where
+    each unit went, for ``groups`` in ``order``) with it."""
+    packing = plan.packing_for(order, groups, stage, device)
     n_entries = len(packing.entry_names)
     n = n_entries + 1  # entries, then the total
     flags = packing.flags
@@ -989,8 +1056,8 @@ def _pack(plan: NormsPlan, packing: Packing, s: torch.Tensor, p: float, stage: S
     order = packing.order
     call = agreement.call_signature(f"grad_norms[{len(order.names)} names {order.crc:08x}, {n_entries} entries]", p, None, False, stage)
     packet = Packet(2 * n, agreement.Signature(call, plan.kinds, stage) if stage.distributed else None, math.isinf(p))
-    packed = packet.encode_device(torch.cat([values, flags]), device, names_changed=stale, has_float64=plan.has_float64, failed=failed)
-    return packed, packet
+    packed = packet.encode_device(torch.cat([values, flags]), device, names_changed=stale, has_float64=plan.has_float64)
+    return packing, packed, packet
 
 
 def _unpack(packed: torch.Tensor, view: HostView, entry_names: list[str], p: float, packet: Packet, plan: NormsPlan) -> tuple[

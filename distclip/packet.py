@@ -32,13 +32,20 @@ import torch
 
 from distclip.agreement import Signature, crc_halves
 
-__all__ = ["FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "total_head", "total_head_host", "total_from_head",
-           "total_from_head_host"]
+__all__ = ["FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "failed_vector", "total_head", "total_head_host",
+           "total_from_head", "total_from_head_host"]
 
 STAGE_SLOTS = 16  # stages compared individually; with more stages only the call signature is checked
 _H = 4  # numbers per agreement row: two 16-bit halves, each as (h, h^2) or (h, -h)
 FLAGS = ("names_changed", "has_float64", "failed")
 TOTAL_HEAD = 3  # [value, NaN flag, present]
+_AGREEMENT = _H * (1 + STAGE_SLOTS)  # the call's row, then one row per stage slot (``agreement_slots``)
+
+
+def _length(head: int, distributed: bool) -> int:
+    """The vector's length: fixed by the head and whether there are ranks to agree with, never by
+    what a rank holds, so a rank that failed still sends a vector of the others' length."""
+    return head + (_AGREEMENT if distributed else 0) + len(FLAGS)
 
 
 def _encode(h: tuple[int, int], use_max: bool) -> list[float]:
@@ -95,9 +102,9 @@ class Packet:
 
     def __init__(self, head: int, sig: Optional[Signature], use_max: bool) -> None:
         self.head, self.sig, self.use_max = head, sig, use_max
-        self.n_agreement = len(agreement_slots(sig, use_max)) if sig is not None else 0
+        self.n_agreement = _AGREEMENT if sig is not None else 0
         self.flags_at = head + self.n_agreement
-        self.length = self.flags_at + len(FLAGS)
+        self.length = _length(head, sig is not None)
 
     def _riders(self, flags: dict[str, bool]) -> list[float]:
         unknown = set(flags) - set(FLAGS)
@@ -155,6 +162,17 @@ class Packet:
             return ((count * rows_v[:, 1] != rows_v[:, 0] ** 2) | (count * rows_v[:, 3] != rows_v[:, 2] ** 2)).any()
 
         return differ(v[:1], float(self.sig.stage.group_size)) | differ(v[1:], float(self.sig.stage.size))
+
+
+def failed_vector(head: int, distributed: bool, use_max: bool, device: torch.device) -> torch.Tensor:
+    """The vector of a rank that failed before its own was encoded (bad input, local math, packing):
+    the others' length, with the ``failed`` flag set and every other number neutral under the
+    reduction (0 for SUM, -inf for MAX; flags 0), so the call's one collective still goes out and
+    every rank sees the flag. Built from nothing the rank holds, so it cannot fail the way the rank
+    did. ``head``: the number of caller values (``Packet.head``)."""
+    n = _length(head, distributed)
+    values = [-math.inf if use_max else 0.0] * (n - len(FLAGS)) + [1.0 if name == "failed" else 0.0 for name in FLAGS]
+    return _to_device(values, device)
 
 
 def _to_device(values: list[float], device: torch.device) -> torch.Tensor:

@@ -77,15 +77,17 @@ class LayoutPlan:
         self.extra: dict[int, tuple] = {}
         if PartialRoute in classes or FlatRunsRoute in classes:
             slot = self.keys.index
+            names = iter(layout.partial_names or [""] * len(layout.partial))  # in index order, as discovery lists them
             for index, (route, grad) in enumerate(zip(self.routes, grads)):
                 if isinstance(route, PartialRoute):
                     assert grad is not None  # it has a route
-                    self.extra[index] = (local_of(grad).device, grad.dtype)
+                    self.extra[index] = (local_of(grad).device, grad.dtype, next(names))
                 elif isinstance(route, FlatRunsRoute):
                     assert grad is not None
                     self.extra[index] = tuple((slot((grad.device, grad.dtype, weight)), start, stop) for start, stop, weight in route.runs)
         self.batches = _batches(self.routes, classes, self.slots, self.keys, self.specs)
         self.first: Optional[LocalLayout] = layout  # the discovery's own result serves the call that built the plan
+        self.result_mesh = layout.result_mesh  # the grads' specs are checked on every call, and so their meshes
         self.marks_version = Marks.version
         self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
         self.valid = True
@@ -138,7 +140,7 @@ class LayoutPlan:
                 if not all(map(operator.is_, map(spec_of, tensors), batch.specs)):
                     return None
                 lists[batch.slot] = list(map(local_of, tensors))
-        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, [])
+        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, [], result_mesh=self.result_mesh)
 
     def _apply_each(self, grads: list) -> Optional[LocalLayout]:
         """The plan checked parameter by parameter (any route, and DTensor specs by structure);
@@ -146,6 +148,7 @@ class LayoutPlan:
         keys, extra, specs = self.keys, self.extra, self.specs
         lists: list[list[torch.Tensor]] = [[] for _ in keys]
         partial: list[tuple[DTensor, float]] = []
+        partial_names: list[str] = []
         routes: list[Any] = self.routes  # told apart by class below, which mypy does not follow
         slots: list[Any] = self.slots  # an int wherever the route joins a group
         for index, (grad, route, slot) in enumerate(zip(grads, routes, slots)):
@@ -160,10 +163,11 @@ class LayoutPlan:
                 lists[slot].append(local_of(grad))
             elif kind is PartialRoute:
                 spec, old = spec_of(grad), specs[index]
-                device, dtype = extra[index]
+                device, dtype, name = extra[index]
                 if spec is not old and _structure(spec, grad) != _structure_of(old, dtype, device):
                     return None
                 partial.append((grad, route.weight))  # a DTensor, as checked
+                partial_names.append(name)
             elif kind is FlatRunsRoute:
                 runs = extra[index]
                 if grad.dtype != keys[runs[0][0]][1] or grad.device != keys[runs[0][0]][0]:
@@ -176,7 +180,8 @@ class LayoutPlan:
                     return None
                 padding = route.padding if kind is FlatShardRoute else 0
                 lists[slot].append(grad[: grad.numel() - padding] if padding else grad)
-        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial)
+        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial, partial_names=partial_names,
+                           result_mesh=self.result_mesh)
 
 
 _grad = operator.attrgetter("grad")

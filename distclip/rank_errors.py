@@ -1,12 +1,18 @@
 """One rank's bad input reaches every rank within the call.
 
 A rank that gets bad input (a NaN ``max_norm`` from its own schedule, a wrongly built
-``pp_group``, a layout it cannot count) cannot compute a partial norm. If it raised at once, the
-other ranks would wait in the all-reduce until the process-group timeout (minutes; forever with
-NCCL and no watchdog). Instead it still takes part in every collective of the call, with a flag
-set in the reduced vector; every rank then sees the flag and raises: the failing rank its own
-exception, the others the same exception class with a message naming the failing rank and its
-problem. No gradient is changed on any rank.
+``pp_group``, a layout it cannot count, a grad its local math cannot measure) cannot compute a
+partial norm. If it raised at once, the other ranks would wait in the all-reduce until the
+process-group timeout (minutes; forever with NCCL and no watchdog). Instead it still takes part in
+every collective of the call, with a flag set in the reduced vector; every rank then sees the flag
+and raises: the failing rank its own exception, the others the same exception class with a message
+naming the failing rank and its problem. No gradient is changed on any rank.
+
+Every failure between a call's entry and its collective takes this one path: argument checks and
+discovery, the local math and the packing of the vector all run under :func:`attempt`, and a rank
+that failed at any of them sends ``packet.failed_vector`` (the others' length, the flag set,
+built from nothing the rank holds), after issuing the ``Partial``-grad collectives its peers issue
+(``audit``'s exchanges carry the error instead).
 
 Only the error path gathers messages (one ``all_gather`` of fixed-size byte buffers, no pickling),
 and only where reading the flag costs no host sync (see ``host_reads``); on accelerators the flag
@@ -108,7 +114,7 @@ def raise_gathered(failures: list[Optional[tuple[str, str]]], error: Optional[Ba
 
 
 def attempt(fn: Callable[[], _T]) -> tuple[Optional[_T], Optional[Exception]]:
-    """Step one of every function that communicates: run the local part (validation, discovery).
+    """Run a local part of a function that communicates (validation, discovery, local math, packing).
 
     Without a process group an error is raised at once, as torch would. In a distributed job it is
     returned instead: the rank still joins every collective of the call with the failure flag set

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+import zlib
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from distclip._dtensor import DTensor, check_partial_ops, is_sum_dim, local_of, spec_of
 from distclip._torch import default_group_device
 from distclip.exchange import every_rank_must_call
+from distclip.host_reads import host_reads_allowed
 from distclip.layout import Stage
 
 
@@ -61,33 +63,80 @@ def all_reduce(packed: torch.Tensor, norm_type: float, stage: Stage) -> None:
             dist.all_reduce(packed, op=reduction_op(norm_type), group=stage.group)
 
 
-def reduce_partial_grads(partial: Sequence[tuple[DTensor, float]]) -> list[tuple[torch.Tensor, float]]:
+class PartialGrad(NamedTuple):
+    """A ``Partial`` DTensor grad to make whole: ``tag`` travels through unchanged (a weight, or
+    the caller's index), ``name`` is what every rank calls it (its parameter's name; "" where the
+    caller has none)."""
+
+    grad: DTensor
+    tag: float
+    name: str = ""
+
+
+def _pairing_key(entry: PartialGrad) -> tuple:
+    """What pairs a grad with its summands on the other ranks: its name, then what the tensor
+    itself shows alike on every rank (global shape, dtype, placements). Never the position in the
+    caller's list: ranks may list the same grads in different orders (a ``set(...)`` of
+    parameters), and summing rank 0's LayerNorm weight with rank 1's bias is silently wrong."""
+    spec = spec_of(entry.grad)
+    return (entry.name, tuple(entry.grad.shape), str(entry.grad.dtype), repr(tuple(spec.placements)))
+
+
+def reduce_partial_grads(partial: Sequence[tuple]) -> list[tuple[torch.Tensor, float]]:
     """Make ``Partial`` DTensor grads whole: their local tensors, concatenated per mesh (in float64,
     complex128 for complex grads), are summed over the mesh dimensions where they are partial.
 
-    One collective per (mesh, partial dims, real/complex): never one per tensor. Only the ranks of
-    that mesh hold such grads, and all of them do (``parallelize_module`` applies the same plan on
-    every rank of the mesh), so exactly the ranks of each group issue its collective. Returns the
-    reduced values as (1-D float64 tensor, weight) for the norm; the grads are left as they are.
+    ``partial``: ``PartialGrad`` records, or (grad, tag) pairs. One collective per (mesh, partial
+    dims, real/complex): never one per tensor. Only the ranks of that mesh hold such grads, and all
+    of them do (``parallelize_module`` applies the same plan on every rank of the mesh), so exactly
+    the ranks of each group issue its collective. Within a collective the grads are paired across
+    ranks by ``_pairing_key`` (stable for ties: grads alike in name, shape, dtype and placements
+    keep the caller's order). Where reading a value costs no host sync, a first, two-number
+    all-reduce checks that every rank of the group holds the same keys, and a mismatch raises
+    ``LayoutMismatchError`` on every rank of the group before any value is summed. Returns the
+    reduced values as (1-D float64 tensor, tag) for the norm; the grads are left as they are.
     """
-    buckets: dict[tuple, list[tuple[DTensor, float]]] = {}
-    for grad, weight in partial:
-        spec = spec_of(grad)
+    buckets: dict[tuple, list[PartialGrad]] = {}
+    for item in partial:
+        entry = item if isinstance(item, PartialGrad) else PartialGrad(*item)
+        spec = spec_of(entry.grad)
         dims = check_partial_ops(spec)
-        buckets.setdefault((spec.mesh, dims, grad.is_complex()), []).append((grad, weight))
+        buckets.setdefault((spec.mesh, dims, entry.grad.is_complex()), []).append(entry)
     out: list[tuple[torch.Tensor, float]] = []
     for (mesh, dims, is_complex), members in buckets.items():
+        members.sort(key=_pairing_key)
         dtype = torch.complex128 if is_complex else torch.float64
-        flat = torch.cat([local_of(g).reshape(-1).to(dtype) for g, _ in members])
+        flat = torch.cat([local_of(e.grad).reshape(-1).to(dtype) for e in members])
+        if host_reads_allowed(flat.device):
+            _check_pairing(members, mesh, dims, flat.device)
         for dim in dims:
             dist.all_reduce(flat, group=mesh.get_group(dim))
         offset = 0
-        for grad, weight in members:
-            n = local_of(grad).numel()
+        for entry in members:
+            n = local_of(entry.grad).numel()
             value = flat[offset : offset + n]
             offset += n
             for dim in dims:
-                if not is_sum_dim(spec_of(grad), dim):  # an average
+                if not is_sum_dim(spec_of(entry.grad), dim):  # an average
                     value = value / mesh.size(dim)
-            out.append((value, weight))
+            out.append((value, entry.tag))
     return out
+
+
+def _check_pairing(members: list[PartialGrad], mesh: object, dims: tuple[int, ...], device: torch.device) -> None:
+    """Every rank of each partial mesh group holds the same keys, in the same order: the sum and the
+    sum of squares of one small integer per rank tell (equal iff sum^2 == n * sum of squares,
+    exact in float64 for these sizes)."""
+    digest = zlib.crc32(repr([_pairing_key(e) + (local_of(e.grad).numel(),) for e in members]).encode()) % (1 << 20) + 1
+    for dim in dims:
+        group = mesh.get_group(dim)  # type: ignore[attr-defined]
+        check = torch.tensor([float(digest), float(digest) ** 2], dtype=torch.float64, device=device)
+        dist.all_reduce(check, group=group)
+        total, squares = check.tolist()
+        if total * total != squares * dist.get_world_size(group):
+            from distclip.agreement import LayoutMismatchError
+
+            raise LayoutMismatchError(
+                "distclip: the ranks of a tensor-parallel group hold different Partial grads (names, shapes, dtypes or "
+                f"placements: this rank's are {[k[:2] for k in map(_pairing_key, members)][:6]}); they cannot be "
+                "summed into whole gradients. Pass every rank the same parameters (any order)")

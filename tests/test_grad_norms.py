@@ -110,8 +110,8 @@ def world_layouts(rank: int, world: int) -> list[str]:
         built = build()
         full = _full(built)
         extra = P_EXTRA if label in ("FSDP2", "FSDP1 flat") else ()
-        # Partial grads (LayerNorm under sequence parallelism) need their one extra all-reduce
-        errors += check(label, built.parameters, full, ps=P_MAIN + extra, collectives=2 if "Partial" in label else 1)
+        # Partial grads (LayerNorm under sequence parallelism): a pairing check and their values, then the one reduce
+        errors += check(label, built.parameters, full, ps=P_MAIN + extra, collectives=3 if "Partial" in label else 1)
     part, pp_group, ref = _tied_pp(ctx)
     errors += check("tied PP", part, ref, pp_group=pp_group, duplicate=("head.weight",))
     errors += check("tied PP pairs", list(part.named_parameters()), ref, pp_group=pp_group, fresh=False, duplicate=("head.weight",))

@@ -117,9 +117,11 @@ def _misconfigured(rank, world):
         out["pp forgotten"] = str(e)
     out["pp given"] = float(distclip.clip.total_grad_norm(built.parameters, pp_group=built.pp_group))
     built = verify.build_ep(ctx)
-    for expert in built.parameters.experts.values():
-        for p in expert.parameters():
-            del p._distclip_annotation  # mark_sharded forgotten
+    from distclip.marks import Marks
+
+    for module in built.parameters.experts.modules():  # mark_sharded forgotten: distclip keeps marks by module slot
+        Marks.by_module.pop(module, None)
+    Marks.version += 1
     try:
         distclip.clip.total_grad_norm(built.parameters)
         out["marks forgotten"] = "no error"

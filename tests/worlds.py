@@ -26,6 +26,7 @@ from torch.distributed.tensor.placement_types import Partial
 
 import distclip
 from checks import count_collectives, f64, reference_norm, same_on_every_rank
+from distclip.host_reads import host_reads_allowed
 
 NORMS = (1.0, 2.0, 3.0, math.inf, -math.inf, 0.0, 0.5, -2.0)
 
@@ -232,7 +233,11 @@ def partial_grads(world: int) -> Layout:
         params.append(p)
         fulls.append(full2)
     plain = full_grad((4,), 194)
-    return Layout(params + [pparam(plain)], fulls + [plain], collectives=(3 if world % 2 == 0 else 2) if world > 1 else 2)
+    buckets = 2 if world > 1 and world % 2 == 0 else 1  # Partial grads' (mesh, partial dims) groups
+    # where values can be read on the host, each group's values are preceded by a two-number check
+    # that every rank holds the same Partial grads (``reduce.reduce_partial_grads``)
+    per_bucket = 2 if host_reads_allowed(torch.device("cpu")) else 1
+    return Layout(params + [pparam(plain)], fulls + [plain], collectives=1 + buckets * per_bucket)
 
 
 def many_small(world: int) -> Layout:

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 import distclip
+from distclip._dtensor import DTensor
 from distclip.guard import GradGuard
 
 __all__ = ["clip_grad_norm_", "install", "installed", "uninstall"]
@@ -103,7 +104,9 @@ def clip_grad_norm_(
     # torchtitan materialises generators too (they are consumed once, then clipped)
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     if guard is None:
-        return distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh, group=group)
+        total = distclip.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach, pp_group=pp_mesh, group=group)
+        # torchtitan's own function returns its DTensor norm made whole (``full_tensor()``): a plain tensor
+        return total.to_local() if isinstance(total, DTensor) else total
     if float(norm_type) != guard.norm_type or float(max_norm) != guard.policy.cap:
         raise ValueError(f"distclip: max_norm={max_norm}, norm_type={norm_type} differ from the guard's ({guard.policy.cap}, "
                          f"{guard.norm_type}): build the GradGuard from the same config")
