@@ -93,7 +93,7 @@ def _world(rank: int, world: int) -> dict[str, str]:
         distclip.mark_sharded(experts.weight, group)
         distclip.mark_sharded(experts.bias, group)
         model(torch.ones(2, 3)).pow(2).sum().backward()
-        saved = {n: p.grad.detach().clone() if not hasattr(p.grad, "full_tensor") else p.grad.detach().clone() for n, p in model.named_parameters()}
+        saved = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         gathered = []
         for g in saved.values():
             f = _full(g).contiguous()
