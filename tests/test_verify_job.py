@@ -71,7 +71,7 @@ def test_layout_selection():
     from distclip import verify
 
     assert [s.name for s in verify.select(1, ["HSDP", "DDP"])] == ["DDP"]  # HSDP needs an even world
-    assert len(verify.select(4)) == len(verify.SCENARIOS) == 18
+    assert len(verify.select(4)) == len(verify.SCENARIOS) == 19
     with pytest.raises(ValueError, match="valid names: DDP, "):
         verify.select(4, ["PP"])
     assert [s.name for s in verify.select(4, tags=["pipeline", "fsdp2"])] == ["PP x FSDP", "tied embed PP x FSDP2"]

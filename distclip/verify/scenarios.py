@@ -59,6 +59,7 @@ TAGS = {
     "partial": "Partial DTensor grads, made whole before measuring",
     "frozen": "frozen parameters (no grad) inside a sharded unit",
     "meta": "built on the meta device, materialised with load_state_dict(assign=True)",
+    "order": "parameters listed in a different order on each rank",
 }
 
 
@@ -481,6 +482,17 @@ def build_tp_sp(ctx: Ctx) -> Built:
     return Built(model, plain_full(model), local_grad_tensors(model), reference_grads=ref)
 
 
+def build_tp_sp_any_order(ctx: Ctx) -> Built:
+    """``build_tp_sp`` clipped as a list of its parameters in an order that differs by rank (what a
+    ``set(...)`` of parameters gives): the LayerNorm's ``Partial`` weight and bias grads (alike in
+    shape) must still be summed with their own summands on the other ranks."""
+    built = build_tp_sp(ctx)
+    assert isinstance(built.parameters, nn.Module)
+    params = list(built.parameters.parameters())
+    built.parameters = params[ctx.rank % len(params):] + params[: ctx.rank % len(params)]  # rotated by rank
+    return built
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -515,6 +527,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("tied embed PP x FSDP2", build_tied_pp_fsdp2, even, ("pipeline", "tied", "marks", "fsdp2", "dtensor")),
     Scenario("FSDP1 LoRA", build_fsdp1_lora, any_size, ("fsdp1", "frozen")),
     Scenario("TP + SP", build_tp_sp, divides_seq, ("tp", "dtensor", "partial")),
+    Scenario("TP + SP, order by rank", build_tp_sp_any_order, divides_seq, ("tp", "dtensor", "partial", "order")),
 )
 LAYOUT_NAMES = tuple(s.name for s in SCENARIOS)
 
