@@ -184,12 +184,17 @@ def _coalesced(layout: LocalLayout) -> dict:
 
 def _norm_groups(layout: LocalLayout) -> dict:
     """The groups whose norms make the partial: the local grads, plus ``Partial`` grads made whole
-    by one all-reduce per partial mesh group (issued by exactly the ranks of that mesh)."""
-    if not layout.partial:
+    by one all-reduce per partial mesh group (issued by exactly the ranks of that mesh), and sparse
+    grads' coalesced values (``LocalLayout.resolve``)."""
+    if not layout.partial and not layout.measure_only:
         return layout.groups
     groups = dict(layout.groups)
-    for tensor, weight in reduce_partial_grads(layout.named_partial()):
-        groups.setdefault((tensor.device, tensor.dtype, weight), []).append(tensor)
+    for key, tensors in layout.measure_only.items():
+        groups[key] = groups.get(key, []) + tensors
+    if layout.partial:
+        for tensor, weight in reduce_partial_grads(layout.named_partial()):
+            key = (tensor.device, tensor.dtype, weight)
+            groups[key] = groups.get(key, []) + [tensor]
     return groups
 
 
@@ -213,10 +218,13 @@ def join_partial_grads(grads: list, holders: Optional[list] = None) -> None:
 
 
 def _scale_groups(layout: LocalLayout) -> dict:
-    """Every local tensor to scale: a ``Partial`` grad is scaled summand by summand."""
-    if not layout.partial:
+    """Every local tensor to scale: a ``Partial`` grad is scaled summand by summand, a sparse grad
+    through its values (``LocalLayout.resolve``)."""
+    if not layout.partial and not layout.scale_only:
         return layout.groups
     groups = dict(layout.groups)
+    for key, tensors in layout.scale_only.items():
+        groups[key] = groups.get(key, []) + tensors
     for grad, _ in layout.partial:
         local = local_of(grad)
         key = (local.device, local.dtype, None)
@@ -573,6 +581,9 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
     if holders:
         _clamp_partial_grads([cast(DTensor, p.grad) for p in holders], holders, clip_value)
     plain = [p for p in params if not reducible_partial(p.grad)] if holders else params
+    for p in plain:  # a clamp is not linear: a sparse grad's repeated indices are summed first
+        if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
     for tensors in local_grad_tensors(plain).values():
         tensors = coalesce(tensors)
         if foreach is False:

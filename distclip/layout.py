@@ -218,6 +218,11 @@ class LocalLayout:
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
     coalescers: Optional[dict] = None
     marks: dict[int, Annotation] = field(default_factory=dict)  # the parameters' marks, by id (``marks.table``)
+    # Sparse grads: the coalesced values are measured (``measure_only``, by group key), the grad's
+    # own values are scaled in place (``scale_only``, by (device, dtype, None)); see ``resolve``.
+    measure_only: dict[GroupKey, list[torch.Tensor]] = field(default_factory=dict)
+    scale_only: dict[GroupKey, list[torch.Tensor]] = field(default_factory=dict)
+    resolved: bool = False  # some grad stands in a group as a view of itself (``resolve``)
     # the rank-agreed name of each ``partial`` grad's parameter, in ``partial``'s order (``marks.names_of``):
     # what pairs it with its summands on the other ranks
     partial_names: list[str] = field(default_factory=list)
@@ -225,6 +230,32 @@ class LocalLayout:
     # The mesh of this rank's grads when every one is a DTensor on that one mesh (what makes
     # torch's clip return a DTensor; ``clip.as_torch_returns``), else None.
     result_mesh: Optional[DeviceMesh] = None
+
+    def resolve(self, local: torch.Tensor, key: GroupKey) -> Optional[torch.Tensor]:
+        """What stands for a grad the kernels cannot take as it is, in its group (``key``):
+
+        - a complex grad with the conjugate bit (``w.mH`` in the forward): its ``conj()``, a view
+          without the bit (no copy), whose magnitudes are the same and which scales the same
+          by a real factor (torch's foreach kernels refuse the bit);
+        - a sparse COO grad (``nn.Embedding(sparse=True)``): measured by its coalesced values
+          (duplicate indices summed first, as the dense gradient would hold them: one copy of the
+          values, never of the dense tensor) and scaled through its own values in place.
+        Returns the tensor for the group, None for a sparse grad (kept in the two dicts)."""
+        self.resolved = True
+        if local.is_sparse:
+            values = local.coalesce().values() if not local.is_coalesced() else local.values()
+            own = local._values()
+            if values.is_conj():
+                values, own = values.conj(), own.conj()
+            self.scale_only.setdefault((own.device, own.dtype, None), []).append(own)
+            self.measure_only.setdefault(key, []).append(values)
+            return None
+        return local.conj()
+
+    @property
+    def plannable(self) -> bool:
+        """Whether a plan can serve later calls from this layout (it keeps grads' tensors as they are)."""
+        return not (self.measure_only or self.scale_only or self.resolved)
 
     def named_partial(self) -> list:
         """``partial`` as ``reduce.PartialGrad``-shaped (grad, weight, name) triples."""
@@ -317,14 +348,20 @@ def stage_copies(group_ranks: frozenset[int], pp_ranks: Optional[frozenset[int]]
 
 def local_grad_tensors(parameters: ParamsLike) -> dict[tuple, list[torch.Tensor]]:
     """This rank's local grad tensors grouped by (device, dtype), for element-wise work
-    (scaling, clamping) that needs no layout: DTensor grads as their local shards, everything else
-    (FSDP1 flat shards with their zero padding included) as is."""
+    (scaling, clamping) that needs no layout: DTensor grads as their local shards, a sparse grad as
+    its values, a conjugate-bit grad as its ``conj()`` view (a real factor and a clamp of the
+    magnitudes' parts act on it alike), everything else (FSDP1 flat shards with their zero padding
+    included) as is."""
     params, _ = as_param_list(parameters)
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
     for p in params:
         grad = p.grad
         if grad is not None:
             local = grad.to_local() if isinstance(grad, DTensor) else grad
+            if local.is_sparse:
+                local = local._values()
+            if local.is_conj():
+                local = local.conj()
             groups[(local.device, local.dtype)].append(local)
     return groups
 
@@ -736,6 +773,16 @@ def local_layout(
             if routes:
                 route_list[index] = route
             continue
+        if local.is_conj() or local.is_sparse:  # what the kernels cannot take as it is (``LocalLayout.resolve``)
+            resolved = layout.resolve(local, (local.device, local.dtype, route.weight))  # type: ignore[union-attr]
+            if resolved is None:  # sparse: measured and scaled apart from the groups
+                if entries:
+                    entry_list.append(Entry(index, layout.measure_only[(local.device, local.dtype, route.weight)][-1],  # type: ignore[union-attr]
+                                            route.weight))  # type: ignore[union-attr]
+                if routes:
+                    route_list[index] = route
+                continue
+            local = resolved
         if bucket is not None:
             bucket.append(local)
         else:  # only a Partial grad has no group: it is made whole first
@@ -792,19 +839,32 @@ def pairing_names(grads: Sequence[torch.Tensor], holders: Sequence[torch.Tensor]
 def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool, routes: bool) -> LocalLayout:
     """Without torch.distributed every gradient is whole on this rank: weight 1, no agreement."""
     groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
+    layout = LocalLayout(groups)
     entry_list: list[Entry] = []
     route_list: list[Optional[Route]] = [None] * len(grads) if routes else []
     joins: list[Optional[list[torch.Tensor]]] = [None] * len(grads) if routes else []
     for i, g in enumerate(grads):
         if g is not None:
-            bucket = groups[(g.device, g.dtype, 1.0)]
+            key = (g.device, g.dtype, 1.0)
+            if g.is_conj() or g.is_sparse:  # what the kernels cannot take as it is (``LocalLayout.resolve``)
+                resolved = layout.resolve(g, key)
+                if resolved is None:
+                    if entries:
+                        entry_list.append(Entry(i, layout.measure_only[key][-1], 1.0))
+                    if routes:
+                        route_list[i] = _UNDISTRIBUTED
+                    continue
+                g = resolved
+            bucket = groups[key]
             bucket.append(g)
             if entries:
                 entry_list.append(Entry(i, g, 1.0))
             if routes:
                 route_list[i] = _UNDISTRIBUTED
                 joins[i] = bucket
-    return LocalLayout(groups, entries=entry_list, routes=route_list, joins=joins, grads=list(grads) if routes else [])
+    layout.entries, layout.routes, layout.joins = entry_list, route_list, joins
+    layout.grads = list(grads) if routes else []
+    return layout
 
 
 _grad_of = operator.attrgetter("grad")

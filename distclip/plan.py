@@ -90,7 +90,7 @@ class LayoutPlan:
         self.result_mesh = layout.result_mesh  # the grads' specs are checked on every call, and so their meshes
         self.marks_version = Marks.version
         self.coalescers: Optional[dict[tuple, Coalescer]] = None  # see ``with_coalescers``
-        self.valid = True
+        self.valid = layout.plannable  # conj or sparse grads stand in their groups as views: found anew each call
         self.identity = identity_of(params)
 
     def with_coalescers(self, layout: LocalLayout) -> LocalLayout:
@@ -295,6 +295,9 @@ class PlanCache:
                 self.seen.popitem(last=False)
             return local_layout(params, module, stage)
         plan = LayoutPlan(params, module, stage)
+        if not plan.valid:  # a layout no plan can serve again: this call's discovery, kept nowhere
+            assert plan.first is not None
+            return plan.first
         self.plans[key] = plan
         while len(self.plans) > self.size:
             self.drop(next(iter(self.plans)))

@@ -6,6 +6,8 @@
   torch raises (several meshes); ``clip_grads_with_norm_`` takes either;
 - ``get_total_norm`` given parameters warns whenever they look like parameters, also with frozen
   ones (LoRA);
+- complex grads with the conjugate bit and sparse grads (replicated, and a table per rank marked
+  sharded): their norms for every p and their scaling;
 - names that two pipeline stages share (stages built as separate ``nn.Sequential``s) are made
   unique by stage in ``grad_norms`` and ``GradGuard``'s ``nonfinite``.
 """
@@ -89,6 +91,39 @@ def _world(rank: int, world: int) -> dict[str, str]:
         warnings.simplefilter("always")
         distclip.get_total_norm([p.grad for p in lora.parameters() if p.grad is not None])
     out["grads given: no warning"] = "ok" if not any("measures the tensors" in str(w.message) for w in caught) else "warned"
+    # complex grads with the conjugate bit (``w.conj()`` in the forward), replicated (DDP-like)
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(5, 4, dtype=torch.complex64))
+    (torch.randn(3, 5, dtype=torch.complex64) @ w.conj()).abs().pow(2).sum().backward()
+    ref_c = float(torch.linalg.vector_norm(w.grad.resolve_conj().to(torch.complex128)))
+    got_c = float(distclip.get_total_norm([w.grad]))
+    before_c = w.grad.resolve_conj().clone()
+    clipped_c = float(distclip.clip_grad_norm_([w], ref_c / 2))
+    scaled = torch.allclose(w.grad.resolve_conj(), before_c * (ref_c / 2) / (ref_c + 1e-6), rtol=1e-5)
+    ok = w.grad.is_conj() and _close(got_c, ref_c) and _close(clipped_c, ref_c) and scaled
+    out["conj grads: norm and scaling"] = "ok" if ok else f"{got_c} {clipped_c} vs {ref_c}, scaled {scaled}"
+
+    # sparse grads: an nn.Embedding(sparse=True) replicated (DDP-like), and a table per rank marked sharded
+    torch.manual_seed(4)
+    emb = nn.Embedding(12, 3, sparse=True)
+    emb(torch.tensor([1, 2, 1, 7])).pow(2).sum().backward()  # repeated index: uncoalesced
+    values = emb.weight.grad.coalesce().values().double()
+    ok = True
+    for p in (1.0, 2.0, math.inf, 0.0, -math.inf):
+        ok = ok and _close(float(distclip.get_total_norm(emb, p)), float(torch.linalg.vector_norm(values, p)))
+    total = float(distclip.clip_grad_norm_(emb, 0.5))
+    ok = ok and _close(total, float(values.norm())) and _close(float(emb.weight.grad.to_dense().norm()), 0.5, 1e-5)
+    out["sparse replicated: every p, clipped"] = "ok" if ok else "wrong"
+    torch.manual_seed(20 + rank)
+    table = nn.Embedding(8, 2, sparse=True)
+    table(torch.tensor([rank % 8, (rank + 3) % 8, rank % 8])).pow(2).sum().backward()
+    distclip.mark_sharded(table, dist.group.WORLD)
+    local = table.weight.grad.coalesce().values().double()
+    parts = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(parts, local.pow(2).sum().reshape(1))
+    ref_t = float(torch.cat(parts).sum().sqrt())
+    out["sparse table per rank, marked"] = "ok" if _close(float(distclip.get_total_norm(table)), ref_t) else "wrong"
+
     # stages built as separate nn.Sequentials: the same names on both, made unique by stage
     pp_mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("pp", "dp"))
     stage = pp_mesh.get_coordinate()[0]
@@ -121,6 +156,9 @@ CASES = (
     "two meshes: plain tensor",
     "frozen parameters given: warned",
     "grads given: no warning",
+    "conj grads: norm and scaling",
+    "sparse replicated: every p, clipped",
+    "sparse table per rank, marked",
     "names unique across stages",
     "GradGuard nonfinite names unique across stages",
 )
