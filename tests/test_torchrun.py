@@ -21,7 +21,8 @@ WORLD = 4
 TORCH_RIGHT = ["DDP"]
 TORCH_WRONG = ["FSDP1 FULL_SHARD flat", "FSDP1 FULL_SHARD orig", "FSDP1 SHARD_GRAD_OP", "FSDP2", "TP + plain",
                "2D TP+FSDP", "FSDP1 over TP", "PP x FSDP", "EP uneven experts", "EP meta + assign", "tied embed PP",
-               "tied embed PP x FSDP2", "FSDP1 LoRA", "TP + SP", "TP + SP, order by rank"]
+               "tied embed PP x FSDP2", "FSDP1 LoRA", "TP + SP", "TP + SP, order by rank",
+               "sparse embedding"]
 
 
 def _env():
@@ -79,8 +80,8 @@ def test_main_job_passes_on_four_ranks(main_job):
     out, rows = main_job
     assert out.returncode == 0, _tail(out)
     summary = _summary(out)
-    assert summary and summary[-1].startswith("ALL PASS: 152/152"), out.stdout[-3000:]
-    assert "(19 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
+    assert summary and summary[-1].startswith("ALL PASS: 160/160"), out.stdout[-3000:]
+    assert "(20 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
     assert "FAIL" not in out.stdout.replace("FAILED", "")
     assert "[18/18] TP + SP" in out.stdout  # progress, per layout
     assert "UserWarning" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr[-3000:]
@@ -120,7 +121,7 @@ def test_torch_baseline_on_four_ranks_terminates_with_its_failures(torch_job):
     out, rows, elapsed = torch_job
     assert out.returncode not in (0, None), _tail(out)
     assert elapsed < 300, elapsed
-    assert len(rows) == 19 * len(TORCH_NORMS), out.stdout[-4000:]
+    assert len(rows) == 20 * len(TORCH_NORMS), out.stdout[-4000:]
     assert "hang/timeout" in rows[("FSDP2", "inf")][1], rows[("FSDP2", "inf")]
     assert "empty tensor" in rows[("FSDP2", "inf")][1]
     summary = _summary(out)

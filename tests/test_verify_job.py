@@ -71,7 +71,7 @@ def test_layout_selection():
     from distclip import verify
 
     assert [s.name for s in verify.select(1, ["HSDP", "DDP"])] == ["DDP"]  # HSDP needs an even world
-    assert len(verify.select(4)) == len(verify.SCENARIOS) == 19
+    assert len(verify.select(4)) == len(verify.SCENARIOS) == 20
     with pytest.raises(ValueError, match="valid names: DDP, "):
         verify.select(4, ["PP"])
     assert [s.name for s in verify.select(4, tags=["pipeline", "fsdp2"])] == ["PP x FSDP", "tied embed PP x FSDP2"]
@@ -100,7 +100,7 @@ def test_registry():
     assert used == set(verify.TAGS), set(verify.TAGS) - used  # no tag without a layout
     at = {w: {s.name for s in verify.select(w)} for w in (1, 2, 3, 4)}
     assert at[4] == set(LAYOUT_NAMES) and at[2] == at[4]
-    assert at[1] == at[3] | {"TP + SP"} and "HSDP" not in at[1] and "TP + SP" not in at[3]
+    assert at[1] == at[3] | {"TP + SP", "TP + SP, order by rank"} and "HSDP" not in at[1] and "TP + SP" not in at[3]
 
 
 def _imports(path: pathlib.Path) -> set[str]:

@@ -27,6 +27,7 @@ from distclip.verify.exchange import Ctx
 from distclip.verify.models import (
     BATCH,
     DIM,
+    OUT,
     SEQ,
     VOCAB,
     LoRA,
@@ -60,6 +61,7 @@ TAGS = {
     "frozen": "frozen parameters (no grad) inside a sharded unit",
     "meta": "built on the meta device, materialised with load_state_dict(assign=True)",
     "order": "parameters listed in a different order on each rank",
+    "sparse": "sparse COO grads (nn.Embedding(sparse=True))",
 }
 
 
@@ -493,6 +495,40 @@ def build_tp_sp_any_order(ctx: Ctx) -> Built:
     return built
 
 
+def _sparse_model(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(VOCAB, DIM, sparse=True), nn.Linear(DIM, OUT)).to(device)
+
+
+def _values_full(module: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
+    """The grads as distclip measures them: a sparse grad by its coalesced values."""
+    def full() -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in module.named_parameters():
+            if p.grad is not None:
+                g = p.grad
+                out[name] = (g.coalesce().values() if g.is_sparse else g).detach()
+        return out
+
+    return full
+
+
+def build_sparse(ctx: Ctx) -> Built:
+    """An ``nn.Embedding(sparse=True)`` replicated on every rank (each rank computes the same batch,
+    as DDP replicas would hold the same grads): a sparse COO grad with repeated indices
+    (uncoalesced), measured by its coalesced values and scaled through its own values."""
+    reference = _sparse_model(ctx.device)
+    loss_of(reference(batch(ctx.device))).backward()
+    ref = {n: t.double().cpu() for n, t in _values_full(reference)().items()}
+    model = _sparse_model(ctx.device)
+    loss_of(model(batch(ctx.device))).backward()
+
+    def grads() -> list[torch.Tensor]:
+        return [p.grad._values() if p.grad.is_sparse else p.grad for p in model.parameters() if p.grad is not None]
+
+    return Built(model, _values_full(model), grads, reference_grads=ref)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 
@@ -528,6 +564,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("FSDP1 LoRA", build_fsdp1_lora, any_size, ("fsdp1", "frozen")),
     Scenario("TP + SP", build_tp_sp, divides_seq, ("tp", "dtensor", "partial")),
     Scenario("TP + SP, order by rank", build_tp_sp_any_order, divides_seq, ("tp", "dtensor", "partial", "order")),
+    Scenario("sparse embedding", build_sparse, any_size, ("sparse",)),
 )
 LAYOUT_NAMES = tuple(s.name for s in SCENARIOS)
 
