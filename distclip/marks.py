@@ -46,9 +46,8 @@ GroupLike = Union["dist.ProcessGroup", "DeviceMesh"]
 
 # the attribute of a tensor held by no module when it was marked (see the module docstring)
 TENSOR_MARK_ATTR = "_distclip_annotation"
-# ``sys.getrefcount`` of a loose tensor held only by ``Marks.loose``: the table, the loop's name
-# for it and the call's argument
-_HELD_HERE_ONLY = 3
+# ``sys.getrefcount`` of a loose tensor held only by ``Marks.loose``: the table and the call's argument
+_HELD_HERE_ONLY = 2
 
 
 @dataclass(frozen=True)
@@ -130,8 +129,8 @@ class Marks:
     @classmethod
     def prune(cls) -> None:
         """Let go of the loose tensors nothing but this table holds (the user dropped them)."""
-        for key, tensor in list(cls.loose.items()):
-            if sys.getrefcount(tensor) <= _HELD_HERE_ONLY:
+        for key in list(cls.loose):
+            if sys.getrefcount(cls.loose[key]) <= _HELD_HERE_ONLY:
                 del cls.loose[key]
 
     @classmethod
