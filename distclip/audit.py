@@ -34,7 +34,7 @@ from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import GroupLike, Stage, current_stage, pairing_names
-from distclip.norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of
+from distclip.norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of, stage_unique
 from distclip.reduce import reduction_device
 
 __all__ = ["AuditReport", "audit"]
@@ -374,12 +374,23 @@ def _reference(everyone: list[list[Record]]) -> tuple[dict, dict]:
     for records in everyone:
         for r in records:
             first.setdefault((r.key, r.piece), r)
+    # the names grad_norms gives: a name two stages hold for different tensors is made unique by stage
+    held: dict[int, set[str]] = defaultdict(set)
+    tied_names: set[str] = set()
+    for records in everyone:
+        for r in records:
+            if r.key[0] == "tied":
+                tied_names.add(r.name)
+            else:
+                held[r.key[2]].add(r.name)
+    unique, _ = stage_unique([(stage, names, tied_names) for stage, names in held.items()])
     by_name_pieces: dict[str, dict] = defaultdict(dict)
     for records in everyone:
         for r in records:
             # a tied tensor's copies on every stage are one piece; a named one's, one per stage
             tied = r.key[0] == "tied"
-            by_name_pieces[r.name].setdefault((tied, r.key if tied else r.key[2], r.piece), r)
+            name = r.name if tied else unique(r.key[2], r.name)
+            by_name_pieces[name].setdefault((tied, r.key if tied else r.key[2], r.piece), r)
     total, per_name = {}, {}
     for p in NORM_TYPES:
         total[p] = _combine([r.stats[p] for r in first.values()], [r.numel for r in first.values()], p)

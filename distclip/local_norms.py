@@ -12,7 +12,9 @@ Norms are taken per piece (see ``_Pieces``: on CPU rows of about ``ROW`` element
 copied into flat chunks; on accelerators one ``torch._foreach_norm`` per group) and accumulated at
 least in float32; only the per-piece values are raised to ``p`` and summed in float64. On CPU
 the default p=2 never converts a grad to float64 (other p accumulate in float64 for accuracy, at
-a cost); on accelerators ``_foreach_norm`` accumulates in float64 in-kernel.
+a cost); on accelerators ``_foreach_norm`` accumulates in float64 in-kernel. Every copy a norm
+needs (a conversion, the float64 repair, complex magnitudes) is made a bounded block at a time
+(``block_elements``), so one call's extra memory stays a small fraction of the grads' bytes.
 """
 
 from __future__ import annotations
@@ -249,6 +251,32 @@ def chunk_elements(total: int) -> int:
     return max(FLAT_CHUNK_MIN, min(FLAT_CHUNK, total // 20)) // ROW * ROW
 
 
+# Every copy a norm makes (the conversion to the accumulation dtype, which torch's reductions with
+# ``dtype=`` make of their whole input; the float64 repair; a complex grad's magnitudes) is made a
+# block of at most ``block_elements`` elements at a time, never of a whole tensor or flat chunk: a
+# bf16 grad once cost twice its bytes in float32 and four times in float64 (benchmarks/README.md,
+# "Memory"). A block's float64 copy is 1/64 of the group's grad bytes, at least BLOCK_MIN elements
+# (640 KiB: a small group's matrices take few blocks) and at most BLOCK_MAX (8 MiB: larger blocks
+# gain no speed; blocks that stay in the cache convert faster than one pass over a whole tensor).
+BLOCK_MIN = 80 << 10
+BLOCK_MAX = 1 << 20
+# Elements per chunk of ``_foreach_norm``'s fused accelerator kernel (torch's MultiTensorApply.cuh,
+# ``kChunkSize``): it keeps one partial per chunk of its widest tensor for every tensor it is given.
+FOREACH_CHUNK = 1 << 16
+REPAIR_BATCH = BLOCK_MAX // ROW_MAX  # pieces gathered per float64 repair kernel (``_repair``)
+
+
+def block_elements(nbytes: int) -> int:
+    """Elements per conversion block for a group of ``nbytes`` grad bytes."""
+    return max(BLOCK_MIN, min(BLOCK_MAX, nbytes // 512))
+
+
+def measures_in_rows(device: torch.device) -> bool:
+    """Whether norms on ``device`` are taken over rows (CPU: its kernels accumulate in a few lanes,
+    see ``ROW``); accelerator reductions are tree-shaped and take whole tensors."""
+    return device.type == "cpu"
+
+
 class _Pieces:
     """A partition of tensors into pieces of at most ``ROW`` elements (CPU) for the norm kernels:
     ``mats`` (row matrices: one piece per row), ``flat`` (tensors to copy into flat chunks, whose
@@ -256,27 +284,49 @@ class _Pieces:
 
     With ``owned``, every piece lies inside one tensor (flat tensors are zero-padded to whole rows)
     and ``*_owner`` say which: the index in ``tensors`` of each mat, flat tensor and small piece.
+    With ``magnitudes``, the tensors are complex and measured by their magnitudes, taken a chunk,
+    block or batch at a time. ``block``: elements per conversion block (``block_elements``).
+
+    On accelerators every tensor is a small piece; where ``_foreach_norm`` would copy whole
+    tensors (``_copies_whole``), tensors above ``block`` elements are cut into views of ``block``.
     """
 
-    def __init__(self, tensors: list[torch.Tensor], flatten: bool, owned: bool = False) -> None:
+    def __init__(
+        self,
+        tensors: list[torch.Tensor],
+        flatten: bool,
+        owned: bool = False,
+        magnitudes: bool = False,
+        norm_type: float = 2.0,
+        acc: Optional[torch.dtype] = None,
+    ) -> None:
         self.mats: list[torch.Tensor] = []
         self.flat: list[torch.Tensor] = []
         self.small: list[torch.Tensor] = []
         self.owned = owned
+        self.magnitudes = magnitudes
         self.mat_owner: list[int] = []
         self.flat_owner: list[int] = []
         self.small_owner: list[int] = []
         self.chunk_owners: list[torch.Tensor] = []  # filled as ``chunks`` is consumed (owned only)
         self.chunk = 0
+        self.block = BLOCK_MIN
+        self.widest = 0  # accelerators: at least the largest small piece (``_batches``)
         numels = list(map(torch.Tensor.numel, tensors))  # C-level: no Python per tensor
         if not numels:
             return
-        if tensors[0].device.type != "cpu":  # accelerator reductions are tree-shaped: no rows needed
+        total = sum(numels)
+        # magnitudes: torch's complex abs makes a complex temporary of its input, and the
+        # magnitudes and their conversion come on top: a quarter of the block. At least a row.
+        self.block = max(ROW_MAX, min(total, block_elements(total * tensors[0].element_size()) // (4 if magnitudes else 1)))
+        if not measures_in_rows(tensors[0].device):
             kept = [i for i, n in enumerate(numels) if n] if 0 in numels else range(len(tensors))
             self.small = [tensors[i] for i in kept] if 0 in numels else list(tensors)
             self.small_owner = list(kept) if owned else []
+            self.widest = max(numels)
+            if self.small and _copies_whole(self.small, norm_type, acc, magnitudes):
+                self._split_small()
             return
-        total = sum(numels)
         self.chunk = chunk_elements(total)
         flat_max = min(FLAT_MAX, self.chunk + 1)
         if flatten and max(numels) < flat_max and min(numels) > 0 and len(tensors) >= FLAT_MIN:
@@ -328,6 +378,28 @@ class _Pieces:
                 self.small.append(tail)
                 self.small_owner.append(owner)
 
+    def _split_small(self) -> None:
+        """Cut the small pieces above ``block`` elements into views of at most ``block`` (along
+        the first dim where a tensor is not contiguous, which bounds them where its rows are
+        smaller than a block)."""
+        block = self.block
+        if self.widest <= block:
+            return
+        self.widest = block
+        small, owners = self.small, self.small_owner
+        self.small, self.small_owner = [], []
+        for k, t in enumerate(small):
+            n = t.numel()
+            if n <= block:
+                parts: Sequence[torch.Tensor] = (t,)
+            elif t.is_contiguous():
+                parts = t.view(-1).split(block)
+            else:
+                parts = t.split(max(1, block // (n // t.shape[0])), dim=0)
+            self.small.extend(parts)
+            if owners:
+                self.small_owner.extend([owners[k]] * len(parts))
+
     def chunks(self):
         """Yield ``flat`` copied into (rows, ROW) matrices, zero-padded, a bounded chunk at a time
         (the caller drops each before asking for the next), with the owner of each row (a tensor
@@ -363,6 +435,19 @@ class _Pieces:
             i = j
 
 
+def _copies_whole(tensors: list[torch.Tensor], norm_type: float, acc: Optional[torch.dtype], magnitudes: bool) -> bool:
+    """Whether ``_foreach_norm`` on an accelerator would copy whole tensors: for magnitudes, and
+    where it converts to ``acc`` on its per-tensor fallback (``linalg_vector_norm``, which converts
+    its whole input). torch's ForeachReduceOp.cu takes that fallback (``use_slowpath``) for p other
+    than 1, 2 and inf and for tensors its fused kernel cannot read (contiguity is the test here: a
+    stricter one than the kernel's)."""
+    if magnitudes:
+        return True
+    if acc is None or tensors[0].dtype == acc:
+        return False
+    return norm_type not in (1.0, 2.0, math.inf) or not all(map(torch.Tensor.is_contiguous, tensors))
+
+
 @functools.lru_cache(maxsize=1 << 12)
 def _mat_view(n: int) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
     """The (size, stride) of the row matrix of a tensor of ``n > ROW`` elements; None if
@@ -371,15 +456,40 @@ def _mat_view(n: int) -> Optional[tuple[tuple[int, int], tuple[int, int]]]:
     return None if tail else ((rows, length), (length, 1))
 
 
-def _norms_of_rows(m: torch.Tensor, norm_type: float, acc: torch.dtype) -> torch.Tensor:
-    if m.dtype == acc:  # an explicit dtype costs ~1 us more per call, even when it is the same
+class _Scratch:
+    """One buffer of at most ``block`` elements per dtype, reused by every block of a group: fresh
+    block copies fragment the C heap (the small norms kept between them land in the holes a freed
+    block leaves), and resident memory then grows by every block (benchmarks/README.md, "Memory")."""
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def like(self, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous matrix of ``m``'s shape (at most ``block`` elements) and ``dtype``."""
+        buffer = self.buffers.get(dtype)
+        if buffer is None:
+            buffer = self.buffers[dtype] = torch.empty(self.block, dtype=dtype, device=m.device)
+        return buffer.as_strided(m.shape, (m.shape[1], 1))
+
+
+def _block_rows(m: torch.Tensor, magnitudes: bool, scratch: _Scratch, dtype: torch.dtype) -> torch.Tensor:
+    """The block of rows ``m`` (at most ``scratch.block`` elements) as ``dtype``, in ``scratch``:
+    the copy a reduction with ``dtype=`` makes; with ``magnitudes``, of ``m``'s magnitudes."""
+    if magnitudes:
+        m = torch.abs(m, out=scratch.like(m, m.dtype.to_real()))
+    return m if m.dtype == dtype else scratch.like(m, dtype).copy_(m)
+
+
+def _block_norms(m: torch.Tensor, norm_type: float, acc: torch.dtype, magnitudes: bool, scratch: _Scratch) -> torch.Tensor:
+    """Norms of the rows of ``m``: in one kernel where that copies nothing, else (a conversion to
+    ``acc``, magnitudes) a block of rows at a time through ``scratch``."""
+    if not magnitudes and m.dtype == acc:
         return torch.linalg.vector_norm(m, norm_type, dim=1)
-    return torch.linalg.vector_norm(m, norm_type, dim=1, dtype=acc)
-
-
-def _row_norms(m: torch.Tensor, norm_type: float, acc: torch.dtype, repair: bool) -> torch.Tensor:
-    norms = _norms_of_rows(m, norm_type, acc)
-    return _repair(norms, lambda rows: m.index_select(0, rows), norm_type) if repair else norms
+    step = max(1, scratch.block // m.shape[1])
+    blocks = (_block_rows(m[i : i + step], magnitudes, scratch, acc) for i in range(0, m.shape[0], step))
+    parts = [torch.linalg.vector_norm(b, norm_type, dim=1) for b in blocks]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def piece_norms(
@@ -388,14 +498,16 @@ def piece_norms(
     acc: torch.dtype,
     foreach: Optional[bool],
     repair: bool = False,
+    magnitudes: bool = False,
 ) -> torch.Tensor:
     """1-D tensor of norms of pieces that partition ``tensors`` (see ``_Pieces``).
 
     With ``repair`` (CPU, float32 accumulation of a finite p > 0), pieces whose norm overflowed or
-    may have underflowed are recomputed in float64 (see ``TINY``).
+    may have underflowed are recomputed in float64 (see ``TINY``). With ``magnitudes``, complex
+    ``tensors`` are measured by their magnitudes.
     """
     # zero padding of flat chunks would change min|g| and sum |g|^p for p < 0
-    pieces = _Pieces(tensors, foreach is not False and norm_type >= 0)
+    pieces = _Pieces(tensors, foreach is not False and norm_type >= 0, magnitudes=magnitudes, norm_type=norm_type, acc=acc)
     return _cat(_piece_norm_parts(pieces, norm_type, acc, foreach, repair), acc, tensors[0].device if tensors else None)
 
 
@@ -405,7 +517,7 @@ def owned_piece_norms(
     """``piece_norms`` for per-tensor norms: (norms of pieces that each lie inside one tensor, the
     index in ``tensors`` of the tensor each piece belongs to). Flat chunks pad every tensor to
     whole rows, so p < 0 (where a zero counts) measures tensors in place."""
-    pieces = _Pieces(tensors, norm_type >= 0, owned=True)
+    pieces = _Pieces(tensors, norm_type >= 0, owned=True, norm_type=norm_type, acc=acc)
     parts = _piece_norm_parts(pieces, norm_type, acc, None, repair)
     owners = list(pieces.chunk_owners)
     if pieces.mats:
@@ -430,30 +542,72 @@ def _cat(parts: list[torch.Tensor], acc: torch.dtype, device: Optional[torch.dev
 def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, foreach: Optional[bool], repair: bool) -> list[torch.Tensor]:
     """The norms of ``pieces`` in order: flat chunk rows, mat rows, small pieces."""
     parts = []
+    scratch = _Scratch(pieces.block)  # allocated on first use
     for m, owner in pieces.chunks():
-        parts.append(_row_norms(m, norm_type, acc, repair))  # checked now: the chunk is dropped next
+        norms = _block_norms(m, norm_type, acc, pieces.magnitudes, scratch)
+        if repair:  # checked now: the chunk is dropped next (never with magnitudes: p != 2 is float64)
+            norms = _repair(norms, lambda idx, m=m: m.index_select(0, idx), norm_type, max(1, pieces.block // ROW))
+        parts.append(norms)
         if owner is not None:
             pieces.chunk_owners.append(owner)
         del m
     if pieces.mats:
         mats = pieces.mats
-        rows = [_norms_of_rows(m, norm_type, acc) for m in mats]
+        rows = [_block_norms(m, norm_type, acc, pieces.magnitudes, scratch) for m in mats]
         norms = torch.cat(rows) if len(rows) > 1 else rows[0]
-        if repair:
+        if repair:  # one check for all matrices: FSDP1 has many
             starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
-
-            norms = _repair_mats(norms, mats, starts, norm_type)
+            norms = _repair_mats(norms, mats, starts, norm_type, pieces.magnitudes, scratch)
         parts.append(norms)
     if pieces.small:
-        small = pieces.small
+        parts.extend(_small_norms(pieces.small, norm_type, acc, foreach, repair, pieces.magnitudes, pieces.block, pieces.widest))
+    return parts
+
+
+def _small_norms(
+    small: list[torch.Tensor],
+    norm_type: float,
+    acc: torch.dtype,
+    foreach: Optional[bool],
+    repair: bool,
+    magnitudes: bool,
+    block: int,
+    widest: int,
+) -> list[torch.Tensor]:
+    """The norms of ``small``, one tensor per ``_batches`` run."""
+    parts = []
+    for i, j in _batches(small, block, magnitudes, widest):
+        batch = small[i:j] if j - i < len(small) else small
+        if magnitudes:
+            batch = [t.abs() for t in batch]
         if foreach is False:
-            norms = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in small])
+            norms = torch.stack([torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in batch])
         else:
-            norms = torch.stack(list(torch._foreach_norm(small, norm_type, dtype=acc)))
+            norms = torch.stack(list(torch._foreach_norm(batch, norm_type, dtype=acc)))
         if repair:
-            norms = _repair(norms, lambda idx: [small[k] for k in idx.tolist()], norm_type)
+            norms = _repair(norms, lambda idx, batch=batch: [batch[k] for k in idx.tolist()], norm_type)
         parts.append(norms)
     return parts
+
+
+def _batches(tensors: list[torch.Tensor], block: int, magnitudes: bool, widest: int) -> list[tuple[int, int]]:
+    """Runs ``tensors[i:j]`` measured by one ``_foreach_norm`` each, such that the partials of its
+    fused accelerator kernel (one per ``FOREACH_CHUNK`` of the widest tensor, for every tensor;
+    ``widest``: at least the largest numel, 0 where no fused kernel runs) and, with ``magnitudes``,
+    the run's magnitudes stay within ``block`` elements. A tensor's norm does not depend on its run."""
+    if not magnitudes and len(tensors) * -(-widest // FOREACH_CHUNK) <= block:
+        return [(0, len(tensors))]
+    numels = list(map(torch.Tensor.numel, tensors))
+    runs = []
+    start = count = run_chunks = elements = 0  # the current run: tensors, chunks of its widest, elements
+    for i, n in enumerate(numels):
+        chunks = max(run_chunks, -(-n // FOREACH_CHUNK))
+        if count and ((count + 1) * chunks > block or (magnitudes and elements + n > block)):
+            runs.append((start, i))
+            start, count, chunks, elements = i, 0, -(-n // FOREACH_CHUNK), 0
+        count, run_chunks, elements = count + 1, chunks, elements + n
+    runs.append((start, len(numels)))
+    return runs
 
 
 # A float32 piece norm below this may have lost its value to underflow of g^2 (fp32/bf16 grads of
@@ -464,11 +618,11 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
 TINY = 2.0**-50
 
 
-def _repair(norms: torch.Tensor, pieces_at, norm_type: float) -> torch.Tensor:
+def _repair(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = REPAIR_BATCH) -> torch.Tensor:
     """CPU slow path, taken only for the pieces whose float32 norm overflowed (sum g^2 beyond
     float32 although the norm is representable: fairscale #263) or may have underflowed (below
     ``TINY``, which includes all-zero pieces): those pieces alone (``pieces_at(indices)``) are
-    recomputed in float64.
+    recomputed in float64, ``batch`` pieces at a time.
 
     ``pieces_at`` returns the pieces as the rows of one matrix where they are rows (measured in one
     call: a model whose grads are mostly zero, such as experts that saw no token, would otherwise
@@ -476,26 +630,46 @@ def _repair(norms: torch.Tensor, pieces_at, norm_type: float) -> torch.Tensor:
     bad = torch.isinf(norms) | (norms < TINY)
     if not bool(bad.any()):  # CPU only: a free read
         return norms
-    idx = bad.nonzero().flatten()
     fixed = norms.double()
-    pieces = pieces_at(idx)
-    if isinstance(pieces, torch.Tensor):
-        fixed[idx] = torch.linalg.vector_norm(pieces, norm_type, dim=1, dtype=torch.float64)
-    else:
-        fixed[idx] = torch.stack(list(torch._foreach_norm(pieces, norm_type, dtype=torch.float64)))
+    for idx in bad.nonzero().flatten().split(batch):
+        pieces = pieces_at(idx)
+        if isinstance(pieces, torch.Tensor):
+            fixed[idx] = torch.linalg.vector_norm(pieces, norm_type, dim=1, dtype=torch.float64)
+        else:
+            fixed[idx] = torch.stack(list(torch._foreach_norm(pieces, norm_type, dtype=torch.float64)))
+        del pieces
     return fixed
 
 
-def _repair_mats(norms: torch.Tensor, mats: list[torch.Tensor], starts: list[int], norm_type: float) -> torch.Tensor:
-    """``_repair`` for the rows of matrices measured in place: a matrix with a bad row is measured
-    again whole in float64, in place (no gather: mostly-zero grads, such as experts that saw no
-    token, would otherwise copy every row, or pay one kernel per 512 elements)."""
+def _repair_mats(
+    norms: torch.Tensor, mats: list[torch.Tensor], starts: list[int], norm_type: float, magnitudes: bool, scratch: _Scratch
+) -> torch.Tensor:
+    """``_repair`` for the concatenated row norms of matrices measured in place: every block of
+    rows (``scratch.block`` elements) that holds a bad row is measured again in float64, in place,
+    not its whole matrix (no gather: mostly-zero grads, such as experts that saw no token, would
+    otherwise copy every row, or pay one kernel per 512 elements)."""
     bad = torch.isinf(norms) | (norms < TINY)
     if not bool(bad.any()):  # CPU only: a free read
         return norms
     fixed = norms.double()
-    for i in sorted({bisect.bisect_right(starts, k) - 1 for k in bad.nonzero().flatten().tolist()}):
-        fixed[starts[i] : starts[i + 1]] = torch.linalg.vector_norm(mats[i], norm_type, dim=1, dtype=torch.float64)
+    bad_mats = torch.bucketize(bad.nonzero().flatten(), torch.tensor(starts[1:]), right=True).unique().tolist() if len(mats) > 1 else [0]
+    for i in bad_mats:
+        m, at = mats[i], starts[i]
+        rows, step = m.shape[0], max(1, scratch.block // m.shape[1])
+        if rows <= step:
+            blocks = [0]
+        else:  # per-block flags without a list of the bad rows
+            flags, whole = bad[at : starts[i + 1]], rows // step * step
+            blocks = flags[:whole].view(-1, step).any(1).nonzero().flatten().tolist()
+            if whole < rows and bool(flags[whole:].any()):
+                blocks.append(rows // step)
+        for k in blocks:
+            start, stop = k * step, min(rows, (k + 1) * step)
+            if rows <= step and not magnitudes:  # one block, whose copy nothing outlives: no scratch
+                fixed[at : at + rows] = torch.linalg.vector_norm(m, norm_type, dim=1, dtype=torch.float64)
+                continue
+            block = _block_rows(m[start:stop], magnitudes, scratch, torch.float64)
+            fixed[at + start : at + stop] = torch.linalg.vector_norm(block, norm_type, dim=1)
     return fixed
 
 
@@ -522,9 +696,11 @@ def is_small_group(tensors: Sequence[torch.Tensor], norm_type: float, repair: bo
 
 def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, foreach: Optional[bool]) -> torch.Tensor:
     """Float64 partial (see module docstring) of same-device, same-dtype, same-weight tensors."""
-    if tensors[0].is_complex():
+    # complex grads: p=2 through real views; other p by magnitudes, taken a block at a time
+    magnitudes = tensors[0].is_complex() and norm_type != 2
+    if tensors[0].is_complex() and not magnitudes:
         tensors = _real_view(tensors, norm_type)
-    device, dtype = tensors[0].device, tensors[0].dtype
+    device, dtype = tensors[0].device, tensors[0].dtype.to_real()
     acc = accumulation_dtype(dtype, device, norm_type)
     repair = repairs_float32(norm_type, acc, device)
     if is_small_group(tensors, norm_type, repair):
@@ -534,7 +710,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
         flat = flatten_dense_tensors(tensors).double()
         partial = torch.dot(flat, flat)
         return partial if weight == 1.0 else partial * weight
-    norms = piece_norms(tensors, norm_type, acc, foreach, repair).double()
+    norms = piece_norms(tensors, norm_type, acc, foreach, repair, magnitudes).double()
     if norm_type == math.inf:
         return norms.max() if norms.numel() else norms.new_full((), -math.inf)
     if norm_type == -math.inf:
@@ -546,7 +722,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     # p <= 0 is blind to non-finite values (an inf is just a non-zero, or larger than the min);
     # a max-abs pass poisons the partial with NaN so a NaN or inf grad always shows.
     max_acc = torch.float64 if dtype == torch.float64 else torch.float32  # a max is exact in the grad's range
-    return partial + piece_norms(tensors, math.inf, max_acc, foreach).double().sum() * 0.0
+    return partial + piece_norms(tensors, math.inf, max_acc, foreach, magnitudes=magnitudes).double().sum() * 0.0
 
 
 def local_partial(groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:
