@@ -90,7 +90,7 @@ def test_every_real_layout_matches_reference(world_size):
     assert not failures, failures
     layouts = {row[0] for row in per_rank[0]}
     assert layouts == _expected_layouts(world_size), layouts
-    assert len(layouts) == {1: 11, 2: 18, 4: 21}[world_size], layouts
+    assert len(layouts) == {1: 13, 2: 20, 4: 23}[world_size], layouts
     # p <= 0 references are not degenerate: no exact-zero grad anywhere (min |g| > 0, negative p > 0)
     trivial = [row for row in per_rank[0] if row[1] in (-math.inf, -2.0) and not row[4] > 0]
     assert not trivial, trivial

@@ -83,7 +83,7 @@ def test_main_job_passes_on_four_ranks(main_job):
     assert summary and summary[-1].startswith("ALL PASS: 160/160"), out.stdout[-3000:]
     assert "(20 layouts x 8 norm types, world size 4, distclip)" in summary[-1]
     assert "FAIL" not in out.stdout.replace("FAILED", "")
-    assert "[18/18] TP + SP" in out.stdout  # progress, per layout
+    assert "[18/20] TP + SP" in out.stdout  # progress, per layout
     assert "UserWarning" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr[-3000:]
     assert len(rows) == len(select(WORLD)) * len(NORM_TYPES), sorted(rows)
 
