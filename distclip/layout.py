@@ -24,7 +24,7 @@ import operator
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union, cast
 
 import torch
@@ -806,21 +806,17 @@ def local_layout(
 
 def _one_mesh(grads: Sequence[Optional[torch.Tensor]], cache: DiscoveryCache) -> Optional[DeviceMesh]:
     """The one mesh of ``grads`` when every grad there is is a DTensor on it (equal meshes may be
-    distinct objects), else None."""
-    mesh_id = None
-    first = None
-    for grad in grads:
-        if grad is None:
-            continue
-        if not isinstance(grad, DTensor):
-            return None
-        mesh = spec_of(grad).mesh
-        found = cache.mesh_id(mesh)
-        if mesh_id is None:
-            mesh_id, first = found, mesh
-        elif found != mesh_id:
-            return None
-    return first
+    distinct objects), else None. C-level passes: no Python step per grad."""
+    held = list(compress(grads, map(operator.is_not, grads, repeat(None))))
+    if not held or set(map(type, held)) - {DTensor} and not all(map(DTensor.__instancecheck__, held)):
+        return None
+    meshes = {id(m): m for m in map(_mesh_of, map(spec_of, held))}
+    if len({cache.mesh_id(m) for m in meshes.values()}) != 1:
+        return None
+    return next(iter(meshes.values()))
+
+
+_mesh_of = operator.attrgetter("mesh")
 
 
 def pairing_names(grads: Sequence[torch.Tensor], holders: Sequence[torch.Tensor]) -> list[str]:

@@ -188,11 +188,12 @@ _grad = operator.attrgetter("grad")
 _cdata = operator.attrgetter("_cdata")
 
 
-def identity_of(params: list[torch.Tensor]) -> tuple[list[int], list[type]]:
+def identity_of(params: list[torch.Tensor]) -> list[int]:
     """What tells the same parameter objects from new ones at recycled ids, without holding them:
-    the address of the tensor each holds (another after a swap, a replacement or a free) and its
-    class (an FSDP1 FlatParameter is not an nn.Parameter)."""
-    return list(map(_cdata, params)), list(map(type, params))
+    the address of the tensor each holds (another after a swap, a replacement or a free; a recycled
+    id behind which the same address comes back is another model built alike, whose grads' classes,
+    dtypes, devices and specs the plan checks too)."""
+    return list(map(_cdata, params))
 _dtype = operator.attrgetter("dtype")
 _get_device = torch.Tensor.get_device
 
