@@ -148,7 +148,7 @@ def target_rows(results: list[dict], world: Optional[int] = None) -> list[dict]:
         rows.append(
             {"check": "distclip collectives per call (max over workloads)", "value": worst, "target": "== 1", "pass": all(c == 1 for c in colls)}
         )
-    # The first call discovers the layout, the second builds the plan (``distclip.plan``): each
+    # The first call discovers the layout, the second builds the plan (``distclip.layout.plan``): each
     # is a one-off cost, so both count (runs before the second call was recorded give the first).
     firsts = [(max(r["first_call_ms"], r.get("second_call_ms") or 0.0) / r["median_ms"], r) for r in dc if r.get("first_call_ms") and _median(r)]
     if firsts:

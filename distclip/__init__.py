@@ -8,14 +8,14 @@ tensor parallelism, HSDP, pipeline stages, MoE experts and tied weights, alone o
 # First: importing it checks the torch release, so that one older than the tested ones fails here
 # with a message that says so, not inside a submodule's import of an API that release lacks.
 from distclip import _versions  # noqa: F401  # isort: skip
-from distclip.agreement import LayoutMismatchError
-from distclip.audit import AuditReport, audit
 from distclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from distclip.comm.agreement import LayoutMismatchError
+from distclip.comm.failure import RankInputError
 from distclip.guard import GradGuard, GuardOutput
-from distclip.layout import ParamsLike
-from distclip.marks import GroupLike, mark_replicated, mark_sharded
-from distclip.norms import describe, describe_rows, grad_norms
-from distclip.rank_errors import RankInputError
+from distclip.layout.discovery import ParamsLike
+from distclip.layout.marks import GroupLike, mark_replicated, mark_sharded
+from distclip.observe.audit import AuditReport, audit
+from distclip.observe.grad_norms import describe, describe_rows, grad_norms
 
 __all__ = [
     "clip_grad_norm_",

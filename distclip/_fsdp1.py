@@ -242,7 +242,7 @@ def full_tp_tensor(local: torch.Tensor, spec: object) -> torch.Tensor:
 
 
 class Fsdp1Shard(NamedTuple):
-    """Where one FSDP1-managed parameter's local shard sits (for ``distclip.norms`` / ``audit``)."""
+    """Where one FSDP1-managed parameter's local shard sits (for ``grad_norms`` / ``audit``)."""
 
     rank: int  # this rank's index in the parameter's sharding group (0 when not sharded)
     size: int  # ranks of the sharding group (1 when not sharded)

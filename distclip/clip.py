@@ -24,12 +24,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distclip import agreement, marks, rank_errors
 from distclip._dtensor import DTensor, Replicate, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
 from distclip._torch import phase
+from distclip.comm import agreement
+from distclip.comm import failure as rank_errors
+from distclip.comm.failure import NotANumberError
+from distclip.comm.packet import (
+    TOTAL_HEAD,
+    Packet,
+    failed_vector,
+    total_from_head,
+    total_from_head_host,
+    total_head,
+    total_head_host,
+)
+from distclip.comm.reduce import all_reduce, reduce_partial_grads, reduction_device
 from distclip.gc_pause import paused as gc_paused
 from distclip.host_reads import host_reads_allowed
-from distclip.layout import (
+from distclip.layout import marks
+from distclip.layout.discovery import (
     GroupLike,
     LocalLayout,
     ParamsLike,
@@ -41,19 +54,8 @@ from distclip.layout import (
     pairing_names,
     reject_unknown_layouts,
 )
-from distclip.local_norms import coalesce, local_partial, may_be_views, scale_
-from distclip.packet import (
-    TOTAL_HEAD,
-    Packet,
-    failed_vector,
-    total_from_head,
-    total_from_head_host,
-    total_head,
-    total_head_host,
-)
-from distclip.plan import PlanCache
-from distclip.rank_errors import NotANumberError
-from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
+from distclip.layout.plan import PlanCache
+from distclip.math.partials import coalesce, local_partial, may_be_views, scale_
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "total_grad_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 

@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from distclip import clip as _clip
-from distclip import exchange
-from distclip import norms as _norms
 from distclip._dtensor import DTensor, local_of
 from distclip._torch import declares_amp_scaling_step, phase
-from distclip.layout import GroupLike, Stage
-from distclip.local_norms import scale_
+from distclip.comm import objects as exchange
+from distclip.layout.discovery import GroupLike, Stage
+from distclip.math.partials import scale_
+from distclip.observe import grad_norms as _norms
 from distclip.policies import HOST, DeviceMath, Policy, make_policy
 
 __all__ = ["GradGuard", "GuardOutput"]

@@ -55,7 +55,7 @@ class count_collectives:
         self._saved: dict = {}
 
     def __enter__(self) -> count_collectives:
-        from distclip import exchange
+        from distclip.comm import objects as exchange
 
         assert not self._saved, "count_collectives is already active"
         self._saved = {(dist, n): getattr(dist, n) for n in self.NAMES}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import distclip
-from distclip.local_norms import Coalescer, coalesce
+from distclip.math.partials import Coalescer, coalesce
 
 SIZES = [6, 0, 10, 3, 8]
 

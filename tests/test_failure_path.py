@@ -31,7 +31,7 @@ import distclip
 from harness import run_world
 from worlds import dparam, full_grad, local_of, pparam
 
-AUDIT = importlib.import_module("distclip.audit")  # the module: ``distclip.audit`` is the function
+AUDIT = importlib.import_module("distclip.observe.audit")  # the module: ``distclip.audit`` is the function
 WORLD = 2
 PG_TIMEOUT_S = 20
 AT_ONCE_S = 5  # every rank is done well before the process group's timeout
@@ -131,7 +131,7 @@ def _injections(fn: str, phase: str, stack: ExitStack) -> dict:
         if fn == "audit":  # its own local math: the statistics of every local grad
             stack.enter_context(_patched(AUDIT, "_stats", _raise))
         else:
-            stack.enter_context(_patched(distclip.norms if uses_measure else distclip.clip,
+            stack.enter_context(_patched(distclip.observe.grad_norms if uses_measure else distclip.clip,
                                          "tensor_partials" if uses_measure else "local_partial", _raise))
     elif phase == "local math (Partial grad made whole)":
         stats = AUDIT._stats
@@ -139,8 +139,8 @@ def _injections(fn: str, phase: str, stack: ExitStack) -> dict:
     elif phase == "local math (its norm call)":
         stack.enter_context(_patched(distclip.clip, "local_partial", _raise))
     elif phase == "packing":
-        stack.enter_context(_patched(distclip.packet.Packet, "encode_host", _raise))
-        stack.enter_context(_patched(distclip.packet.Packet, "encode_device", _raise))
+        stack.enter_context(_patched(distclip.comm.packet.Packet, "encode_host", _raise))
+        stack.enter_context(_patched(distclip.comm.packet.Packet, "encode_device", _raise))
     return kwargs
 
 

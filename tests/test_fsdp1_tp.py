@@ -40,7 +40,8 @@ def _build(orig: bool):
 
 def _check(fsdp, orig: bool, ref: dict) -> dict:
     import distclip
-    from distclip import _fsdp1, clip, layout, verify
+    from distclip import _fsdp1, clip, verify
+    from distclip.layout import discovery as layout
 
     out: dict = {"orig": orig, "failures": []}
     fail = out["failures"].append

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import distclip
-from distclip import gc_pause, layout
+from distclip import gc_pause
+from distclip.layout import discovery as layout
 
 
 def test_paused_restores_the_collector():
@@ -36,7 +37,7 @@ def test_discovery_runs_without_collections_and_bad_input_gives_the_collector_ba
         return real(*args, **kwargs)
 
     monkeypatch.setattr(layout, "local_layout", spy)
-    monkeypatch.setattr(distclip.plan, "local_layout", spy)
+    monkeypatch.setattr(distclip.layout.plan, "local_layout", spy)
     params = [nn.Parameter(torch.ones(3)) for _ in range(3)]
     for p in params:
         p.grad = torch.ones(3)

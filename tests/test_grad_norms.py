@@ -14,8 +14,8 @@ from torch import nn
 
 import distclip
 from checks import count_collectives, reference_norm, same_on_every_rank
-from distclip import norms as norms_mod
 from distclip import verify
+from distclip.observe import grad_norms as norms_mod
 from harness import run_world
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -8,7 +8,7 @@ import weakref
 
 import torch
 
-from distclip.marks import Annotation, GroupInfo, Marks
+from distclip.layout.marks import Annotation, GroupInfo, Marks
 
 
 def test_a_loose_tensor_is_let_go_with_the_user():

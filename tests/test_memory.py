@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import distclip
-from distclip import local_norms
+from distclip.math import partials as local_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

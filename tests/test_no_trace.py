@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 import distclip
 from distclip import verify
-from distclip.exchange import all_gather_objects
+from distclip.comm.objects import all_gather_objects
 from distclip.verify.scenarios import select
 from harness import run_world
 

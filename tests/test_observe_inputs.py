@@ -31,8 +31,8 @@ from torch import nn
 
 import distclip
 from checks import reference_norm
-from distclip import exchange
-from distclip import norms as norms_mod
+from distclip.comm import objects as exchange
+from distclip.observe import grad_norms as norms_mod
 from harness import run_world
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -117,7 +117,7 @@ def _misconfigured(rank, world):
         out["pp forgotten"] = str(e)
     out["pp given"] = float(distclip.clip.total_grad_norm(built.parameters, pp_group=built.pp_group))
     built = verify.build_ep(ctx)
-    from distclip.marks import Marks
+    from distclip.layout.marks import Marks
 
     for module in built.parameters.experts.modules():  # mark_sharded forgotten: distclip keeps marks by module slot
         Marks.by_module.pop(module, None)

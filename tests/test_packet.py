@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from distclip.agreement import Signature, call_signature
-from distclip.layout import Stage
-from distclip.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
+from distclip.comm.agreement import Signature, call_signature
+from distclip.comm.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
+from distclip.layout.discovery import Stage
 
 NORMS = (2.0, 1.0, 0.5, 3.0, 0.0, -2.0, math.inf, -math.inf)
 PARTIALS = (0.0, 1.25, 7.0e-30, 3.0e38, math.inf, math.nan)

@@ -79,7 +79,7 @@ def test_a_plan_is_not_trusted_for_another_tensor_at_the_same_id():
     params = list(model.parameters())
     for _ in range(3):
         distclip.clip_grad_norm_(params, 1e9)
-    plan = PLANS.plans[PLANS.key(params, distclip.layout.SINGLE_PROCESS)]
+    plan = PLANS.plans[PLANS.key(params, distclip.layout.discovery.SINGLE_PROCESS)]
     assert plan.apply(params) is not None
     grad = params[0].grad
     params[0].grad = None

@@ -24,10 +24,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
-from distclip import agreement, layout, marks, reduce
-from distclip.layout import Stage
-from distclip.marks import Annotation, GroupInfo
-from distclip.packet import TOTAL_HEAD, Packet
+from distclip.comm import agreement, reduce
+from distclip.comm.packet import TOTAL_HEAD, Packet
+from distclip.layout import discovery as layout
+from distclip.layout import marks
+from distclip.layout.discovery import Stage
+from distclip.layout.marks import Annotation, GroupInfo
 
 CONFIGS = {
     # world: (pp, dp_replicate, dp_shard, tp, ep)  -- ep divides dp_replicate * dp_shard

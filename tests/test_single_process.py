@@ -232,8 +232,8 @@ def test_reduction_device_on_nccl(monkeypatch, bound, current, local_rank, expec
 
     import torch.distributed as dist
 
-    from distclip import reduce
-    from distclip.layout import Stage
+    from distclip.comm import reduce
+    from distclip.layout.discovery import Stage
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
@@ -251,7 +251,7 @@ def test_reduction_device_on_nccl(monkeypatch, bound, current, local_rank, expec
 def test_module_walk_lists_what_parameters_lists():
     # distclip walks a module's dicts itself (nn.Module.parameters builds a name per parameter):
     # the same parameters in the same order, shared submodules and tied weights once, None skipped.
-    from distclip.layout import module_parameters
+    from distclip.layout.discovery import module_parameters
 
     shared = nn.Linear(3, 3)
     model = nn.Sequential(nn.Linear(3, 4), shared, nn.Sequential(shared, nn.Linear(3, 5)), nn.ReLU())

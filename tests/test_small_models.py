@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import distclip
-from distclip import local_norms
+from distclip.math import partials as local_norms
 
 
 def _params(values: list[torch.Tensor]) -> list[nn.Parameter]:

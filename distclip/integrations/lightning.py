@@ -39,7 +39,7 @@ from torch import nn
 
 import distclip
 from distclip.guard import GradGuard, GuardOutput, _inner_optimizers, takes_found_inf
-from distclip.layout import GroupLike
+from distclip.layout.discovery import GroupLike
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import distclip
-from distclip.layout import GroupLike
+from distclip.layout.discovery import GroupLike
 
 try:
     from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments

@@ -23,9 +23,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 import distclip
-from distclip.exchange import all_gather_objects
-from distclip.layout import current_stage
-from distclip.reduce import reduction_device
+from distclip.comm.objects import all_gather_objects
+from distclip.comm.reduce import reduction_device
+from distclip.layout.discovery import current_stage
 from distclip.verify.exchange import Ctx, RanksLost, reset_process_group
 from distclip.verify.models import single_process_grads
 from distclip.verify.scenarios import Built, Scenario, select

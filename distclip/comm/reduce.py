@@ -18,9 +18,9 @@ import torch.distributed as dist
 
 from distclip._dtensor import DTensor, check_partial_ops, is_sum_dim, local_of, spec_of
 from distclip._torch import default_group_device
-from distclip.exchange import every_rank_must_call
+from distclip.comm.objects import every_rank_must_call
 from distclip.host_reads import host_reads_allowed
-from distclip.layout import Stage
+from distclip.layout.discovery import Stage
 
 
 def reduction_device(stage: Stage) -> torch.device:
@@ -134,7 +134,7 @@ def _check_pairing(members: list[PartialGrad], mesh: object, dims: tuple[int, ..
         dist.all_reduce(check, group=group)
         total, squares = check.tolist()
         if total * total != squares * dist.get_world_size(group):
-            from distclip.agreement import LayoutMismatchError
+            from distclip.comm.agreement import LayoutMismatchError
 
             raise LayoutMismatchError(
                 "distclip: the ranks of a tensor-parallel group hold different Partial grads (names, shapes, dtypes or "

@@ -71,7 +71,7 @@ def gather(
 
 
 def _exception_class(name: str) -> type[Exception]:
-    from distclip.agreement import LayoutMismatchError
+    from distclip.comm.agreement import LayoutMismatchError
 
     known = {"LayoutMismatchError": LayoutMismatchError, "NotANumberError": NotANumberError}
     cls = known.get(name, getattr(builtins, name, None))

@@ -7,7 +7,7 @@ one float64 vector over the call's group, laid out as
 
 - **head**: for a total norm ``[value, NaN flag, present]`` (:func:`total_head`); ``grad_norms``
   puts its per-entry values and flags there.
-- **agreement** (:class:`~distclip.agreement.Signature`): the call signature, which every rank of
+- **agreement** (:class:`~distclip.comm.agreement.Signature`): the call signature, which every rank of
   the group must share, then one row per pipeline stage (up to ``STAGE_SLOTS``) for the layout
   kinds every rank of that stage must share. Each row is two 16-bit halves of a crc32, encoded so
   that the reduction tells whether all values were equal: for SUM ``(h, h^2)``, since
@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from distclip.agreement import Signature, crc_halves
+from distclip.comm.agreement import Signature, crc_halves
 
 __all__ = ["FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "failed_vector", "total_head", "total_head_host",
            "total_from_head", "total_from_head_host"]

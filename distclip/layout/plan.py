@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from distclip._dtensor import DTensor, local_of, spec_of, specs_of
-from distclip.layout import (
+from distclip.layout.discovery import (
     DTensorRoute,
     FlatRunsRoute,
     FlatShardRoute,
@@ -44,8 +44,8 @@ from distclip.layout import (
     Stage,
     local_layout,
 )
-from distclip.local_norms import Coalescer, may_be_views
-from distclip.marks import Marks
+from distclip.layout.marks import Marks
+from distclip.math.partials import Coalescer, may_be_views
 
 
 class LayoutPlan:
@@ -94,7 +94,7 @@ class LayoutPlan:
         self.identity = identity_of(params)
 
     def with_coalescers(self, layout: LocalLayout) -> LocalLayout:
-        """``layout`` given the plan's :class:`~distclip.local_norms.Coalescer` of each group that
+        """``layout`` given the plan's :class:`~distclip.math.partials.Coalescer` of each group that
         holds views of one buffer (found on the plan's first use; the other groups hold separate
         tensors and skip coalescing)."""
         if self.coalescers is None:

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-from distclip.layout import Stage
+from distclip.layout.discovery import Stage
 
 
 class LayoutMismatchError(RuntimeError):
@@ -51,8 +51,8 @@ def _describe(sig: Signature) -> str:
 
     "Most ranks" is said only of a true majority; when no value is shared by more than half of the
     ranks, every rank's value is listed. Layouts are said in words (:func:`_kind_str`)."""
-    from distclip.exchange import all_gather_objects
-    from distclip.reduce import reduction_device
+    from distclip.comm.objects import all_gather_objects
+    from distclip.comm.reduce import reduction_device
 
     stage = sig.stage
     mine = (sig.call, sorted(sig.kinds, key=repr), stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distclip import _fsdp1, marks
+from distclip import _fsdp1
 from distclip._dtensor import (  # DTensor, DeviceMesh: re-exported
     SHARD_PLACEMENTS,
     DeviceMesh,
@@ -41,7 +41,8 @@ from distclip._dtensor import (  # DTensor, DeviceMesh: re-exported
     mesh_ranks,
     spec_of,
 )
-from distclip.marks import Annotation, GroupLike, as_process_group, group_info, table  # noqa: F401  # re-exported
+from distclip.layout import marks
+from distclip.layout.marks import Annotation, GroupLike, as_process_group, group_info, table  # noqa: F401  # re-exported
 
 ParamsLike = Union[torch.Tensor, Iterable[torch.Tensor], nn.Module]
 

@@ -42,11 +42,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distclip import _fsdp1, agreement, exchange, rank_errors
+from distclip import _fsdp1
 from distclip._dtensor import local_of, spec_of
 from distclip._torch import flatten_dense_tensors
 from distclip.clip import _FLOAT64, _check_norm_type, join_partial_grads
-from distclip.layout import (
+from distclip.comm import agreement
+from distclip.comm import failure as rank_errors
+from distclip.comm import objects as exchange
+from distclip.comm.packet import HostView, Packet, failed_vector
+from distclip.comm.reduce import all_reduce, reduce_partial_grads, reduction_device
+from distclip.layout.discovery import (
     Annotation,
     DTensor,
     GroupLike,
@@ -57,7 +62,9 @@ from distclip.layout import (
     shard_pieces,
     stage_copies,
 )
-from distclip.local_norms import (
+from distclip.layout.marks import Marks
+from distclip.layout.plan import identity_of
+from distclip.math.partials import (
     FLAT_CHUNK,
     FLAT_MAX,
     FLAT_MIN,
@@ -69,10 +76,6 @@ from distclip.local_norms import (
     owned_piece_norms,
     repairs_float32,
 )
-from distclip.marks import Marks
-from distclip.packet import HostView, Packet, failed_vector
-from distclip.plan import identity_of
-from distclip.reduce import all_reduce, reduce_partial_grads, reduction_device
 
 __all__ = ["GradNorms", "Measured", "NameOrder", "clean_name", "describe", "describe_rows", "grad_norms"]
 

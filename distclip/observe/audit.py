@@ -29,13 +29,14 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
-from distclip import exchange, rank_errors
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
+from distclip.comm import failure as rank_errors
+from distclip.comm import objects as exchange
+from distclip.comm.reduce import reduction_device
 from distclip.host_reads import host_reads_allowed
-from distclip.layout import GroupLike, Stage, current_stage, pairing_names
-from distclip.norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of, stage_unique
-from distclip.reduce import reduction_device
+from distclip.layout.discovery import GroupLike, Stage, current_stage, pairing_names
+from distclip.observe.grad_norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of, stage_unique
 
 __all__ = ["AuditReport", "audit"]
 

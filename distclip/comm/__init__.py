@@ -1,0 +1,1 @@
+"""Everything that crosses ranks: the packed vector, its reduction, agreement and the failure path."""

@@ -1,0 +1,1 @@
+"""Local work on this rank's gradients: partial norms, coalescing and scaling."""

@@ -1,0 +1,1 @@
+"""Reading gradient norms without clipping: per-tensor norms, descriptions and the audit."""
