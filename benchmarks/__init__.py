@@ -18,5 +18,5 @@ Shared modules:
 - ``phases``: distclip's per-phase breakdown from its ``torch.profiler`` ranges.
 - ``env``: process group start-up, threads and the hardware/software record.
 
-Every script has a smoke mode that ``tests/test_benchmark_smoke.py`` runs in CI.
+Every script has a smoke mode that ``tests/smoke/test_benchmark_smoke.py`` runs in CI.
 """

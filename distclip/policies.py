@@ -13,7 +13,7 @@ Each policy is written once against a tiny math backend and runs two ways:
   every branch a ``torch.where``; nothing is read on the host (no ``.item()``, no ``bool()``).
 
 Both backends run the same IEEE float64 operations in the same order (``+ - * /``, ``sqrt``,
-comparisons), so they give the same bits (``tests/test_guard.py`` checks it). A non-finite norm
+comparisons), so they give the same bits (``tests/worlds/test_guard.py`` checks it). A non-finite norm
 never enters a policy's state, and a step the guard skips leaves the state as it was.
 
 The two adaptive rules follow their authors' reference code:

@@ -1,5 +1,5 @@
 """Single-process reference implementations of GradGuard's policies, written from the authors'
-reference code, fed plain float norms (tests/test_guard.py compares GradGuard's trajectories with
+reference code, fed plain float norms (tests/worlds/test_guard.py compares GradGuard's trajectories with
 them).
 
 - ``RefZClip``: ``bluorion-com/ZClip`` ``zclip/zclip.py`` (``ZClip.step``: warm-up buffer with a

@@ -19,7 +19,7 @@ one float64 vector over the call's group, laid out as
 The same length for every norm type, so ranks that disagree on SUM vs MAX still reduce vectors of
 one size. Two forms side by side: the host form (CPU: Python floats, one copy each way) and the
 device form (accelerators: tensors, no host sync); they compute the same float64 bits
-(``tests/test_packet.py``). Nobody else indexes the vector.
+(``tests/unit/test_packet.py``). Nobody else indexes the vector.
 """
 
 from __future__ import annotations

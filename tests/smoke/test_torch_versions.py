@@ -17,7 +17,7 @@ import torch
 from distclip import _versions
 from distclip._versions import MINIMUM, NEWEST, TESTED, check_torch, torch_release
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _name(release: tuple[int, int], patch: str = ".0") -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 REQUIRE = os.environ.get("DISTCLIP_REQUIRE_INTEGRATIONS") == "1"
 
 CASES = [  # (script, ranks, package it needs)

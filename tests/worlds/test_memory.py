@@ -24,7 +24,7 @@ import torch
 import distclip
 from distclip.math import partials as local_norms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 

@@ -324,7 +324,7 @@ def test_a_call_on_one_rank_says_every_rank_must_call():
 def test_no_numpy_needed():
     """Every object exchange works where numpy cannot be imported (the script first checks that
     torch's own all_gather_object fails there, so this test can fail)."""
-    script = Path(__file__).with_name("no_numpy_world.py")
+    script = Path(__file__).parents[1] / "no_numpy_world.py"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")

@@ -9,7 +9,7 @@ raises (mixed meshes): distclip still matches a float64 reference built from the
 Every dimension here is divisible by the shard counts on purpose: with an empty FSDP2 shard (a
 bias of size 1 on 4 ranks) torchtitan's ``norm_type=inf`` raises "_foreach_norm cannot compute
 the infinity norm on an empty tensor" on the ranks holding nothing while the others wait in its
-all-reduce (a collective mismatch; gloo aborts). distclip skips empty shards (tests/test_layouts.py).
+all-reduce (a collective mismatch; gloo aborts). distclip skips empty shards (tests/worlds/test_layouts.py).
 """
 
 from __future__ import annotations

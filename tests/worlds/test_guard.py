@@ -46,7 +46,7 @@ POLICIES = {
 
 
 class Counter(count_collectives):
-    """Collectives issued through ``torch.distributed`` while active (as tests/test_grad_norms.py;
+    """Collectives issued through ``torch.distributed`` while active (as tests/worlds/test_grad_norms.py;
     distclip's object exchange counts once, as ``all_gather_object`` does)."""
 
     NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor",

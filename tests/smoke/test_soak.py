@@ -7,7 +7,7 @@ within each phase grads are set to None, parameters frozen and unfrozen. Every 7
 compared with the float64 reference over the full gradients. RSS at the end must be within 5% of
 RSS after the first 1 000 calls (which matters once plans are cached across calls).
 
-``pytest`` runs 2 000 calls; ``DISTCLIP_SOAK_CALLS=10000 pytest tests/test_soak.py`` runs the
+``pytest`` runs 2 000 calls; ``DISTCLIP_SOAK_CALLS=10000 pytest tests/smoke/test_soak.py`` runs the
 full soak (results recorded in benchmarks/results/soak.json).
 """
 
@@ -156,6 +156,6 @@ def test_soak_layout_changes_every_100_calls():
         assert r["n_failures"] == 0, r["failures"]
         assert r["rss_end_mb"] <= 1.05 * r["rss_early_mb"], r
     if calls >= 10000:
-        out = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "soak.json")
+        out = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "soak.json")
         with open(out, "w") as f:
             json.dump({"world_size": 4, "per_rank": results, "machine": "2 CPU cores, gloo", "torch": torch.__version__}, f, indent=1)

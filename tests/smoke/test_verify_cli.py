@@ -45,7 +45,7 @@ def test_single_node_launcher_takes_one_rank_per_gpu_else_four(tmp_path):
     import subprocess
     import sys
 
-    script = pathlib.Path(__file__).resolve().parent.parent / "launch" / "single_node.sh"
+    script = pathlib.Path(__file__).resolve().parents[2] / "launch" / "single_node.sh"
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake (UUID: a)'\necho 'GPU 1: fake (UUID: b)'\n")

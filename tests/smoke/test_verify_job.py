@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from harness import run_world
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "distclip"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "distclip"
 # distclip.verify's modules, each importing only those before it
 VERIFY_ORDER = ("models", "exchange", "scenarios", "runner", "report", "launch", "cli", "__main__")
 
