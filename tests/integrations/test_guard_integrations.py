@@ -53,11 +53,11 @@ def _lightning_part(rank: int, world: int, logdir: str) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins import MixedPrecision
+    from test_guard import host_reads
     from torch.utils.data import DataLoader
 
     import distclip
     from distclip.integrations.lightning import GradientClipping
-    from test_guard import host_reads
 
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), RANK=str(rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,13 +123,13 @@ def _lightning_part(rank: int, world: int, logdir: str) -> dict:
 
 
 def _torchtitan_part(rank: int, world: int) -> dict:
+    from test_guard import host_reads
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
 
     import distclip
     from distclip.integrations.torchtitan import clip_grad_norm_
-    from test_guard import host_reads
 
     out = {}
     for mode in ("auto", "never"):

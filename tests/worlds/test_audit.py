@@ -8,12 +8,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from test_grad_norms import _tied_pp
 from torch import nn
 
 import distclip
 from distclip import verify
 from harness import run_world
-from test_grad_norms import _tied_pp
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
