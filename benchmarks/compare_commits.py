@@ -7,7 +7,8 @@ are the same bytes whatever the commit. The machine's load drifts between worlds
 read are the per-round ratios' median, not the absolute times.
 
 Per workload and commit a world records the first call (discovery included), the second (the
-layout plan built) and the median of ``--repeats`` warm calls of ``clip_grad_norm_`` with clipping on (``max_norm`` below the norm).
+layout plan built) and the median of ``--repeats`` warm calls of ``clip_grad_norm_`` with clipping on in every call
+(``max_norm`` below the norm the call before returned).
 
     python benchmarks/compare_commits.py c4fdedc HEAD --layouts plain_sep,dtensor_sep,fsdp2 \\
         --rounds 5 --ranks 2 --out benchmarks/results
@@ -44,7 +45,9 @@ def _checkout(commit: str, workdir: Path, made: list[Path]) -> tuple[str, Path]:
 
 
 def _world(source: Path, args: argparse.Namespace, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    # distclip from the commit's tree only; the workloads from this checkout (``work`` puts it first
+    # once distclip is imported), so every commit clips the same bytes.
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}", __file__, "--worker"]
     cmd += ["--layouts", args.layouts, "--sizes", args.sizes, "--repeats", str(args.repeats), "--result", str(out)]
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -121,6 +124,8 @@ def work(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     import distclip
+
+    sys.path.insert(0, str(ROOT))
     from benchmarks import env, workloads
     from benchmarks.measure import slowest_rank, timed_call
 
@@ -130,15 +135,22 @@ def work(args: argparse.Namespace) -> None:
     for layout in args.layouts.split(","):
         n = int(sizes.get(layout, 4000))
         w = workloads.build_workload(layout, "small", n, 0, 0, device)
-        max_norm = workloads.reference_norm(w) / 2  # clipping on
+        # Clipping on in every call: the first halves the norm, each later one takes it to 0.999 of the
+        # norm the call before returned. A fixed max_norm would let the norm settle where the
+        # coefficient rounds to exactly 1.0 and the multiply is skipped, in one commit and not another.
+        state = {"max_norm": workloads.reference_norm(w) / 2}
         target = w.target
 
-        def call(target: object = target, max_norm: float = max_norm) -> None:
-            distclip.clip_grad_norm_(target, max_norm)
+        def call(target: object = target, state: dict = state) -> None:
+            state["total"] = distclip.clip_grad_norm_(target, state["max_norm"])
+
+        def lower(state: dict = state) -> None:
+            total = state["total"]
+            state["max_norm"] = 0.999 * float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 
         first = slowest_rank([timed_call(call, device)], device)[0]
-        second = slowest_rank([timed_call(call, device)], device)[0]
-        warm = slowest_rank([timed_call(call, device) for _ in range(args.repeats)], device)
+        second = slowest_rank([timed_call(call, device, lower)], device)[0]
+        warm = slowest_rank([timed_call(call, device, lower) for _ in range(args.repeats)], device)
         result["workloads"][f"{layout}:{n}"] = {"first_ms": first * 1e3, "second_ms": second * 1e3, "warm_ms": statistics.median(warm) * 1e3}
         del w, target, call
     result["hardware"] = env.hardware_info(device, backend, threads)

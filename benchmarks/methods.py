@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import distclip
 from benchmarks import report
-from benchmarks.workload import Workload
+from benchmarks.workload_records import Workload
 
 METHOD_ORDER = report.METHOD_ORDER
 DEFAULT_METHODS = ["distclip", "torch", "torchtitan", "fsdp1", "minimal", "hand_rolled", "roofline"]

@@ -5,14 +5,22 @@ A builder gets a :class:`Build` (sizes, device, seeded generators) and returns a
 each grad (1 / number of ranks holding each of its elements, for the independent reference norm)
 and the least code that is right for that one layout (the ``minimal`` column).
 
+The separate-grad layouts (``dtensor_sep``, ``plain_sep``, ``ddp``) come from the package's
+registry of hand-built layouts (``distclip.verify.layouts``), which the tests check at small sizes;
+the reference norm is the package's one float64 reference.
+
 Adding a layout: write ``build_<name>(b: Build) -> Workload`` and add one line to ``LAYOUTS``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -20,12 +28,28 @@ import torch.distributed as dist
 from torch import nn
 
 from benchmarks import methods
-from benchmarks.workload import Build, Workload, local
+from benchmarks.workload_records import Build, Workload, local
 
-# Shapes of the "many small parameters" models, cycled: a weight, a bias, a non-square weight, a
-# norm scale. Every dimension is divisible by 4 (shards evenly over 2 and 4 ranks, and over a
-# (2, 2) mesh). Mean 552 elements (2.2 KB fp32) per tensor.
-SMALL_SHAPES = [(32, 32), (32,), (64, 16), (128,)]
+
+def _from_this_checkout(name: str) -> ModuleType:
+    """``distclip/verify/<name>.py`` of this checkout, loaded by path: ``compare_commits`` runs
+    these workloads against older distclip commits (first on ``PYTHONPATH``), which may lack it."""
+    path = Path(__file__).resolve().parents[1] / "distclip" / "verify" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_distclip_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
+# the layout registry and the float64 reference shared with distclip.verify and the tests
+layouts = _from_this_checkout("layouts")
+reference = _from_this_checkout("reference")
+
+# Shapes of the "many small parameters" models, cycled (the registry's: a weight, a bias, a
+# non-square weight, a norm scale, every dimension divisible by 4). Mean 552 elements (2.2 KB fp32).
+SMALL_SHAPES = list(layouts.SMALL_SHAPES)
 PARAMS_PER_BLOCK = 50  # one FSDP unit (fully_shard / FSDP1 wrap) per block
 SEP_ROWS, SEP_COLS = 4, 8  # local shape of each dtensor_sep grad
 
@@ -139,27 +163,17 @@ def build_tp_fsdp(b: Build) -> Workload:
 
 
 def build_replicated(b: Build) -> Workload:
-    """DDP-style replicas: plain tensors, identical on every rank, each grad its own tensor."""
-    same = b.gen(99, per_rank=False)  # identical grads on every rank
-    params = []
-    for shape in b.shapes:
-        p = nn.Parameter(torch.empty(shape, device=b.device))
-        p.grad = _fill(torch.empty(shape, device=b.device), same)
-        params.append(p)
+    """DDP-style replicas: plain tensors, identical on every rank, each grad its own tensor
+    (``layouts.replicated`` at the workload's shapes)."""
+    params = layouts.replicated(b.world, b.shapes, device=b.device).params
     return b.workload(params, [1.0 / b.world] * len(params), f"replicated on {b.world} ranks, {len(params)} separate grads")
 
 
 def build_dtensor_sep(b: Build) -> Workload:
     """``n`` separate DTensor grads, each its own (4, 8) local tensor (never views of one
-    buffer), Shard(0) on a 1-D mesh of all ranks."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-
-    mesh = init_device_mesh(b.device.type, (b.world,))
-    shape, local_shape = (SEP_ROWS * b.world, SEP_COLS), (SEP_ROWS, SEP_COLS)
-    gen = b.gen()
-    params = [_dtensor_param(local_shape, mesh, [Shard(0)], shape, gen, b.device) for _ in range(b.n)]
-    desc = f"{b.n} separate DTensor grads, Shard(0) on 1-D mesh ({b.world},), local {local_shape}"
+    buffer), Shard(0) on a 1-D mesh of all ranks (``layouts.dtensor_separate``)."""
+    params = layouts.dtensor_separate(b.world, b.n, SEP_ROWS, SEP_COLS, device=b.device).params
+    desc = f"{b.n} separate DTensor grads, Shard(0) on 1-D mesh ({b.world},), local {(SEP_ROWS, SEP_COLS)}"
     return b.workload(params, [1.0] * len(params), desc, n_params=len(params))
 
 
@@ -247,11 +261,11 @@ def build_workload(
 
 
 def reference_norm(w: Workload) -> float:
-    """Independent 2-norm from the construction: each local grad weighted by 1/copies, float64."""
+    """Independent 2-norm from the construction: each rank's grads weighted by 1/copies (the one
+    float64 reference, ``distclip.verify.reference``), the squares summed over the ranks."""
+    grads = [(local(p.grad), weight) for p, weight in zip(w.params, w.weights) if p.grad is not None]
+    mine = reference.reference_norm([g for g, _ in grads], 2.0, weights=[weight for _, weight in grads])
     dev = w.local_grads[0].device if w.local_grads else torch.device("cpu")
-    acc = torch.zeros((), dtype=torch.float64, device=dev)
-    for p, weight in zip(w.params, w.weights):
-        if p.grad is not None:
-            acc += local(p.grad).double().pow(2).sum() * weight
+    acc = torch.tensor(mine * mine, dtype=torch.float64, device=dev)
     dist.all_reduce(acc)
     return float(acc.sqrt())

@@ -15,7 +15,8 @@ from distclip.guard import GradGuard, GuardOutput
 from distclip.layout.discovery import ParamsLike
 from distclip.layout.marks import GroupLike, mark_replicated, mark_sharded
 from distclip.observe.audit import AuditReport, audit
-from distclip.observe.grad_norms import describe, describe_rows, grad_norms
+from distclip.observe.describe import describe, describe_rows
+from distclip.observe.grad_norms import grad_norms
 
 __all__ = [
     "clip_grad_norm_",

@@ -44,9 +44,26 @@ class Fsdp1Piece(NamedTuple):
     segment_pieces: tuple[int, ...] = ()  # with runs: every segment's pieces, alike on every rank
     tp_ranks: tuple[frozenset[int], ...] = ()  # global ranks of each TP mesh involved (for the stage check)
     shard_group: Optional[object] = None  # FSDP1's shard group when it shards (a ProcessGroup: ranks read only for a mark)
+    # Only with ``described`` (for ``describe`` and ``audit``), under ``use_orig_params=True``: the
+    # original parameter's full shape (of its TP piece under FSDP1 over TP) and, under FSDP1 over
+    # TP, the DTensorSpec of that piece (see ``tp_pieces``, ``tp_description``).
+    shape: Optional[torch.Size] = None
+    tp_spec: object = None
+
+    @property
+    def shards(self) -> int:
+        """Ranks of FSDP1's shard group (1 when it does not shard)."""
+        return self.shard_group.size() if self.shard_group is not None else 1  # type: ignore[attr-defined]  # a ProcessGroup
+
+    @property
+    def rank(self) -> int:
+        """This rank's index in FSDP1's shard group (0 when it does not shard)."""
+        import torch.distributed as dist
+
+        return dist.get_rank(cast(dist.ProcessGroup, self.shard_group)) if self.shard_group is not None else 0
 
 
-def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
+def fsdp1_pieces(module: nn.Module, described: bool = False) -> dict[int, Fsdp1Piece]:
     """Map ``id(param)`` to its FSDP1 sharding, for every parameter FSDP1 manages in ``module``.
 
     With ``use_orig_params=False`` the parameters are FlatParameters (one 1-D shard each, padded at
@@ -54,7 +71,9 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
     local shard (possibly empty) without padding. HYBRID_SHARD's ``process_group`` is the
     intra-node sharding group; the copies across the replicate group are counted by the caller.
     Under FSDP1 over DTensor TP each segment's pieces are multiplied by its TP pieces (see the
-    module docstring); a handle without a DTensor extension costs nothing more.
+    module docstring); a handle without a DTensor extension costs nothing more. ``described``:
+    also each original parameter's ``shape`` and ``tp_spec`` (a record per parameter, where
+    discovery shares one per handle).
     """
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -68,13 +87,16 @@ def fsdp1_pieces(module: nn.Module) -> dict[int, Fsdp1Piece]:
         group = handle.process_group if sharded else None
         tp = _tp_of(flat_param) if getattr(handle, "_fsdp_extension", None) is not None else None
         if handle._use_orig_params:
-            if tp is None:
+            if tp is None and not described:
                 piece = Fsdp1Piece(pieces, 0, shard_group=group)
                 for param in flat_param._params or ():
                     found[id(param)] = piece
             else:
-                for param, (tp_count, ranks) in zip(flat_param._params or (), tp):
-                    found[id(param)] = Fsdp1Piece(pieces * tp_count, 0, None, (), () if ranks is None else (ranks,), group)
+                specs = getattr(flat_param, "_param_extensions", None) or repeat(None)
+                for param, (tp_count, ranks), shape, spec in zip(flat_param._params or (), tp or repeat((1, None)),
+                                                                  flat_param._shapes, specs):
+                    found[id(param)] = Fsdp1Piece(pieces * tp_count, 0, None, (), () if ranks is None else (ranks,), group,
+                                                  shape if described else None, spec if described else None)
         elif tp is None:
             found[id(flat_param)] = Fsdp1Piece(pieces, int(flat_param._shard_numel_padded), shard_group=group)
         else:
@@ -191,8 +213,8 @@ except ImportError:  # torch built without distributed
 
 def is_flat_parameter(param: torch.Tensor) -> bool:
     # A FlatParameter is an nn.Parameter flagged in its ``__dict__`` (``FlatParameter.__new__``);
-    # ``isinstance(p, FlatParameter)`` reads the same flag through a Python metaclass hook, ~1 us
-    # per call, on every parameter of every first call.
+    # ``isinstance(p, FlatParameter)`` reads the same flag through a Python metaclass hook, a
+    # Python call on every parameter of every first call.
     return _FlatParameter is not None and bool(param.__dict__.get("_is_flat_param", False))
 
 
@@ -241,18 +263,6 @@ def full_tp_tensor(local: torch.Tensor, spec: object) -> torch.Tensor:
     return whole.full_tensor()
 
 
-class Fsdp1Shard(NamedTuple):
-    """Where one FSDP1-managed parameter's local shard sits (for ``grad_norms`` / ``audit``)."""
-
-    rank: int  # this rank's index in the parameter's sharding group (0 when not sharded)
-    size: int  # ranks of the sharding group (1 when not sharded)
-    flat: bool  # a FlatParameter (``use_orig_params=False``)
-    shape: torch.Size | None  # the original parameter's full shape (None for a FlatParameter)
-    # FSDP1 over TP (``use_orig_params=True``): the DTensorSpec of the parameter's TP piece; ``shape``
-    # is then the TP piece's shape (see ``tp_pieces``, ``tp_description``)
-    tp_spec: object = None
-
-
 class FlatSegment(NamedTuple):
     """One original parameter inside a FlatParameter's local shard."""
 
@@ -261,30 +271,6 @@ class FlatSegment(NamedTuple):
     numel: int  # elements of the original parameter in this rank's shard (0 when none)
     shape: torch.Size  # the original parameter's full shape (of its TP piece under FSDP1 over TP)
     tp_spec: object = None  # FSDP1 over TP: the DTensorSpec of the TP piece (None: a plain parameter)
-
-
-def shard_info(module: nn.Module) -> dict[int, Fsdp1Shard]:
-    """Map ``id(param)`` to its FSDP1 shard position, for every parameter FSDP1 manages in
-    ``module`` (FlatParameters with ``use_orig_params=False``, the original parameters otherwise)."""
-    try:
-        import torch.distributed as dist
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # torch built without distributed
-        return {}
-    found: dict[int, Fsdp1Shard] = {}
-    for handle in _handles(module, FullyShardedDataParallel):
-        flat_param = handle.flat_param
-        if handle.uses_sharded_strategy:
-            rank, size = dist.get_rank(handle.process_group), handle.process_group.size()
-        else:
-            rank, size = 0, 1
-        if handle._use_orig_params:
-            specs = getattr(flat_param, "_param_extensions", None) or repeat(None)
-            for param, shape, spec in zip(flat_param._params or (), flat_param._shapes, specs):
-                found[id(param)] = Fsdp1Shard(rank, size, False, shape, spec)
-        else:
-            found[id(flat_param)] = Fsdp1Shard(rank, size, True, None)
-    return found
 
 
 def flat_segments(flat_param: torch.Tensor) -> list[FlatSegment]:
@@ -338,7 +324,3 @@ class LiveFlatParameters:
             if grad is not None and grad.numel():
                 out.append((grad.data_ptr(), grad.data_ptr() + grad.numel() * grad.element_size()))
         return out
-
-
-def flat_grad_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    return LiveFlatParameters.ranges(tensors)

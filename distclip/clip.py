@@ -18,7 +18,7 @@ import numbers
 import types
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union, cast
+from typing import NamedTuple, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -86,18 +86,32 @@ def _as_float(value: object, name: str) -> float:
         raise NotANumberError(f"distclip: {name} must be a real number, got {value!r}{hint}") from None
 
 
-def _check_norm_type(norm_type: object) -> float:
+def check_norm_type(norm_type: object) -> float:
+    """``norm_type`` as a float: any real number but NaN (``inf``, ``-inf`` and 0 included)."""
     p = _as_float(norm_type, "norm_type")
     if math.isnan(p):
         raise ValueError("distclip: norm_type must not be NaN")
     return p
 
 
-def _check_max_norm(max_norm: object) -> float:
+def check_max_norm(max_norm: object, owner: str = "distclip") -> float:
+    """``max_norm`` as a float: a real number as torch takes it (``_as_float``), not NaN, not
+    negative. The one check of the clip functions, ``GradGuard``'s policies and the
+    integrations; ``owner`` starts the message."""
     value = _as_float(max_norm, "max_norm")
     if math.isnan(value) or value < 0:
-        raise ValueError(f"distclip: max_norm must be a non-negative number, got {value}")
+        raise ValueError(f"{owner}: max_norm must be a non-negative number, got {value}")
     return value
+
+
+def fallback_norm_type(norm_type: object) -> float:
+    """The norm type a rank whose input is bad reduces with: the reduction op the other ranks most
+    likely use (MAX for a readable ``±inf``, SUM otherwise), so the reduced flags stay meaningful."""
+    try:
+        p = float(norm_type)  # type: ignore[arg-type]
+    except Exception:
+        return 2.0
+    return p if math.isinf(p) else 2.0
 
 
 @dataclass
@@ -116,14 +130,14 @@ class Call:
     params: list[torch.Tensor]
     layout: Optional[LocalLayout] = None
     error: Optional[Exception] = None
-    given: bool = False  # ``params`` are the tensors to measure themselves (``get_total_norm``)
+    measures_tensors: bool = False  # ``params`` are the tensors to measure themselves (``get_total_norm``)
 
     @property
     def signature(self) -> tuple:
         return agreement.call_signature(self.fn, self.norm_type, self.max_norm, self.error_if_nonfinite, self.stage)
 
 
-def _prepare(
+def prepare_call(
     fn: str,
     parameters: ParamsLike,
     norm_type: object,
@@ -131,11 +145,11 @@ def _prepare(
     pp_group: object,
     max_norm: object = None,
     group: object = None,
-    given: bool = False,
+    measures_tensors: bool = False,
 ) -> Call:
     """Steps 1 and 2: validate every argument and discover the layout, all locally.
 
-    ``given``: measure the tensors themselves (``get_total_norm``'s rule for tensors, as torch),
+    ``measures_tensors``: measure the tensors themselves (``get_total_norm``'s rule for tensors, as torch),
     not the ``.grad`` of parameters; a module is always measured by its parameters' grads.
 
     Without a process group the error is raised at once, as torch would. In a distributed job it
@@ -147,32 +161,29 @@ def _prepare(
     def local() -> Call:
         params, module = as_param_list(parameters)
         seen.extend(params)
-        checked_max = _check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
-        p = _check_norm_type(norm_type)
+        checked_max = check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
+        p = check_norm_type(norm_type)
         stage = current_stage(pp_group, group)
-        if given and module is None:
+        if measures_tensors and module is None:
             if stage.distributed:
                 reject_unknown_layouts(params, marks.table(params, None))
             layout = local_layout(params, None, stage, grads=params)
         else:
             layout = PLANS.layout(params, module, stage)
         layout.groups = _coalesced(layout)
-        return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, given=given and module is None)
+        return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, measures_tensors=measures_tensors and module is None)
 
     with phase("layout"), gc_paused():
         call, error = rank_errors.attempt(local)
     if call is not None:
         return call
     assert error is not None
-    try:  # the reduction op the others most likely use, so the reduced flags stay meaningful
-        p = float(norm_type)  # type: ignore[arg-type]
-    except Exception:
-        p = 2.0
     try:  # join the collectives of the group the others use; without a valid group there is none to join
         stage = current_stage(None, group)
     except Exception:
         raise error from None
-    return Call(fn, p if math.isinf(p) else 2.0, None, bool(error_if_nonfinite), stage, seen, error=error, given=given)
+    return Call(fn, fallback_norm_type(norm_type), None, bool(error_if_nonfinite), stage, seen, error=error,
+                measures_tensors=measures_tensors)
 
 
 def _coalesced(layout: LocalLayout) -> dict:
@@ -203,7 +214,7 @@ def _norm_groups(layout: LocalLayout) -> dict:
 def _join_partial_reductions(call: Call) -> None:
     """A failed rank still issues the ``Partial``-grad collectives its mesh peers issue: which
     ones depends on the grads alone, so it can tell even when its other input is bad."""
-    join_partial_grads(call.params if call.given else [p.grad for p in call.params], call.params)
+    join_partial_grads(call.params if call.measures_tensors else [p.grad for p in call.params], call.params)
 
 
 def join_partial_grads(grads: list, holders: Optional[list] = None) -> None:
@@ -219,14 +230,17 @@ def join_partial_grads(grads: list, holders: Optional[list] = None) -> None:
         pass
 
 
-def _scale_groups(layout: LocalLayout) -> dict:
+def scale_groups(layout: LocalLayout) -> dict:
     """Every local tensor to scale: a ``Partial`` grad is scaled summand by summand, a sparse grad
-    through its values (``LocalLayout.resolve``)."""
-    if not layout.partial and not layout.scale_only:
+    through its values (``LocalLayout.resolve``). Groups that differ by weight alone are merged:
+    one coefficient cast and one kernel per (device, dtype)."""
+    if not layout.partial and not layout.scale_only and len({key[:2] for key in layout.groups}) == len(layout.groups):
         return layout.groups
-    groups = dict(layout.groups)
+    groups: dict = {}
+    for key, tensors in layout.groups.items():
+        groups[(key[0], key[1], None)] = groups.get((key[0], key[1], None), []) + tensors
     for key, tensors in layout.scale_only.items():
-        groups[key] = groups.get(key, []) + tensors
+        groups[(key[0], key[1], None)] = groups.get((key[0], key[1], None), []) + tensors
     for grad, _ in layout.partial:
         local = local_of(grad)
         key = (local.device, local.dtype, None)
@@ -234,18 +248,20 @@ def _scale_groups(layout: LocalLayout) -> dict:
     return groups
 
 
-class _Mine(NamedTuple):
+class _LocalPart(NamedTuple):
     """This rank's part of a total norm, before the reduction."""
 
-    head: Union[list[float], torch.Tensor]  # ``total_head_host``'s floats where host reads are allowed, else ``total_head``
+    head: Optional[list[float]]  # ``total_head_host``'s floats where host reads are allowed, else None
+    partial: Optional[torch.Tensor]  # the float64 partial on the device where host reads are not allowed
+    has_elements: bool  # this rank holds at least one element
     has_float64: bool
     device: torch.device  # where the head is reduced
     grad_device: Optional[torch.device]
 
 
-def _local_head(call: Call, foreach: Optional[bool], device: Optional[torch.device]) -> _Mine:
-    """Step 3 on this rank: the local partial and its head, on ``device`` (None: a single
-    process, the grads' device). Raises whatever the grads make the local math raise."""
+def _local_part(call: Call, foreach: Optional[bool], device: Optional[torch.device]) -> _LocalPart:
+    """Step 3 on this rank: the local partial (and, on the host, its head), on ``device`` (None: a
+    single process, the grads' device). Raises whatever the grads make the local math raise."""
     layout = call.layout
     assert layout is not None  # a failed call never computes a partial
     norm_type = call.norm_type
@@ -258,15 +274,25 @@ def _local_head(call: Call, foreach: Optional[bool], device: Optional[torch.devi
         partial = local_partial(groups, norm_type, foreach, device)
     has_elements = any(t.numel() for tensors in groups.values() for t in tensors)  # stops at the first
     if host_reads_allowed(device):
-        return _Mine(total_head_host(partial.item(), has_elements, norm_type), has_float64, device, grad_device)
-    return _Mine(total_head(partial, has_elements, norm_type), has_float64, device, grad_device)
+        return _LocalPart(total_head_host(partial.item(), has_elements, norm_type), None, has_elements, has_float64, device, grad_device)
+    return _LocalPart(None, partial, has_elements, has_float64, device, grad_device)
 
 
-def _share(call: Call, foreach: Optional[bool], device: torch.device) -> tuple[torch.Tensor, Optional[tuple[_Mine, Packet]],
+def _total_of_partial(partial: torch.Tensor, has_elements: bool, norm_type: float) -> torch.Tensor:
+    """A single process's total from its partial on the device: ``total_from_head(total_head(...))``
+    without the head (nothing to reduce): the same float64 operations, the flags known on the host."""
+    if not has_elements:
+        return torch.zeros((), dtype=torch.float64, device=partial.device)
+    if math.isinf(norm_type):  # the head's sign, NaN flag and sign back give the partial itself
+        return partial
+    return partial.round() if norm_type == 0 else partial.pow(1.0 / norm_type)
+
+
+def _vector_to_reduce(call: Call, foreach: Optional[bool], device: torch.device) -> tuple[torch.Tensor, Optional[tuple[_LocalPart, Packet]],
                                                                                   Optional[Exception]]:
     """A distributed call's one failure path, from its entry to its collective: this rank's
     vector for the all-reduce and (its part, its packet), or, if anything failed here (argument
-    checks and discovery in ``_prepare``, the local math, the packing), the failed vector
+    checks and discovery in ``prepare_call``, the local math, the packing), the failed vector
     (``packet.failed_vector``) and the error. Either way this rank has issued exactly the
     ``Partial``-grad collectives its peers issue."""
     use_max = math.isinf(call.norm_type)
@@ -274,13 +300,19 @@ def _share(call: Call, foreach: Optional[bool], device: torch.device) -> tuple[t
         _join_partial_reductions(call)
         return failed_vector(TOTAL_HEAD, True, use_max, device), None, call.error
 
-    def encoded() -> tuple[torch.Tensor, tuple[_Mine, Packet]]:
-        mine = _local_head(call, foreach, device)
+    def encoded() -> tuple[torch.Tensor, tuple[_LocalPart, Packet]]:
+        mine = _local_part(call, foreach, device)
         assert call.layout is not None
         packet = Packet(TOTAL_HEAD, agreement.Signature(call.signature, call.layout.kinds, call.stage), use_max)
-        if isinstance(mine.head, list):
+        if mine.head is not None:
             return packet.encode_host(mine.head, has_float64=mine.has_float64), (mine, packet)
-        return packet.encode_device(mine.head, device, has_float64=mine.has_float64), (mine, packet)
+        assert mine.partial is not None
+        if math.isinf(call.norm_type):  # the NaN flag is computed on the device
+            head = total_head(mine.partial, mine.has_elements, call.norm_type)
+            return packet.encode_device(head, device, has_float64=mine.has_float64), (mine, packet)
+        # a finite p's head is [partial, 0, present]: its flags are host numbers (``total_head``)
+        tail = [0.0, float(mine.has_elements)]
+        return packet.encode_device(mine.partial, device, host_tail=tail, has_float64=mine.has_float64), (mine, packet)
 
     # A failure inside ``_norm_groups`` is not followed by a join: its collectives may have gone out.
     found, error = rank_errors.attempt(encoded)
@@ -289,7 +321,16 @@ def _share(call: Call, foreach: Optional[bool], device: torch.device) -> tuple[t
     return found[0], found[1], None
 
 
-def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torch.dtype, Optional[torch.Tensor], Optional[float]]:
+class Total(NamedTuple):
+    """A call's total norm, identical on every rank (``measure_total``)."""
+
+    norm: torch.Tensor  # float64
+    dtype: torch.dtype  # the dtype to return it in: float64 if a grad is float64, else float32
+    poisoned: Optional[torch.Tensor]  # accelerators: 0-dim bool, ranks disagreed or one failed (grads stay as they are)
+    value: Optional[float]  # the norm as a float where it was read on the host (CPU)
+
+
+def measure_total(call: Call, foreach: Optional[bool]) -> Total:
     """Steps 3 and 4: the total norm in float64 (identical on every rank), the dtype to return it
     in, and, where host reads are not allowed, a device-side flag set if the norm is poisoned
     (ranks disagreed or a rank failed: every grad must stay as it is), and the total as a float
@@ -297,24 +338,24 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
     norm_type, stage = call.norm_type, call.stage
     if not stage.distributed:
         # One process: no rank to agree with or to tell of a failure, so an error is raised at
-        # once, as torch would (``_prepare`` has raised its own).
-        mine = _local_head(call, foreach, None)
+        # once, as torch would (``prepare_call`` has raised its own).
+        mine = _local_part(call, foreach, None)
         out_dtype = torch.float64 if mine.has_float64 else torch.float32
-        if isinstance(mine.head, list):
+        if mine.head is not None:
             # on the host: no packet and no collective; the same head and root as the reduced
             # path, from the same Python floats
             total_value = total_from_head_host(mine.head, norm_type)
             total = torch.tensor(total_value, dtype=torch.float64, device=mine.grad_device or mine.device)
             if call.error_if_nonfinite:
                 _raise_if_nonfinite(call, total, torch.tensor(mine.has_float64))
-            return total, out_dtype, None, total_value
-        packet = Packet(TOTAL_HEAD, None, math.isinf(norm_type))
-        view = packet.decode_device(packet.encode_device(mine.head, mine.device, has_float64=mine.has_float64))
-        total = total_from_head(view.head, norm_type)
-        _raise_if_nonfinite(call, total, view.has_float64)
-        return total, out_dtype, None, None
+            return Total(total, out_dtype, None, total_value)
+        assert mine.partial is not None
+        total = _total_of_partial(mine.partial, mine.has_elements, norm_type)
+        if call.error_if_nonfinite:
+            _raise_if_nonfinite(call, total, torch.tensor(mine.has_float64))
+        return Total(total, out_dtype, None, None)
     device = reduction_device(stage)
-    packed, found, error = _share(call, foreach, device)
+    packed, found, error = _vector_to_reduce(call, foreach, device)
     with phase("reduce"):
         all_reduce(packed, norm_type, stage)
     host_reads = host_reads_allowed(device)
@@ -336,16 +377,16 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         # any rank's float64 grad: every rank returns the same dtype
         if call.error_if_nonfinite:
             _raise_if_nonfinite(call, total, torch.tensor(host.has_float64))
-        return total, torch.float64 if host.has_float64 else torch.float32, None, total_value
+        return Total(total, torch.float64 if host.has_float64 else torch.float32, None, total_value)
     # Accelerators: no host sync. A failure or disagreement poisons the norm and leaves the grads
     # alone; every decision that must agree is taken from the float64 total, identical on every rank.
-    view = packet.decode_device(packed)
-    total = total_from_head(view.head, norm_type)
+    total = total_from_head(packed[:TOTAL_HEAD], norm_type)
     # The dtype follows this rank's own grads (agreeing would be a host sync).
     out_dtype = torch.float64 if mine.has_float64 else torch.float32
-    poisoned = view.failed | view.disagreed
-    total = torch.where(poisoned, math.nan, total)
+    poisoned = packet.poisoned(packed)
+    total = total.masked_fill(poisoned, math.nan)
     if call.error_if_nonfinite and not bool(torch.isfinite(total)):
+        view = packet.decode_device(packed)
         if bool(view.failed):
             raise rank_errors.RankInputError(
                 "distclip: another rank could not take part (bad input there), so no norm was computed and no "
@@ -354,8 +395,9 @@ def _total_norm(call: Call, foreach: Optional[bool]) -> tuple[torch.Tensor, torc
         if bool(view.disagreed):
             assert packet.sig is not None
             agreement.raise_mismatch(packet.sig)
-    _raise_if_nonfinite(call, total, view.has_float64)
-    return total.to(out_device), out_dtype, poisoned, None
+    if call.error_if_nonfinite:
+        _raise_if_nonfinite(call, total, packet.decode_device(packed).has_float64)
+    return Total(total.to(out_device), out_dtype, poisoned, None)
 
 
 def as_torch_returns(total: torch.Tensor, call: Call) -> torch.Tensor:
@@ -449,9 +491,9 @@ def get_total_norm(
             "(leaf tensors that require grad), so their values are measured, not their gradients. Pass "
             "[p.grad for p in params if p.grad is not None] or the module to measure the gradients", stacklevel=3,
         )
-    call = _prepare("get_total_norm", tensors, norm_type, error_if_nonfinite, pp_group, group=group, given=True)
-    total, out_dtype, _, _ = _total_norm(call, foreach)
-    return as_torch_returns(total.to(out_dtype), call)
+    call = prepare_call("get_total_norm", tensors, norm_type, error_if_nonfinite, pp_group, group=group, measures_tensors=True)
+    total = measure_total(call, foreach)
+    return as_torch_returns(total.norm.to(total.dtype), call)
 
 
 def total_grad_norm(
@@ -467,9 +509,9 @@ def total_grad_norm(
     ``.grad``, marks and all), as :func:`clip_grad_norm_` computes it, without clipping: what
     ``distclip.audit`` and the integrations compare against."""
     with torch.no_grad():
-        call = _prepare("get_total_norm", parameters, norm_type, error_if_nonfinite, pp_group, group=group)
-        total, out_dtype, _, _ = _total_norm(call, foreach)
-    return total.to(out_dtype)
+        call = prepare_call("get_total_norm", parameters, norm_type, error_if_nonfinite, pp_group, group=group)
+        total = measure_total(call, foreach)
+    return total.norm.to(total.dtype)
 
 
 @torch.no_grad()
@@ -506,27 +548,37 @@ def clip_grad_norm_(
         a plain tensor.
     """
     parameters = _materialize(parameters, "parameters")
-    call = _prepare("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm, group)
-    total, out_dtype, poisoned, total_value = _total_norm(call, foreach)
+    call = prepare_call("clip_grad_norm_", parameters, norm_type, error_if_nonfinite, pp_group, max_norm, group)
+    total = measure_total(call, foreach)
     assert call.layout is not None and call.max_norm is not None  # a failed call has raised
-    if total_value is not None:  # read on the host (CPU): the same float64 arithmetic, in Python
-        coef_value = call.max_norm / (total_value + 1e-6)
-        if coef_value > 1.0:  # not min(): a NaN coefficient must stay NaN, as clamp keeps it
-            coef_value = 1.0
-        if coef_value != 1.0:  # multiplying by exactly 1.0 changes nothing: skip the pass over every grad
-            with phase("scale"):
-                scale_(_scale_groups(call.layout), torch.tensor(coef_value, dtype=torch.float64), foreach)
-        return as_torch_returns(total.to(out_dtype), call)
+    if total.value is not None:  # read on the host (CPU): the same float64 arithmetic, in Python
+        scale_host(scale_groups(call.layout), host_coefficient(call.max_norm, total.value), foreach)
+        return as_torch_returns(total.norm.to(total.dtype), call)
     # From the float64 total, identical on every rank: so is every coefficient, bit for bit.
-    coef = (call.max_norm / (total + 1e-6)).clamp(max=1.0)
-    if poisoned is not None:
-        coef = torch.where(poisoned, 1.0, coef)
+    coef = (call.max_norm / (total.norm + 1e-6)).clamp(max=1.0)
+    if total.poisoned is not None:
+        coef = coef.masked_fill(total.poisoned, 1.0)
     # Multiplying by exactly 1.0 changes nothing; on CPU, where reading the coefficient is free,
-    # that pass over every grad (~1 us per tensor) is skipped. Never on accelerators: a host sync.
+    # that pass over every grad is skipped. Never on accelerators: a host sync.
     if not (host_reads_allowed(coef.device) and bool(coef == 1.0)):
         with phase("scale"):
-            scale_(_scale_groups(call.layout), coef, foreach)
-    return as_torch_returns(total.to(out_dtype), call)
+            scale_(scale_groups(call.layout), coef, foreach)
+    return as_torch_returns(total.norm.to(total.dtype), call)
+
+
+def host_coefficient(max_norm: float, total: float) -> float:
+    """``min(1, max_norm / (total + 1e-6))`` in Python float64, the bits ``clamp`` gives on the
+    device: a NaN coefficient stays NaN (not ``min()``)."""
+    coef = max_norm / (total + 1e-6)
+    return 1.0 if coef > 1.0 else coef
+
+
+def scale_host(groups: dict, coef: float, foreach: Optional[bool]) -> None:
+    """Scale ``groups`` by a coefficient read on the host (CPU): multiplying by exactly 1.0
+    changes nothing, so that pass over every grad is skipped."""
+    if coef != 1.0:
+        with phase("scale"):
+            scale_(groups, torch.tensor(coef, dtype=torch.float64), foreach)
 
 
 @torch.no_grad()
@@ -545,7 +597,7 @@ def clip_grads_with_norm_(
         total_norm (Tensor): total norm of the gradients.
         foreach (bool, optional): use foreach kernels (default: when available).
     """
-    max_norm = _check_max_norm(max_norm)
+    max_norm = check_max_norm(max_norm)
     if not isinstance(total_norm, torch.Tensor):
         total_norm = torch.tensor(_as_float(total_norm, "total_norm"))
     elif hasattr(total_norm, "full_tensor"):  # a DTensor norm, e.g. from torch's own function

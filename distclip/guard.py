@@ -7,8 +7,8 @@
         guard.step(optimizer)              # optimizer.step() unless out.skip (the same on every rank)
         optimizer.zero_grad()
 
-``clip_`` runs :func:`distclip.clip_grad_norm_`'s own steps (``clip._prepare``: validation and
-layout discovery; ``clip._total_norm``: the local partial and the one all-reduce), then, from the
+``clip_`` runs :func:`distclip.clip_grad_norm_`'s own steps (``clip.prepare_call``: validation and
+layout discovery; ``clip.measure_total``: the local partial and the one all-reduce), then, from the
 reduced float64 total that every rank holds bit for bit:
 
 1. the policy (``distclip.policies``: fixed, ZClip, AutoClip) gives this step's threshold and a
@@ -37,9 +37,11 @@ from distclip import clip as _clip
 from distclip._dtensor import DTensor, local_of
 from distclip._torch import declares_amp_scaling_step, phase
 from distclip.comm import objects as exchange
+from distclip.comm.reduce import reduction_device
 from distclip.layout.discovery import GroupLike, Stage
 from distclip.math.partials import scale_
 from distclip.observe import grad_norms as _norms
+from distclip.observe.name_order import stage_unique
 from distclip.policies import HOST, DeviceMath, Policy, make_policy
 
 __all__ = ["GradGuard", "GuardOutput"]
@@ -95,11 +97,11 @@ def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
         found = ("error", f"{type(e).__name__}: {e}")
     everyone: list = [found]
     if stage.distributed:
-        everyone = exchange.all_gather_objects(found, _norms.reduction_device(stage), stage.group, what="GradGuard.clip_")
+        everyone = exchange.all_gather_objects(found, reduction_device(stage), stage.group, what="GradGuard.clip_")
     errors = [x[1] for x in everyone if len(x) == 2 and x[0] == "error"]
     if errors:
         raise RuntimeError(f"distclip: could not name the non-finite gradients: {errors[0]}")
-    unique, _ = _norms.stage_unique([(index, names, tied) for index, names, _, tied in everyone])
+    unique, _ = stage_unique([(index, names, tied) for index, names, _, tied in everyone])
     out: dict[str, None] = {}
     for index, _, bad_names, _ in everyone:
         out.update(dict.fromkeys(unique(index, n) for n in bad_names))
@@ -123,6 +125,8 @@ class GuardOutput:
             :func:`distclip.grad_norms` returns it (plus ``"total"``); else empty.
         group_thresholds (dict[str, Tensor]): with ``groups``: each clipped group's threshold.
         nonfinite (list[str]): see the property.
+        skip_on_host (bool or None): the skip verdict as a Python bool where it was read for free
+            (CPU); None on the device path (reading ``skip`` there is a host sync).
 
     Where host reads are free (CPU) the decisions are kept as Python values and these tensors are
     made when first read (CPU tensors); on accelerators they are the device tensors the decisions
@@ -137,8 +141,7 @@ class GuardOutput:
         self._threshold, self._skip, self._spike, self._coef = threshold, skip, spike, clip_coef
         self.group_norms = group_norms or {}
         self.group_thresholds = group_thresholds or {}
-        # the verdict as a bool where it was read for free (CPU); None on the device path
-        self._skip_host: Optional[bool] = skip if isinstance(skip, bool) else None
+        self.skip_on_host: Optional[bool] = skip if isinstance(skip, bool) else None
         self._nonfinite = nonfinite
         self._find = find_nonfinite
 
@@ -199,7 +202,7 @@ def _as_group_policy(spec: Any) -> Optional[Policy]:
     raise TypeError(f"distclip: a policy must be None, a number, a Policy or a dict of GradGuard keywords, got {type(spec).__name__}")
 
 
-def _inner_optimizers(optimizer: Any) -> list[Any]:
+def inner_optimizers(optimizer: Any) -> list[Any]:
     """The torch optimizers a step runs: torchtitan's ``OptimizersContainer`` holds several."""
     inner = getattr(optimizer, "optimizers", None)
     if isinstance(inner, (list, tuple)) and inner and all(isinstance(o, torch.optim.Optimizer) for o in inner):
@@ -275,7 +278,7 @@ class GradGuard:
                  groups: Optional[Callable[[str], Optional[str]]] = None, policies: Optional[Mapping[str, Any]] = None,
                  foreach: Optional[bool] = None, **policy_options: Any) -> None:
         self.policy = make_policy(max_norm, adaptive, skip_above=skip_above, **policy_options)
-        self.norm_type = _clip._check_norm_type(norm_type)
+        self.norm_type = _clip.check_norm_type(norm_type)
         self.skip_nonfinite = bool(skip_nonfinite)
         if groups is not None and not callable(groups):
             raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
@@ -331,25 +334,20 @@ class GradGuard:
         return out
 
     def _clip_total(self, source: _Source, pp_group: Any, group: Any) -> GuardOutput:
-        call = _clip._prepare(self._fn, source.params, self.norm_type, False, pp_group, None, group)
-        total, out_dtype, poisoned, total_value = _clip._total_norm(call, self.foreach)
+        call = _clip.prepare_call(self._fn, source.params, self.norm_type, False, pp_group, None, group)
+        measured = _clip.measure_total(call, self.foreach)
+        total, out_dtype, poisoned = measured.norm, measured.dtype, measured.poisoned
         assert call.layout is not None  # a failed call has raised
         policy = self.policy
-        if total_value is not None:  # read on the host (CPU): Python float64, the same bits
-            g = total_value
+        if measured.value is not None:  # read on the host (CPU): Python float64, the same bits
+            g = measured.value
             decided, spike, pending = policy.decide(HOST, g)
             threshold = float(decided)
             finite = math.isfinite(g)
             skip = (self.skip_nonfinite and not finite) or bool(spike)
             policy.commit(HOST, pending, finite and not skip)
-            coef = 1.0
-            if not skip:
-                coef = threshold / (g + 1e-6)
-                if coef > 1.0:  # not min(): a NaN coefficient stays NaN, as in clip_grad_norm_
-                    coef = 1.0
-            if coef != 1.0:
-                with phase("scale"):
-                    scale_(_clip._scale_groups(call.layout), torch.tensor(coef, dtype=torch.float64), self.foreach)
+            coef = 1.0 if skip else _clip.host_coefficient(threshold, g)
+            _clip.scale_host(_clip.scale_groups(call.layout), coef, self.foreach)
             nonfinite = [] if finite else _find_nonfinite(source, call.stage)
             return GuardOutput(total.to(out_dtype), threshold, skip, bool(spike), coef, nonfinite)
         # Accelerators: every decision on the device, from the float64 total (NaN if poisoned).
@@ -358,23 +356,25 @@ class GradGuard:
             m = self._device_math[total.device] = DeviceMath(total.device)
         decided_t, spike_v, pending = policy.decide(m, total)
         threshold_t = torch.as_tensor(decided_t)
-        finite_t = torch.isfinite(total)
+        # a norm is never negative: finite is below +inf (one op; ``isfinite`` is four); the second
+        # lane (below -inf) is always False: the constant verdict of a policy without skip_above
+        finite_t, never_t = (total < m.vector((math.inf, -math.inf))).unbind()
+        has_spike = isinstance(spike_v, torch.Tensor) or bool(spike_v)
         if isinstance(spike_v, torch.Tensor):
             spike_t = spike_v
-        else:  # a constant verdict (no skip_above): made on the device, never copied there
-            spike_t = torch.full((), bool(spike_v), dtype=torch.bool, device=total.device)
-        if not self.skip_nonfinite:
-            skip_t = spike_t.clone()
-        elif isinstance(spike_v, torch.Tensor) or spike_v:
-            skip_t = spike_t | ~finite_t
+        else:  # a constant verdict: made on the device, never copied there
+            spike_t = torch.full((), True, dtype=torch.bool, device=total.device) if spike_v else never_t
+        if self.skip_nonfinite:  # a poisoned total is NaN: skipped as non-finite
+            skip_t = spike_t | ~finite_t if has_spike else ~finite_t
+            accept_t = ~skip_t if has_spike else finite_t
         else:
-            skip_t = ~finite_t
-        if poisoned is not None:
-            skip_t = skip_t | poisoned
-        policy.commit(m, pending, ~skip_t if self.skip_nonfinite else finite_t & ~skip_t)  # skip covers non-finite then
+            skip_t = spike_t.clone() if poisoned is None else spike_t | poisoned
+            accept_t = finite_t & ~skip_t
+        if not (isinstance(pending, dict) and not pending):  # the fixed policy has no state: no verdict to make
+            policy.commit(m, pending, accept_t)
         coef_d = torch.where(skip_t, m.const(1.0), (threshold_t / (total + 1e-6)).clamp(max=1.0))
         with phase("scale"):
-            scale_(_clip._scale_groups(call.layout), coef_d, self.foreach)
+            scale_(_clip.scale_groups(call.layout), coef_d, self.foreach)
         stage = call.stage
 
         def find() -> list[str]:
@@ -417,13 +417,8 @@ class GradGuard:
         for name, (policy, threshold, pending, g) in decided.items():
             policy.commit(HOST, pending, math.isfinite(g) and not skip)
             thresholds[name] = torch.tensor(threshold, dtype=torch.float64)
-            if skip:
-                continue
-            coef = threshold / (g + 1e-6)
-            if coef > 1.0:
-                coef = 1.0
-            if coef != 1.0 and name in by_group:
-                scale_(by_group[name], torch.tensor(coef, dtype=torch.float64), self.foreach)
+            if not skip and name in by_group:
+                _clip.scale_host(by_group[name], _clip.host_coefficient(threshold, g), self.foreach)
         nonfinite = [] if finite else _find_nonfinite(source, stage)
         return GuardOutput(shown[TOTAL], None, skip, spike, 1.0, nonfinite, group_norms=shown, group_thresholds=thresholds)
 
@@ -453,11 +448,11 @@ class GradGuard:
         if out is None:
             raise RuntimeError("distclip: GradGuard.step needs a clip_ call since the last step (once per optimizer step)")
         self._unstepped = None
-        if out._skip_host is not None:
-            if out._skip_host:
+        if out.skip_on_host is not None:
+            if out.skip_on_host:
                 return None
             return scaler.step(optimizer, *args, **kwargs) if scaler is not None else optimizer.step(*args, **kwargs)
-        inner = _inner_optimizers(optimizer)
+        inner = inner_optimizers(optimizer)
         if scaler is None and takes_found_inf(inner):
             flag = out.skip.to(torch.float32)
             saved = [(o, getattr(o, "found_inf", None)) for o in inner]
@@ -474,6 +469,11 @@ class GradGuard:
         if bool(out.skip):  # one host read: this optimizer cannot take the verdict on the device
             return None
         return scaler.step(optimizer, *args, **kwargs) if scaler is not None else optimizer.step(*args, **kwargs)
+
+    def mark_stepped(self) -> None:
+        """The last :meth:`clip_`'s optimizer step is taken by the caller (Lightning steps the
+        optimizer itself, after its clipping hook): :meth:`step` then needs a new ``clip_``."""
+        self._unstepped = None
 
     # ------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

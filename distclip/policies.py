@@ -9,11 +9,15 @@ Each policy is written once against a tiny math backend and runs two ways:
 
 - ``HOST`` (where ``distclip.host_reads.host_reads_allowed`` says a read is free, i.e. CPU): the
   state is Python floats, the arithmetic Python's float64;
-- :class:`DeviceMath` (accelerators, ``meta``): the state is 0-dim float64 tensors on the device,
-  every branch a ``torch.where``; nothing is read on the host (no ``.item()``, no ``bool()``).
+- :class:`DeviceMath` (accelerators, ``meta``): the state is float64 tensors on the device (one
+  vector whose lanes are the keys' 0-dim views, committed by one ``torch.where``), every branch a
+  ``torch.where``; nothing is read on the host (no ``.item()``, no ``bool()``). On a GPU each op is
+  a kernel launch, so independent scalar operations of one kind run as the lanes of one
+  ``torch._foreach_*`` op (``each``).
 
 Both backends run the same IEEE float64 operations in the same order (``+ - * /``, ``sqrt``,
-comparisons), so they give the same bits (``tests/worlds/test_guard.py`` checks it). A non-finite norm
+comparisons), so they give the same bits (``tests/worlds/test_guard.py`` checks it; no fused
+``lerp``/``addcmul``, whose kernels may round once where the host rounds twice). A non-finite norm
 never enters a policy's state, and a step the guard skips leaves the state as it was.
 
 The two adaptive rules follow their authors' reference code:
@@ -30,9 +34,12 @@ import bisect
 import collections
 import copy
 import math
+import operator
 from typing import Any, Optional, Union
 
 import torch
+
+from distclip.clip import check_max_norm
 
 __all__ = ["Policy", "FixedThreshold", "ZClip", "AutoClip", "make_policy", "HOST", "DeviceMath"]
 
@@ -93,6 +100,20 @@ class _HostMath:
     def false() -> Flag:
         return False
 
+    @classmethod
+    def each(cls, op: str, xs: list[Scalar], ys: list[Scalar]) -> list[Scalar]:
+        """``[x op y for x, y in zip(xs, ys)]``, ``op`` one of ``"add" "sub" "mul" "div"``."""
+        if op == "div":
+            return [cls.div(x, y) for x, y in zip(xs, ys)]
+        return [_BINARY[op](float(x), float(y)) for x, y in zip(xs, ys)]
+
+    @staticmethod
+    def rows(*rows: list[Scalar]) -> tuple[list[float], ...]:
+        """Candidate values of a state, one list per row: ``where`` picks a whole row."""
+        return tuple([float(x) for x in row] for row in rows)
+
+
+_BINARY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul}
 
 HOST = _HostMath()
 
@@ -111,6 +132,7 @@ class DeviceMath:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._consts: dict[tuple[type, float], torch.Tensor] = {}
+        self._vectors: dict[tuple[float, ...], torch.Tensor] = {}
 
     def new(self, value: float) -> torch.Tensor:
         """A fresh 0-dim float64 tensor holding ``value``."""
@@ -125,6 +147,13 @@ class DeviceMath:
             found = self._consts[key] = torch.full((), value, dtype=dtype, device=self.device)
         return found
 
+    def vector(self, values: tuple[float, ...]) -> torch.Tensor:
+        """A cached, read-only float64 vector holding ``values`` (an operand only, as ``const``)."""
+        found = self._vectors.get(values)
+        if found is None:
+            found = self._vectors[values] = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return found
+
     def _t(self, x: Scalar) -> torch.Tensor:
         return x if isinstance(x, torch.Tensor) else self.const(float(x))
 
@@ -137,7 +166,9 @@ class DeviceMath:
         return torch.sqrt(self._t(x).clamp(min=0.0))  # clamp keeps NaN
 
     def div(self, a: Scalar, b: Scalar) -> torch.Tensor:
-        return self._t(a) / b
+        # a device divisor: CUDA divides by a host scalar as a multiplication by its reciprocal,
+        # which rounds differently from the host's division
+        return self._t(a) / self._t(b)
 
     def minimum(self, a: Scalar, b: float) -> torch.Tensor:
         return self._t(a).clamp(max=b)  # clamp keeps a NaN ``a``, as ``HOST.minimum``
@@ -150,6 +181,15 @@ class DeviceMath:
 
     def false(self) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def each(self, op: str, xs: list[Scalar], ys: list[Scalar]) -> list[torch.Tensor]:
+        """``op`` lane by lane over 0-dim tensors, in one device op (``torch._foreach_<op>``): the
+        same IEEE operation on each lane as ``HOST.each``."""
+        return list(getattr(torch, f"_foreach_{op}")([self._t(x) for x in xs], [self._t(y) for y in ys]))
+
+    def rows(self, *rows: list[Scalar]) -> torch.Tensor:
+        """The rows as one float64 tensor (one device op): ``where`` picks a whole row."""
+        return torch.stack([self._t(x) for row in rows for x in row]).view(len(rows), -1)
 
 
 Math = Union[_HostMath, DeviceMath]
@@ -165,16 +205,7 @@ def _check_positive(value: object, name: str, allow_zero: bool = False) -> float
 
 
 def _check_cap(max_norm: object) -> Optional[float]:
-    if max_norm is None:
-        return None
-    if isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1:
-        max_norm = float(max_norm)
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-        raise TypeError(f"distclip: max_norm must be a number or None, got {type(max_norm).__name__}")
-    v = float(max_norm)
-    if math.isnan(v) or v < 0:
-        raise ValueError(f"distclip: max_norm must be a non-negative number (or None), got {max_norm!r}")
-    return v
+    return None if max_norm is None else check_max_norm(max_norm)
 
 
 def _to_float(value: Any) -> float:
@@ -206,6 +237,7 @@ class Policy:
         self._state: Optional[dict[str, Scalar]] = None
         self._state_host: Optional[bool] = None
         self._loaded: Optional[dict[str, Any]] = None
+        self._vec: Optional[torch.Tensor] = None  # the device form's state as one vector, in ``_fresh()`` order
 
     @property
     def cap(self) -> float:
@@ -229,9 +261,12 @@ class Policy:
         if self._state is not None and self._state_host == m.host and (m.host or self._on(m.device)):
             return self._state
         source: dict[str, Any] = self._loaded if self._loaded is not None else (self._state if self._state is not None else self._fresh())
-        if isinstance(m, DeviceMath):
-            state: dict[str, Scalar] = {k: (v.to(device=m.device, dtype=torch.float64) if isinstance(v, torch.Tensor) else m.new(v))
-                                        for k, v in source.items()}
+        self._vec = None
+        if isinstance(m, DeviceMath) and source:
+            # one float64 vector, its lanes the keys' 0-dim views: a step's commit is one ``where``
+            self._vec = torch.stack([v.to(device=m.device, dtype=torch.float64) if isinstance(v, torch.Tensor) else m.new(v)
+                                     for v in source.values()])
+            state: dict[str, Scalar] = dict(zip(source, self._vec.unbind()))
         else:
             state = {k: _to_float(v) for k, v in source.items()}
         self._state, self._state_host, self._loaded = state, m.host, None
@@ -253,10 +288,16 @@ class Policy:
         return (m.new(self.cap) if isinstance(m, DeviceMath) else m.const(self.cap)), spike, {}
 
     def commit(self, m: Math, pending: Any, accept: Flag) -> None:
-        """Keep the pending state where ``accept`` (a finite norm on a step that is not skipped)."""
+        """Keep the pending state where ``accept`` (a finite norm on a step that is not skipped).
+        ``pending``: every key's next value in ``_fresh()`` order (a list on the host, a vector on
+        the device, kept by one ``where``), or ``{}`` for a policy without state."""
         state = self._prepare(m)
-        for k, v in pending.items():
-            state[k] = m.where(accept, v, state[k])
+        if isinstance(pending, torch.Tensor):
+            assert isinstance(m, DeviceMath) and self._vec is not None
+            vec = self._vec = m.where(accept, pending, self._vec)
+            self._state = dict(zip(state, vec.unbind()))
+        elif pending and accept:
+            state.update(zip(list(state), pending))
 
     def state_dict(self) -> dict[str, Any]:
         """The state (floats, or 0-dim float64 device tensors: no host read) and the config."""
@@ -351,50 +392,58 @@ class ZClip(Policy):
 
     def decide(self, m: Math, g: Scalar) -> tuple[Scalar, Flag, Any]:
         s = self._prepare(m)
-        n, mean, v = s["n"], s["mean"], s["v"]
-        ready = s["ready"] > 0.5
-        d = g - mean
-        # warm-up: Welford's update of the mean and the sum of squared deviations
-        n1 = n + 1.0
-        wmean1 = mean + d / n1
-        wm2_1 = v + d * (g - wmean1)
-        full = n1 >= float(self.warmup_steps)
-        # after warm-up: the z-score against the EMA before this step
+        n, mean, v, r = s["n"], s["mean"], s["v"], s["ready"]
+        zt, alpha, beta, w = self.z_thresh, self.alpha, 1 - self.alpha, float(self.warmup_steps)
+        # Both branches (warm-up, EMA) are computed: on the device which one applies cannot be read.
+        # Each value is the same IEEE operations in the same order as the formula beside it;
+        # independent operations of one kind are the lanes of one ``m.each`` (one device op).
+        d, n1 = m.each("sub", [g, n], [mean, -1.0])  # d = g - mean; n1 = n + 1
+        # n stops at warmup_steps once the warm-up is done: ready is n >= warmup_steps
+        full: Flag
+        ready: Flag
+        if isinstance(m, DeviceMath):
+            full, ready = (n1 >= m.vector((w, w + 1.0))).unbind()
+        else:
+            full, ready = n1 >= w, n1 >= w + 1.0
         std = m.sqrt(v)
-        z = d / (std + self.eps)
-        zt = self.z_thresh
+        se, zs = std + self.eps, zt * std
+        # z = d / (std + eps) against the EMA before this step; Welford's d / n1; the spike
+        # thresholds divided by the ready flag: +inf during warm-up, so no spike then
+        num, den = [d, d, zt], [se, n1, r]
+        if self.skip_above is not None:
+            num.append(self.skip_above)
+            den.append(r)
+        z, q, zt_ready, *skip_ready = m.each("div", num, den)
         clip_val: Scalar
         if self.mode == "zscore":
-            is_spike = z > zt
+            is_spike = z > zt_ready
             if self.clip_option == "adaptive_scaling":
-                eta = z / zt  # the reference's rescaling ratio: a larger outlier gets a lower threshold
-                clip_val = mean + m.div(zt * std, eta)
+                eta = m.div(z, zt)  # the reference's rescaling ratio: a larger outlier gets a lower threshold
+                clip_val, wmean1 = m.each("add", [mean, mean], [m.div(zs, eta), q])  # mean + zt * std / eta; mean + d / n1
                 if self.clip_factor != 1.0:
                     clip_val = clip_val * self.clip_factor
             else:
-                clip_val = mean
+                clip_val, wmean1 = mean, mean + q
         else:
-            clip_val = mean + zt * std
-            is_spike = g > clip_val
+            clip_val, wmean1 = m.each("add", [mean, mean], [zs, q])  # mean + zt * std; mean + d / n1
+            is_spike = (g > clip_val) & ready
         x = m.where(is_spike, clip_val, g)  # the EMA sees the clipped norm on a spike
-        mean1 = self.alpha * mean + (1 - self.alpha) * x
-        dev = x - mean1
-        var1 = self.alpha * v + (1 - self.alpha) * (dev * dev)
+        threshold = m.where(is_spike, clip_val, self.cap)
+        if self.max_norm is not None:
+            threshold = m.minimum(threshold, self.max_norm)
+        bx, am, av = m.each("mul", [x, mean, v], [beta, alpha, alpha])
+        mean1 = am + bx  # alpha * mean + (1 - alpha) * x
+        dev, gw = m.each("sub", [x, g], [mean1, wmean1])
+        dev2, p = m.each("mul", [dev, d], [dev, gw])
+        var1, m2 = m.each("add", [av, v], [beta * dev2, p])  # alpha * v + (1 - alpha) * dev**2; v + d * (g - wmean1)
         if self.skip_update_on_spike:
             mean1, var1 = m.where(is_spike, mean, mean1), m.where(is_spike, v, var1)
-        adaptive = m.where(is_spike, clip_val, self.cap)
-        if self.max_norm is not None:
-            adaptive = m.minimum(adaptive, self.max_norm)
-        threshold = m.where(ready, adaptive, self.cap)
+        # the next state (n, mean, v, ready): the EMA's, or the warm-up's (population variance once full)
+        rows: Any = m.rows([n, mean1, var1, 1.0], [n1, wmean1, m.div(m2, n1), 1.0], [n1, wmean1, m2, 0.0])
+        pending: Any = m.where(ready, rows[0], m.where(full, rows[1], rows[2]))
         spike: Flag = False  # no spike verdict without skip_above (a constant: no device op)
         if self.skip_above is not None:
-            spike = ready & (z > self.skip_above)
-        pending = {
-            "n": m.where(ready, n, n1),
-            "mean": m.where(ready, mean1, wmean1),
-            "v": m.where(ready, var1, m.where(full, m.div(wm2_1, n1), wm2_1)),  # population variance once full
-            "ready": m.where(ready | full, 1.0, 0.0),
-        }
+            spike = z > skip_ready[0]
         return threshold, spike, pending
 
 

@@ -10,22 +10,15 @@ rank", and a count of the collectives a call issues.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
 
-import torch
 import torch.distributed as dist
 
+from distclip.verify.reference import as_float64, reference_norm  # noqa: F401 - the tests' reference
 
-def f64(t: torch.Tensor) -> torch.Tensor:
-    """Widen for the reference: complex grads keep their imaginary part."""
-    return t.to(torch.complex128) if t.is_complex() else t.double()
-
-
-def reference_norm(tensors: Iterable[torch.Tensor], p: float = 2.0) -> float:
-    """The p-norm of all elements of ``tensors`` together, in float64 on one process (complex:
-    the norm of the magnitudes). No element at all: 0.0, as torch returns for no gradients."""
-    flat = torch.cat([f64(t).abs().reshape(-1).cpu() for t in tensors] + [torch.zeros(0, dtype=torch.float64)])
-    return float(torch.linalg.vector_norm(flat, p)) if flat.numel() else 0.0
+# the one float64 reference, shared with distclip.verify and the benchmarks
+f64 = as_float64
 
 
 def same_on_every_rank(value: object, group: dist.ProcessGroup | None = None) -> bool:
@@ -79,3 +72,17 @@ class count_collectives:
         for (owner, n), original in self._saved.items():
             setattr(owner, n, original)
         self._saved = {}
+
+
+@contextlib.contextmanager
+def host_reads(mode: str):
+    """``DISTCLIP_HOST_READS`` set for the block: ``auto`` (CPU path) or ``never`` (accelerator path)."""
+    old = os.environ.get("DISTCLIP_HOST_READS")
+    os.environ["DISTCLIP_HOST_READS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISTCLIP_HOST_READS", None)
+        else:
+            os.environ["DISTCLIP_HOST_READS"] = old

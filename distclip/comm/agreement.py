@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
+from distclip.comm.failure import LayoutMismatchError
+from distclip.comm.objects import all_gather_objects
+from distclip.comm.reduce import reduction_device
 from distclip.layout.discovery import Stage
 
-
-class LayoutMismatchError(RuntimeError):
-    """Ranks passed calls or layouts that cannot belong to one model (raised on every rank)."""
+__all__ = ["LayoutMismatchError", "Signature", "crc_bytes", "raise_mismatch", "call_signature"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,12 @@ class Signature:
     stage: Stage
 
 
-def crc_halves(value: object) -> tuple[int, int]:
-    """Two 16-bit halves of the crc32 of ``repr(value)``: deterministic across processes, unlike
-    ``hash()`` (``packet`` encodes them on the reduced vector)."""
+def crc_bytes(value: object) -> tuple[int, ...]:
+    """The four bytes of the crc32 of ``repr(value)``: deterministic across processes, unlike
+    ``hash()`` (``packet`` encodes them on the reduced vector; bytes, not wider parts, so that its
+    sums of ``n * h^2`` stay exact in float64 for any world size up to 2^18 ranks)."""
     h = zlib.crc32(repr(value).encode())
-    return h >> 16, h & 0xFFFF
+    return h >> 24, (h >> 16) & 0xFF, (h >> 8) & 0xFF, h & 0xFF
 
 
 def raise_mismatch(sig: Signature) -> None:
@@ -51,9 +53,6 @@ def _describe(sig: Signature) -> str:
 
     "Most ranks" is said only of a true majority; when no value is shared by more than half of the
     ranks, every rank's value is listed. Layouts are said in words (:func:`_kind_str`)."""
-    from distclip.comm.objects import all_gather_objects
-    from distclip.comm.reduce import reduction_device
-
     stage = sig.stage
     mine = (sig.call, sorted(sig.kinds, key=repr), stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None)
     gathered = all_gather_objects(mine, reduction_device(stage), stage.group, what="the mismatch report")

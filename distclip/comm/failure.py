@@ -36,6 +36,10 @@ class NotANumberError(TypeError, ValueError):
     ``ValueError``, as torch raises (``float(...)``), and a ``TypeError``, as distclip always has."""
 
 
+class LayoutMismatchError(RuntimeError):
+    """Ranks passed calls or layouts that cannot belong to one model (raised on every rank)."""
+
+
 class RankInputError(RuntimeError):
     """Another rank failed before the norm could be computed (its exception was not a built-in)."""
 
@@ -71,8 +75,6 @@ def gather(
 
 
 def _exception_class(name: str) -> type[Exception]:
-    from distclip.comm.agreement import LayoutMismatchError
-
     known = {"LayoutMismatchError": LayoutMismatchError, "NotANumberError": NotANumberError}
     cls = known.get(name, getattr(builtins, name, None))
     if isinstance(cls, type) and issubclass(cls, Exception) and cls.__init__ is not None:

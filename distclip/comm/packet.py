@@ -9,10 +9,15 @@ one float64 vector over the call's group, laid out as
   puts its per-entry values and flags there.
 - **agreement** (:class:`~distclip.comm.agreement.Signature`): the call signature, which every rank of
   the group must share, then one row per pipeline stage (up to ``STAGE_SLOTS``) for the layout
-  kinds every rank of that stage must share. Each row is two 16-bit halves of a crc32, encoded so
-  that the reduction tells whether all values were equal: for SUM ``(h, h^2)``, since
-  ``n * sum(h^2) == sum(h)^2`` only when all ``h`` are equal (exact in float64 for 16-bit ``h``);
-  for MAX ``(h, -h)``, since ``max(h) == -max(-h)`` only then.
+  kinds every rank of that stage must share. Each row is the four bytes ``h`` of a crc32, taken
+  as ``h + 1`` (never 0), in two lanes: all the rows' first lanes, then all their second lanes,
+  encoded so that one fused op over the two blocks tells whether all values were equal: for SUM
+  ``(h, n * h^2)`` (``n``: the ranks that fill the row), since ``n * sum(h^2) == sum(h)^2`` only
+  when all ``h`` are equal (every sum exact in float64 for bytes, up to 2^18 ranks): the check is
+  ``addcmul(second, first, first, value=-1)``; for MAX ``(h, -h)``, since ``max(h) == -max(-h)``
+  only then: the check is ``first + second``. A rank that failed fills the call row with 0 (SUM)
+  or ``+inf`` (MAX), so a failure fails the same check (:meth:`Packet.poisoned`: one verdict in
+  two device ops).
 - **flags** (:data:`FLAGS`): 0/1 per rank, tested ``> 0`` after the reduction (a count under SUM,
   an OR under MAX).
 
@@ -30,16 +35,17 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from distclip.comm.agreement import Signature, crc_halves
+from distclip.comm.agreement import Signature, crc_bytes
 
 __all__ = ["FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "failed_vector", "total_head", "total_head_host",
            "total_from_head", "total_from_head_host"]
 
 STAGE_SLOTS = 16  # stages compared individually; with more stages only the call signature is checked
-_H = 4  # numbers per agreement row: two 16-bit halves, each as (h, h^2) or (h, -h)
+_PARTS = 4  # values per agreement row: the four bytes of a crc32
+_LANES = _PARTS * (1 + STAGE_SLOTS)  # the call's row, then one row per stage slot, in each of the two blocks
 FLAGS = ("names_changed", "has_float64", "failed")
 TOTAL_HEAD = 3  # [value, NaN flag, present]
-_AGREEMENT = _H * (1 + STAGE_SLOTS)  # the call's row, then one row per stage slot (``agreement_slots``)
+_AGREEMENT = 2 * _LANES  # the first block, then the second (``agreement_slots``)
 
 
 def _length(head: int, distributed: bool) -> int:
@@ -48,26 +54,30 @@ def _length(head: int, distributed: bool) -> int:
     return head + (_AGREEMENT if distributed else 0) + len(FLAGS)
 
 
-def _encode(h: tuple[int, int], use_max: bool) -> list[float]:
-    if use_max:
-        return [float(h[0]), -float(h[0]), float(h[1]), -float(h[1])]
-    return [float(h[0]), float(h[0]) ** 2, float(h[1]), float(h[1]) ** 2]
+def _second(h: float, count: float, use_max: bool) -> float:
+    """The second lane of a value ``h`` of a row filled by ``count`` ranks."""
+    return -h if use_max else count * h * h
 
 
 @functools.lru_cache(maxsize=64)
 def agreement_slots(sig: Signature, use_max: bool) -> tuple[float, ...]:
-    """The agreement numbers this rank adds (same length on every rank). Cached: a layout plan
-    keeps its kinds from call to call, so they are hashed once, not once per call."""
-    out = _encode(crc_halves(sig.call), use_max)
-    absent = [-math.inf] * _H if use_max else [0.0] * _H
-    mine = _encode(crc_halves(sorted(map(repr, sig.kinds))), use_max) if sig.stage.pp_size <= STAGE_SLOTS else absent
-    for s in range(STAGE_SLOTS):
-        out += mine if s == sig.stage.index else absent
-    return tuple(out)
+    """The agreement numbers this rank adds (same length on every rank): the first block, then the
+    second. Cached: a layout plan keeps its kinds from call to call, so they are hashed once, not
+    once per call."""
+    absent = -math.inf if use_max else 0.0
+    first = [absent] * _LANES
+    counts = [float(sig.stage.group_size)] * _PARTS + [float(sig.stage.size)] * (_LANES - _PARTS)
+    first[:_PARTS] = [h + 1.0 for h in crc_bytes(sig.call)]
+    if sig.stage.pp_size <= STAGE_SLOTS:
+        at = _PARTS * (1 + sig.stage.index)
+        first[at : at + _PARTS] = [h + 1.0 for h in crc_bytes(sorted(map(repr, sig.kinds)))]
+    second = [absent if h == absent else _second(h, c, use_max) for h, c in zip(first, counts)]
+    return tuple(first + second)
 
 
-def _rows(sig: Signature) -> int:
-    return 1 + (sig.stage.pp_size if sig.stage.pp_size <= STAGE_SLOTS else 0)
+def _checked(sig: Signature) -> int:
+    """Lanes of each block that some rank fills: the call's row and one row per stage."""
+    return _PARTS * (1 + (sig.stage.pp_size if sig.stage.pp_size <= STAGE_SLOTS else 0))
 
 
 class HostView(NamedTuple):
@@ -127,22 +137,20 @@ class Packet:
     def _mismatch_host(self, reduced: Sequence[float]) -> bool:
         if self.sig is None:
             return False
-        rows = _rows(self.sig)
-        v = [reduced[_H * i : _H * (i + 1)] for i in range(rows)]
+        k = _checked(self.sig)
+        first, second = reduced[:k], reduced[_LANES : _LANES + k]
         if self.use_max:
-            return any(r[0] != -r[1] or r[2] != -r[3] for r in v)
-
-        def differ(rows_v: list, count: float) -> bool:
-            return any(count * r[1] != r[0] ** 2 or count * r[3] != r[2] ** 2 for r in rows_v)
-
-        return differ(v[:1], float(self.sig.stage.group_size)) or differ(v[1:], float(self.sig.stage.size))
+            return any(a + b != 0 for a, b in zip(first, second))
+        return any(b - a * a != 0 for a, b in zip(first, second))
 
     # ------------------------------------------------------------------ device form (accelerators)
-    def encode_device(self, head: torch.Tensor, device: torch.device, **flags: bool) -> torch.Tensor:
+    def encode_device(self, head: torch.Tensor, device: torch.device, *, host_tail: Sequence[float] = (), **flags: bool) -> torch.Tensor:
         """The vector on ``device``: ``head`` (a float64 tensor there) and the riders copied from
-        pinned host memory without a sync."""
-        assert head.numel() == self.head
-        return torch.cat([head.reshape(-1), _to_device(self._riders(flags), device)])
+        pinned host memory without a sync. ``host_tail``: the head's last values where they are
+        host numbers (a total's flags for a finite p): they ride on the same copy, so the vector
+        costs two device ops (a copy and a ``cat``)."""
+        assert head.numel() + len(host_tail) == self.head
+        return torch.cat([head.reshape(-1).to(device), _to_device(list(host_tail) + self._riders(flags), device)])
 
     def decode_device(self, packed: torch.Tensor) -> DeviceView:
         """A reduced vector tested on the device: the same float64 tests as ``decode_host``."""
@@ -153,25 +161,33 @@ class Packet:
     def _mismatch_device(self, reduced: torch.Tensor) -> torch.Tensor:
         if self.sig is None:
             return torch.zeros((), dtype=torch.bool, device=reduced.device)
-        rows = _rows(self.sig)
-        v = reduced[: _H * rows].view(rows, _H)  # row 0: the call; row 1 + s: stage s
-        if self.use_max:
-            return ((v[:, 0] != -v[:, 1]) | (v[:, 2] != -v[:, 3])).any()
+        k = _checked(self.sig)
+        first, second = reduced[:k], reduced[_LANES : _LANES + k]
+        # the same float64 arithmetic as ``_mismatch_host`` (exact: integers below 2^53)
+        differences = first + second if self.use_max else torch.addcmul(second, first, first, value=-1)
+        return differences.any()
 
-        def differ(rows_v: torch.Tensor, count: float) -> torch.Tensor:
-            return ((count * rows_v[:, 1] != rows_v[:, 0] ** 2) | (count * rows_v[:, 3] != rows_v[:, 2] ** 2)).any()
-
-        return differ(v[:1], float(self.sig.stage.group_size)) | differ(v[1:], float(self.sig.stage.size))
+    def poisoned(self, packed: torch.Tensor) -> torch.Tensor:
+        """0-dim bool on the device: the ranks disagreed or one failed (every grad must stay as it
+        is). A failed rank's vector (``failed_vector``) breaks the call row's agreement, so this
+        is the agreement check alone: two device ops."""
+        if self.sig is None:
+            return packed[self.flags_at + 2] > 0
+        return self._mismatch_device(packed[self.head : self.flags_at])
 
 
 def failed_vector(head: int, distributed: bool, use_max: bool, device: torch.device) -> torch.Tensor:
     """The vector of a rank that failed before its own was encoded (bad input, local math, packing):
     the others' length, with the ``failed`` flag set and every other number neutral under the
     reduction (0 for SUM, -inf for MAX; flags 0), so the call's one collective still goes out and
-    every rank sees the flag. Built from nothing the rank holds, so it cannot fail the way the rank
-    did. ``head``: the number of caller values (``Packet.head``)."""
+    every rank sees the flag, except the call row's first lanes under MAX: ``+inf``, so that the
+    agreement check fails too (under SUM the 0 there already does: ``h + 1`` is never 0). Built
+    from nothing the rank holds, so it cannot fail the way the rank did. ``head``: the number of
+    caller values (``Packet.head``)."""
     n = _length(head, distributed)
     values = [-math.inf if use_max else 0.0] * (n - len(FLAGS)) + [1.0 if name == "failed" else 0.0 for name in FLAGS]
+    if distributed and use_max:
+        values[head : head + _PARTS] = [math.inf] * _PARTS
     return _to_device(values, device)
 
 
@@ -217,11 +233,17 @@ def total_from_head_host(head: Sequence[float], norm_type: float) -> float:
 
 
 def total_from_head(head: torch.Tensor, norm_type: float) -> torch.Tensor:
-    """``total_from_head_host`` on the device: the same float64 operations."""
+    """``total_from_head_host`` on the device: the same float64 operations. For p >= 0 the
+    ``present`` test is left out: where no rank holds an element the sum is exactly 0, whose root
+    is already 0."""
     if math.isinf(norm_type):
         total = torch.where(head[1] > 0, math.nan, head[0] * (1.0 if norm_type > 0 else -1.0))
-    else:  # p == 0 counts elements; the weights make the sum inexact in the last bits
-        total = head[0].round() if norm_type == 0 else head[0].pow(1.0 / norm_type)
+    elif norm_type == 0:  # counts elements; the weights make the sum inexact in the last bits
+        return head[0].round()
+    elif norm_type > 0:
+        return head[0].pow(1.0 / norm_type)
+    else:
+        total = head[0].pow(1.0 / norm_type)
     return torch.where(head[2] > 0, total, 0.0)
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from distclip._dtensor import DTensor, check_partial_ops, is_sum_dim, local_of, spec_of
 from distclip._torch import default_group_device
+from distclip.comm.failure import LayoutMismatchError
 from distclip.comm.objects import every_rank_must_call
 from distclip.host_reads import host_reads_allowed
 from distclip.layout.discovery import Stage
@@ -134,8 +135,6 @@ def _check_pairing(members: list[PartialGrad], mesh: object, dims: tuple[int, ..
         dist.all_reduce(check, group=group)
         total, squares = check.tolist()
         if total * total != squares * dist.get_world_size(group):
-            from distclip.comm.agreement import LayoutMismatchError
-
             raise LayoutMismatchError(
                 "distclip: the ranks of a tensor-parallel group hold different Partial grads (names, shapes, dtypes or "
                 f"placements: this rank's are {[k[:2] for k in map(_pairing_key, members)][:6]}); they cannot be "

@@ -30,7 +30,6 @@ raises on every rank before any collective.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,7 +37,8 @@ import torch
 from torch import nn
 
 import distclip
-from distclip.guard import GradGuard, GuardOutput, _inner_optimizers, takes_found_inf
+from distclip.clip import check_max_norm
+from distclip.guard import GradGuard, GuardOutput, inner_optimizers, takes_found_inf
 from distclip.layout.discovery import GroupLike
 
 try:
@@ -117,10 +117,7 @@ class GradientClipping(Callback):
             norm_type = guard.norm_type
         if max_norm is None:
             raise TypeError("GradientClipping needs max_norm (or guard=)")
-        max_norm = float(max_norm)
-        if math.isnan(max_norm) or max_norm < 0:
-            raise ValueError(f"GradientClipping: max_norm must be a non-negative number, got {max_norm}")
-        self.max_norm = max_norm
+        self.max_norm = check_max_norm(max_norm, "GradientClipping")
         self.norm_type = 2.0 if norm_type is None else float(norm_type)
         self.guard = guard
         self.last_output: GuardOutput | None = None
@@ -191,16 +188,16 @@ class GradientClipping(Callback):
         assert self.guard is not None
         self._clear_found_inf()
         out = self.guard.clip_(module, pp_group=self.pp_group, group=self.group)
-        self.guard._unstepped = None  # Lightning steps the optimizer itself, right after this hook
+        self.guard.mark_stepped()  # Lightning steps the optimizer itself, right after this hook
         self.last_output, self.last_norm = out, out.total_norm
-        inner = _inner_optimizers(optimizer)
+        inner = inner_optimizers(optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)  # GradScaler.step overrides found_inf
-        if out._skip_host is None and scaler is None and takes_found_inf(inner):
+        if out.skip_on_host is None and scaler is None and takes_found_inf(inner):
             flag = out.skip.to(torch.float32)
             for o in inner:  # read by the fused kernel of the step that follows: no host sync
                 o.found_inf = flag
                 self._found_inf_set.append(o)
-        elif out._skip_host if out._skip_host is not None else bool(out.skip):  # the verdict; a host read on accelerators only
+        elif out.skip_on_host if out.skip_on_host is not None else bool(out.skip):  # the verdict; a host read on accelerators only
             for o in inner:
                 for param_group in o.param_groups:
                     for p in param_group["params"]:

@@ -37,7 +37,6 @@ first: ``trainer.callback_handler.callbacks.insert(0, clip)`` (or :func:`attach`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 import distclip
+from distclip.clip import check_max_norm
 from distclip.layout.discovery import GroupLike
 
 try:
@@ -108,11 +108,7 @@ class GradientClipping(TrainerCallback):
         log_group_norms: bool = False,
         groups: Callable[[str], str | None] | None = None,
     ) -> None:
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
-            raise TypeError(f"GradientClipping: max_norm must be a number, got {type(max_norm).__name__}")
-        max_norm = float(max_norm)
-        if math.isnan(max_norm) or max_norm < 0:
-            raise ValueError(f"GradientClipping: max_norm must be a non-negative number, got {max_norm}")
+        max_norm = check_max_norm(max_norm, "GradientClipping")
         if groups is not None and not callable(groups):
             raise TypeError(f"GradientClipping: groups must be a callable name -> group name, got {type(groups).__name__}")
         self.max_norm = max_norm

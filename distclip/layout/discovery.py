@@ -98,7 +98,7 @@ def reject_unknown_layouts(tensors: list[torch.Tensor], marked_here: dict[int, A
     collective; every rank raises together through ``rank_errors``). A tensor that carries a mark
     itself is counted by its mark (``marked_here``: the marks of ``tensors``)."""
     marked = [p for p in marks.marked_parameters() if p.grad is not None]
-    flat = _fsdp1.flat_grad_ranges(tensors)
+    flat = _fsdp1.LiveFlatParameters.ranges(tensors)
     if not marked and not flat:
         return
     ids: set[int] = set()
@@ -179,7 +179,7 @@ GroupKey = tuple  # (device, dtype, weight)
 
 
 class Entry(NamedTuple):
-    """One local tensor of ``local_layout(..., entries=True)``: which parameter it belongs to."""
+    """One local tensor of ``layout_with_entries``: which parameter it belongs to."""
 
     index: int  # type: ignore[assignment]  # shadows tuple.index(); position of its parameter in the list passed to ``local_layout``
     tensor: torch.Tensor  # the local tensor measured (FSDP1 padding removed); the DTensor if partial
@@ -188,6 +188,9 @@ class Entry(NamedTuple):
     # FSDP1 over TP: the tensor is the run of a flat shard starting here (see ``Fsdp1Piece.runs``);
     # a parameter then has one entry per run. None: the parameter's whole local tensor.
     offset: Optional[int] = None
+    copies: int = 1  # pipeline stages holding a copy (``mark_replicated``), which ``weight`` counts once
+    # FSDP1 over TP with runs: the weight of every segment of the flat parameter, in or out of this shard
+    segment_weights: tuple[float, ...] = ()
 
 
 @dataclass
@@ -209,11 +212,11 @@ class LocalLayout:
     groups: dict[GroupKey, list[torch.Tensor]]
     kinds: frozenset = frozenset()
     partial: list[tuple[DTensor, float]] = field(default_factory=list)
-    entries: list[Entry] = field(default_factory=list)  # only with ``entries=True``
-    # only with ``routes=True``, for ``plan.LayoutPlan``: each parameter's route (None: no grad)
+    entries: list[Entry] = field(default_factory=list)  # only from ``layout_with_entries``
+    # only from ``layout_with_routes``, for ``plan.LayoutPlan``: each parameter's route (None: no grad)
     # and the list of ``groups`` its local tensor joined (None: no grad, Partial, FSDP1 runs)
     routes: list[Optional[Route]] = field(default_factory=list)
-    joins: list[Optional[list[torch.Tensor]]] = field(default_factory=list)
+    joined: list[Optional[list[torch.Tensor]]] = field(default_factory=list)
     grads: list[Optional[torch.Tensor]] = field(default_factory=list)  # and the grads it read
     # from a plan: its remembered coalescing (``local_norms.Coalescer``) of each group that holds
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
@@ -369,10 +372,10 @@ def local_grad_tensors(parameters: ParamsLike) -> dict[tuple, list[torch.Tensor]
 
 # ----------------------------------------------------------------------------- discovery
 #
-# ``local_layout`` is three parts: ``fingerprint`` reads every parameter (the agreement kinds and
+# Discovery (``_discover``) is three parts: ``fingerprint`` reads every parameter (the agreement kinds and
 # the census), ``classify`` gives every gradient a typed route (which kind of local gradient it
-# is, with its weight), and the loop of ``local_layout`` puts each local tensor in its group. Every
-# weight comes from ``weigh``; what is worked out once per call lives in a ``DiscoveryCache``.
+# is, with its weight), and its loop puts each local tensor in its group. Every
+# weight comes from ``weigh``; what is worked out once per call lives in a ``CallMemo``.
 
 
 class ReplicaRoute(NamedTuple):
@@ -420,6 +423,19 @@ class FlatRunsRoute(NamedTuple):
 
 
 Route = Union[ReplicaRoute, MarkedRoute, DTensorRoute, PartialRoute, FlatShardRoute, FlatRunsRoute]
+
+
+def routed_tensor(route: Route, grad: torch.Tensor) -> torch.Tensor:
+    """The one local tensor ``route`` measures of ``grad`` (every route but ``FlatRunsRoute``):
+    a DTensor grad's local tensor, an FSDP1 shard less its padding, else the grad itself (a
+    ``Partial`` grad stays a DTensor: it is made whole first)."""
+    cls = route.__class__
+    if cls is DTensorRoute:
+        return local_of(grad)
+    if cls is FlatShardRoute and route.padding:  # type: ignore[union-attr]
+        return grad[: grad.numel() - route.padding]  # type: ignore[union-attr]
+    return grad
+
 
 _UNDISTRIBUTED = ReplicaRoute(1.0)  # every gradient without torch.distributed: whole on this rank
 
@@ -476,8 +492,9 @@ class _DtypeCodes(dict):
         return code
 
 
-class DiscoveryCache:
-    """What one ``local_layout`` call has worked out so far, shared by all its parameters.
+class CallMemo:
+    """What one discovery has worked out so far, shared by all its parameters (a memo of one call,
+    dropped when it ends).
 
     Discovery runs once per parameter per call, so the work per parameter stays a few dict lookups
     and an append: anything costlier is done once per distinct layout and kept here until the call
@@ -485,7 +502,7 @@ class DiscoveryCache:
 
     - ``replicas``: (dtype, device) -> the group list of unmarked plain grads.
     - ``dtensor_routes``: ``id(DTensorSpec)`` of an unmarked DTensor grad -> its route and the
-      group list its local tensor joins (None: ``Partial``). FSDP2 shares a spec between a
+      group list its local tensor joined (None: ``Partial``). FSDP2 shares a spec between a
       parameter, its grad and the parameters of the same shape.
     - ``dtensor_weights``: (mesh, placement types, dtype) -> route and group list, for grads made
       with ``DTensor.from_local`` (a spec each): the weight depends only on which mesh dims shard,
@@ -534,7 +551,7 @@ class DiscoveryCache:
 
     def dtensor_route(self, spec: Any, grad: torch.Tensor) -> tuple[Route, Optional[list[torch.Tensor]]]:
         """The route of an unmarked DTensor grad whose spec is new to this call (and the group list
-        its local tensor joins, None if it is ``Partial``)."""
+        its local tensor joined, None if it is ``Partial``)."""
         mesh = spec.mesh
         structure = (self.mesh_ids.get(id(mesh)) or self.mesh_id(mesh), tuple(map(type, spec.placements)), grad.dtype)
         found = self.dtensor_weights.get(structure)
@@ -575,7 +592,7 @@ class DiscoveryCache:
         return kind
 
 
-def _dtensor_weight(spec: Any, cache: DiscoveryCache, annotation: Optional[Annotation]) -> float:
+def _dtensor_weight(spec: Any, cache: CallMemo, annotation: Optional[Annotation]) -> float:
     """Weight of a DTensor grad's local tensor (of its reduced value, if it is ``Partial``:
     ``Partial`` dims hold the whole tensor)."""
     mesh = spec.mesh
@@ -622,7 +639,7 @@ def _reject_bare_flat_parameter() -> None:
     )
 
 
-def fingerprint(params: list[torch.Tensor], annotations: list[Optional[Annotation]], cache: DiscoveryCache) -> frozenset:
+def fingerprint(params: list[torch.Tensor], annotations: list[Optional[Annotation]], cache: CallMemo) -> frozenset:
     """What every rank of the stage must hold alike (``LocalLayout.kinds``, see ``agreement``),
     read from the *parameters* (``annotations``: their marks), with or without a grad: a frozen
     parameter, or one whose grad is None on this rank only, is no disagreement.
@@ -673,7 +690,7 @@ def fingerprint(params: list[torch.Tensor], annotations: list[Optional[Annotatio
     return frozenset(kinds)
 
 
-def _flat_kind(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, cache: DiscoveryCache) -> tuple:
+def _flat_kind(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, cache: CallMemo) -> tuple:
     """The agreement kind of an unmarked FSDP1 parameter: its weight, or under FSDP1 over TP with
     runs the weight of every segment of the flat parameter."""
     route = cache.flat_route(param, piece, None)
@@ -683,10 +700,10 @@ def _flat_kind(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, cache: DiscoveryCa
 
 
 def classify(
-    param: torch.Tensor, grad: torch.Tensor, annotation: Optional[Annotation], cache: DiscoveryCache
+    param: torch.Tensor, grad: torch.Tensor, annotation: Optional[Annotation], cache: CallMemo
 ) -> tuple[Route, Optional[list[torch.Tensor]]]:
     """Which kind of local gradient ``grad`` (of ``param``, marked with ``annotation``) is: its
-    typed route, and the group list its local tensor joins (None where the route places it: a
+    typed route, and the group list its local tensor joined (None where the route places it: a
     ``Partial`` grad, FSDP1 runs).
 
     Unmarked plain and DTensor grads, the common case, are a lookup in ``cache``; marks are per
@@ -723,8 +740,6 @@ def local_layout(
     params: list[torch.Tensor],
     module: Optional[nn.Module],
     stage: Stage,
-    entries: bool = False,
-    routes: bool = False,
     grads: Optional[list[torch.Tensor]] = None,
 ) -> LocalLayout:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
@@ -733,53 +748,67 @@ def local_layout(
     counted: a FlatParameter passed without its FSDP module, a shard group that does not fit inside
     a pipeline stage, a mark lost by re-wrapping.
 
-    With ``entries``, ``LocalLayout.entries`` also says which parameter (its index in ``params``)
-    each local tensor comes from, for per-parameter norms. With ``routes``, ``LocalLayout.routes``
-    holds each parameter's route, ``LocalLayout.joins`` the group list it joined and
-    ``LocalLayout.grads`` the grads read (for a layout plan). With ``grads`` (one tensor per entry of ``params``:
-    ``get_total_norm`` measuring the tensors it is given), those are measured instead of
-    ``params[i].grad``.
+    With ``grads`` (one tensor per entry of ``params``: ``get_total_norm`` measuring the tensors
+    it is given), those are measured instead of ``params[i].grad``.
     """
+    return _discover(params, module, stage, False, False, grads)
+
+
+def layout_with_entries(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> LocalLayout:
+    """:func:`local_layout`, whose ``LocalLayout.entries`` also say which parameter (its index in
+    ``params``) each local tensor comes from and what it weighs: for per-parameter norms."""
+    return _discover(params, module, stage, True, False, None)
+
+
+def layout_with_routes(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, entries: bool = False) -> LocalLayout:
+    """:func:`local_layout`, whose ``LocalLayout.routes`` also hold each parameter's route,
+    ``LocalLayout.joined`` the group list it joined and ``LocalLayout.grads`` the grads read: what
+    a layout plan (``plan.LayoutPlan``) keeps; with ``entries``, also :func:`layout_with_entries`'
+    (a plan that ``grad_norms`` builds)."""
+    return _discover(params, module, stage, entries, True, None)
+
+
+def _discover(
+    params: list[torch.Tensor],
+    module: Optional[nn.Module],
+    stage: Stage,
+    entries: bool,
+    routes: bool,
+    grads: Optional[list[torch.Tensor]],
+) -> LocalLayout:
     if grads is None:
         grads = list(map(_grad_of, params))
     if not stage.distributed:  # no process group, so no mark
         return _undistributed_layout(grads, entries, routes)
     marked = table(params, module)
-    cache = DiscoveryCache(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {})
+    cache = CallMemo(stage, _fsdp1.fsdp1_pieces(module) if module is not None else {})
     annotations: list[Optional[Annotation]] = list(map(marked.get, map(id, params))) if marked else [None] * len(params)
     layout = LocalLayout(cache.groups, fingerprint(params, annotations, cache), marks=marked)
     partial, entry_list = layout.partial, layout.entries
     route_list: list[Optional[Route]] = [None] * len(params) if routes else []
-    joins: list[Optional[list[torch.Tensor]]] = [None] * len(params) if routes else []
+    joined: list[Optional[list[torch.Tensor]]] = [None] * len(params) if routes else []
     for index, (param, grad, annotation) in enumerate(zip(params, grads, annotations)):
         if grad is None:
             continue
         route, bucket = classify(param, grad, annotation, cache)
-        cls = route.__class__
-        if cls is ReplicaRoute:
-            local = grad
-        elif cls is DTensorRoute:
-            local = local_of(grad)
-        elif cls is MarkedRoute or cls is PartialRoute:
-            local = grad
-        elif cls is FlatShardRoute:
-            padding = route.padding  # type: ignore[union-attr]
-            local = grad[: grad.numel() - padding] if padding else grad
-        else:  # FSDP1 runs: one slice of the flat shard per run, each in its own group
+        copies = _copies(annotation, stage) if entries else 1
+        if route.__class__ is FlatRunsRoute:  # FSDP1 runs: one slice of the flat shard per run, each in its own group
+            segment_weights = _segment_weights(param, annotation, cache) if entries else ()
             for start, stop, weight in route.runs:  # type: ignore[union-attr]
                 piece = grad[start:stop]
                 cache.groups[(piece.device, piece.dtype, weight)].append(piece)
                 if entries:
-                    entry_list.append(Entry(index, piece, weight, False, start))
+                    entry_list.append(Entry(index, piece, weight, False, start, copies, segment_weights))
             if routes:
                 route_list[index] = route
             continue
+        local = routed_tensor(route, grad)
         if local.is_conj() or local.is_sparse:  # what the kernels cannot take as it is (``LocalLayout.resolve``)
             resolved = layout.resolve(local, (local.device, local.dtype, route.weight))  # type: ignore[union-attr]
             if resolved is None:  # sparse: measured and scaled apart from the groups
                 if entries:
-                    entry_list.append(Entry(index, layout.measure_only[(local.device, local.dtype, route.weight)][-1],  # type: ignore[union-attr]
-                                            route.weight))  # type: ignore[union-attr]
+                    measured = layout.measure_only[(local.device, local.dtype, route.weight)][-1]  # type: ignore[union-attr]
+                    entry_list.append(Entry(index, measured, route.weight, copies=copies))  # type: ignore[union-attr]
                 if routes:
                     route_list[index] = route
                 continue
@@ -789,11 +818,11 @@ def local_layout(
         else:  # only a Partial grad has no group: it is made whole first
             partial.append((grad, route.weight))  # type: ignore[arg-type,union-attr]  # a DTensor grad's route
         if entries:
-            entry_list.append(Entry(index, local, route.weight, bucket is None))  # type: ignore[union-attr]
+            entry_list.append(Entry(index, local, route.weight, bucket is None, copies=copies))  # type: ignore[union-attr]
         if routes:
             route_list[index] = route
-            joins[index] = bucket
-    layout.routes, layout.joins = route_list, joins
+            joined[index] = bucket
+    layout.routes, layout.joined = route_list, joined
     layout.result_mesh = _one_mesh(grads, cache)
     if partial:
         partial_ids = {id(g) for g, _ in partial}
@@ -805,7 +834,23 @@ def local_layout(
     return layout
 
 
-def _one_mesh(grads: Sequence[Optional[torch.Tensor]], cache: DiscoveryCache) -> Optional[DeviceMesh]:
+def _copies(annotation: Optional[Annotation], stage: Stage) -> int:
+    """The pipeline stages holding a copy of a parameter marked so (``weigh`` counts them once)."""
+    if annotation is None or annotation.replicated_over is None:
+        return 1
+    return stage_copies(annotation.replicated_over.ranks, stage.pp_ranks)
+
+
+def _segment_weights(param: torch.Tensor, annotation: Optional[Annotation], cache: CallMemo) -> tuple[float, ...]:
+    """The weight of every segment of an FSDP1-over-TP flat parameter with runs (``weigh``, as
+    for its runs): segments outside this rank's shard have one too (``describe`` shows it)."""
+    piece = cache.fsdp1[id(param)]
+    meshes = tuple((ranks, "a DTensor (tensor-parallel) mesh inside FSDP1") for ranks in piece.tp_ranks)
+    how = " (FSDP1 shards x tensor-parallel pieces)"
+    return tuple(weigh(cache.stage, pieces, annotation, meshes, how=how) for pieces in piece.segment_pieces)
+
+
+def _one_mesh(grads: Sequence[Optional[torch.Tensor]], cache: CallMemo) -> Optional[DeviceMesh]:
     """The one mesh of ``grads`` when every grad there is is a DTensor on it (equal meshes may be
     distinct objects), else None. C-level passes: no Python step per grad."""
     held = list(compress(grads, map(operator.is_not, grads, repeat(None))))
@@ -826,7 +871,7 @@ def pairing_names(grads: Sequence[torch.Tensor], holders: Sequence[torch.Tensor]
     grad itself, given without its parameter). Only grads that look alike to every rank (shape,
     dtype, mesh, placements) need one, and only then are names looked up (``marks.names_of``: the
     parameter's name under the topmost module holding it, the same whichever module the call got,
-    so a rank that failed and only joins the collectives pairs its grads the same way)."""
+    so a rank that failed and only joined the collectives pairs its grads the same way)."""
     keys = [(tuple(g.shape), g.dtype, spec_of(g).mesh, tuple(spec_of(g).placements)) for g in grads]
     if len(set(keys)) == len(keys):
         return [""] * len(grads)
@@ -839,7 +884,7 @@ def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool
     layout = LocalLayout(groups)
     entry_list: list[Entry] = []
     route_list: list[Optional[Route]] = [None] * len(grads) if routes else []
-    joins: list[Optional[list[torch.Tensor]]] = [None] * len(grads) if routes else []
+    joined: list[Optional[list[torch.Tensor]]] = [None] * len(grads) if routes else []
     for i, g in enumerate(grads):
         if g is not None:
             key = (g.device, g.dtype, 1.0)
@@ -858,8 +903,8 @@ def _undistributed_layout(grads: Sequence[Optional[torch.Tensor]], entries: bool
                 entry_list.append(Entry(i, g, 1.0))
             if routes:
                 route_list[i] = _UNDISTRIBUTED
-                joins[i] = bucket
-    layout.entries, layout.routes, layout.joins = entry_list, route_list, joins
+                joined[i] = bucket
+    layout.entries, layout.routes, layout.joined = entry_list, route_list, joined
     layout.grads = list(grads) if routes else []
     return layout
 

@@ -35,11 +35,11 @@ from distclip.layout.discovery import GroupKey
 
 # On CPU every norm is taken over pieces of about ROW elements (at most ROW_MAX), then the piece norms are combined
 # in float64. torch's CPU kernel accumulates float32 in a few lanes, so its error grows with the
-# length it reduces; measured on the CI machine (fp32, worst over constant and near-constant data,
-# the adversarial case for rounding bias): rows of 512: 3.7e-7 relative error, 1024: 9.3e-7, 8192:
-# 6.8e-6; one 64M-element vector_norm: 5e-3. Row-wise reduction runs at the same speed (~19 GB/s)
-# for every width from 256 to 8192.
+# length it reduces, while row-wise reduction runs at the same speed for every width from 256 to
+# 8192 (benchmarks/README.md, "Row length").
 ROW = 512
+# The grad dtypes whose norms are returned in float64 (every other dtype's in float32)
+FLOAT64_DTYPES = (torch.float64, torch.complex128)
 # A tensor measured in place is cut into rows of one length (``row_shape``): ROW, or where ROW does
 # not divide its size, a divisor of it between ROW_MIN and ROW_MAX, so that it needs one view and
 # one norm kernel instead of a second view for its tail and that tail's copy into a flat chunk
@@ -227,11 +227,10 @@ def scale_(groups: dict[GroupKey, list[torch.Tensor]], coef: torch.Tensor, forea
             torch._foreach_mul_(tensors, coef_here)
 
 
-# On CPU a norm kernel costs ~5 us per tensor (``_foreach_norm`` loops over tensors there), more
-# than reading 16K floats. Tensors below FLAT_MAX elements are therefore copied into flat buffers
-# and measured row by row (measured on the CI machine, per tensor, norm kernel vs copy + rows:
-# 1024 elements 5.3 vs 0.9 us, 4096: 4.8 vs 1.7, 8192: 7.0 vs 3.0, 16384: 6.6 vs 6.1; with two
-# ranks sharing the memory bus the copy costs more, hence the lower bound). The copy
+# On CPU a norm kernel's fixed cost per tensor (``_foreach_norm`` loops over tensors there) is
+# more than reading 16K floats. Tensors below FLAT_MAX elements are therefore copied into flat
+# buffers and measured row by row (benchmarks/README.md, "Row length"; with two ranks sharing the
+# memory bus the copy costs more, hence the lower bound). The copy
 # is made chunk by chunk, one chunk alive at a time, each at most 1/20 of the group's grad bytes
 # and at most FLAT_CHUNK elements, so the extra memory stays under 10% of the rank's local grad
 # bytes; a tensor larger than a chunk is measured in place. Small models get chunks of at least
@@ -263,7 +262,7 @@ BLOCK_MAX = 1 << 20
 # Elements per chunk of ``_foreach_norm``'s fused accelerator kernel (torch's MultiTensorApply.cuh,
 # ``kChunkSize``): it keeps one partial per chunk of its widest tensor for every tensor it is given.
 FOREACH_CHUNK = 1 << 16
-REPAIR_BATCH = BLOCK_MAX // ROW_MAX  # pieces gathered per float64 repair kernel (``_repair``)
+REPAIR_BATCH = BLOCK_MAX // ROW_MAX  # pieces gathered per float64 repair kernel (``repair_norms``)
 
 
 def block_elements(nbytes: int) -> int:
@@ -546,7 +545,7 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
     for m, owner in pieces.chunks():
         norms = _block_norms(m, norm_type, acc, pieces.magnitudes, scratch)
         if repair:  # checked now: the chunk is dropped next (never with magnitudes: p != 2 is float64)
-            norms = _repair(norms, lambda idx, m=m: m.index_select(0, idx), norm_type, max(1, pieces.block // ROW))
+            norms = repair_norms(norms, lambda idx, m=m: m.index_select(0, idx), norm_type, max(1, pieces.block // ROW))
         parts.append(norms)
         if owner is not None:
             pieces.chunk_owners.append(owner)
@@ -585,7 +584,7 @@ def _small_norms(
         else:
             norms = torch.stack(list(torch._foreach_norm(batch, norm_type, dtype=acc)))
         if repair:
-            norms = _repair(norms, lambda idx, batch=batch: [batch[k] for k in idx.tolist()], norm_type)
+            norms = repair_norms(norms, lambda idx, batch=batch: [batch[k] for k in idx.tolist()], norm_type)
         parts.append(norms)
     return parts
 
@@ -618,7 +617,7 @@ def _batches(tensors: list[torch.Tensor], block: int, magnitudes: bool, widest: 
 TINY = 2.0**-50
 
 
-def _repair(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = REPAIR_BATCH) -> torch.Tensor:
+def repair_norms(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = REPAIR_BATCH) -> torch.Tensor:
     """CPU slow path, taken only for the pieces whose float32 norm overflowed (sum g^2 beyond
     float32 although the norm is representable: fairscale #263) or may have underflowed (below
     ``TINY``, which includes all-zero pieces): those pieces alone (``pieces_at(indices)``) are
@@ -644,7 +643,7 @@ def _repair(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = REPAI
 def _repair_mats(
     norms: torch.Tensor, mats: list[torch.Tensor], starts: list[int], norm_type: float, magnitudes: bool, scratch: _Scratch
 ) -> torch.Tensor:
-    """``_repair`` for the concatenated row norms of matrices measured in place: every block of
+    """``repair_norms`` for the concatenated row norms of matrices measured in place: every block of
     rows (``scratch.block`` elements) that holds a bad row is measured again in float64, in place,
     not its whole matrix (no gather: mostly-zero grads, such as experts that saw no token, would
     otherwise copy every row, or pay one kernel per 512 elements)."""
@@ -673,7 +672,7 @@ def _repair_mats(
     return fixed
 
 
-def _real_view(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+def real_view(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
     """Complex grads as real tensors with the same p-norm: for p=2 the (re, im) pairs (no copy),
     otherwise the magnitudes. torch measures complex grads by their magnitudes too."""
     if norm_type == 2:
@@ -681,8 +680,13 @@ def _real_view(tensors: list[torch.Tensor], norm_type: float) -> list[torch.Tens
     return [t.abs() for t in tensors]
 
 
+def empty_partial(norm_type: float) -> float:
+    """A partial's value when it covers no element: the identity of its reduction."""
+    return -math.inf if norm_type == math.inf else (math.inf if norm_type == -math.inf else 0.0)
+
+
 def repairs_float32(norm_type: float, acc: torch.dtype, device: torch.device) -> bool:
-    """Whether float32 piece norms are checked and repaired (see ``_repair``): finite p > 0 on the
+    """Whether float32 piece norms are checked and repaired (see ``repair_norms``): finite p > 0 on the
     host, where reading a tensor is not a device sync."""
     return 0 < norm_type < math.inf and acc == torch.float32 and host_reads_allowed(device)
 
@@ -699,7 +703,7 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     # complex grads: p=2 through real views; other p by magnitudes, taken a block at a time
     magnitudes = tensors[0].is_complex() and norm_type != 2
     if tensors[0].is_complex() and not magnitudes:
-        tensors = _real_view(tensors, norm_type)
+        tensors = real_view(tensors, norm_type)
     device, dtype = tensors[0].device, tensors[0].dtype.to_real()
     acc = accumulation_dtype(dtype, device, norm_type)
     repair = repairs_float32(norm_type, acc, device)
@@ -716,7 +720,8 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     if norm_type == -math.inf:
         partial = norms.min() if norms.numel() else norms.new_full((), math.inf)
     elif norm_type > 0:
-        return norms.pow(norm_type).sum() * weight
+        partial = norms.pow(norm_type).sum()
+        return partial if weight == 1.0 else partial * weight  # x * 1.0 is x: one device op fewer
     else:
         partial = (norms.sum() if norm_type == 0 else norms.pow(norm_type).sum()) * weight
     # p <= 0 is blind to non-finite values (an inf is just a non-zero, or larger than the min);
@@ -725,20 +730,49 @@ def group_partial(tensors: list[torch.Tensor], weight: float, norm_type: float, 
     return partial + piece_norms(tensors, math.inf, max_acc, foreach, magnitudes=magnitudes).double().sum() * 0.0
 
 
+@functools.lru_cache(maxsize=64)
+def _piece_weights(runs: tuple[tuple[float, int], ...], pinned: bool) -> torch.Tensor:
+    """The weight of each tensor, in order, from (weight, count) runs: a host tensor (never
+    written to), pinned for a copy to CUDA without a sync."""
+    weights = torch.tensor([w for w, n in runs for _ in range(n)], dtype=torch.float64)
+    return weights.pin_memory() if pinned else weights
+
+
+def _weighted_partial(
+    groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, foreach: Optional[bool], device: torch.device
+) -> Optional[torch.Tensor]:
+    """Accelerators, groups of one device and dtype that differ by weight alone (a 2-D mesh and
+    its submesh), finite p > 0: one norm kernel over every tensor and ``dot(norms^p, weights)``,
+    a handful of device ops whatever the number of groups (a sum in another order than one per
+    group, float64 either way). None where that does not apply."""
+    live = [(key, ts) for key, ts in groups.items() if ts]
+    if len(live) < 2 or not 0 < norm_type < math.inf or foreach is False or host_reads_allowed(device) or measures_in_rows(device):
+        return None
+    first = live[0][1][0]
+    if first.is_complex() or first.device != device or any(key[:2] != live[0][0][:2] for key, _ in live):
+        return None
+    tensors = [t for _, ts in live for t in ts]
+    acc = accumulation_dtype(first.dtype, device, norm_type)
+    # one piece per tensor, in order (``_Pieces`` on accelerators): none empty (dropped) or cut (copies)
+    if min(map(torch.Tensor.numel, tensors)) == 0 or _copies_whole(tensors, norm_type, acc, False):
+        return None
+    norms = piece_norms(tensors, norm_type, acc, foreach).double()
+    runs = tuple((key[2], len(ts)) for key, ts in live)
+    weights = _piece_weights(runs, device.type == "cuda").to(device, non_blocking=True)
+    return torch.dot(norms.pow(norm_type), weights)
+
+
 def local_partial(groups: dict[GroupKey, list[torch.Tensor]], norm_type: float, foreach: Optional[bool], device: torch.device) -> torch.Tensor:
     """This rank's float64 partial on ``device`` over all its local gradients."""
+    fused = _weighted_partial(groups, norm_type, foreach, device)
+    if fused is not None:
+        return fused
     partials = [group_partial(ts, weight, norm_type, foreach) for (_, _, weight), ts in groups.items() if ts]
     if len(partials) == 1 and partials[0].device == device:
         return partials[0]
     partials = [t.to(device) for t in partials]
-    if norm_type == math.inf:
-        identity = -math.inf
-    elif norm_type == -math.inf:
-        identity = math.inf
-    else:
-        identity = 0.0
     if not partials:
-        return torch.full((), identity, dtype=torch.float64, device=device)  # a fill, not a host copy
+        return torch.full((), empty_partial(norm_type), dtype=torch.float64, device=device)  # a fill, not a host copy
     stacked = torch.stack(partials)
     if norm_type == math.inf:
         return stacked.max()

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
+from distclip import _fsdp1
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
 from distclip.comm import failure as rank_errors
@@ -36,7 +37,9 @@ from distclip.comm import objects as exchange
 from distclip.comm.reduce import reduction_device
 from distclip.host_reads import host_reads_allowed
 from distclip.layout.discovery import GroupLike, Stage, current_stage, pairing_names
-from distclip.observe.grad_norms import Local, NamedParams, Prefixes, collect, grad_norms, parameters_of, stage_unique
+from distclip.observe.grad_norms import LocalGrads, NamedGrad, collect, grad_norms
+from distclip.observe.name_order import stage_unique
+from distclip.observe.names import NamedParams, Prefixes, parameters_of
 
 __all__ = ["AuditReport", "audit"]
 
@@ -149,59 +152,7 @@ def audit(
         :class:`AuditReport` with ``ok``, ``problems`` (readable, naming parameters and ranks),
         ``norm`` (distclip's 2-norm), ``reference_norm`` and ``details``.
     """
-    def local_part() -> tuple[Stage, Union[torch.nn.Module, list[tuple[str, torch.Tensor]]], Local, list[Record]]:
-        stage = current_stage(pp_group, group)
-        named = parameters_of(parameters, trainable_only, strip_prefixes)  # a generator is read once, here
-        # a module goes on as itself (FSDP1 needs it); anything else as its named pairs
-        items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]] = (
-            named.module if named.module is not None else list(zip(named.names, named.params)))
-        local = collect(named, stage)
-        rank = dist.get_rank() if stage.distributed else 0
-        from distclip import _fsdp1
-
-        fsdp1 = _fsdp1.shard_info(local.module) if local.module is not None else {}
-        tied_seen: dict[int, int] = defaultdict(int)
-        tied_key: dict[tuple, tuple] = {}
-        for param, pnames in zip(local.params, local.param_names):
-            annotation = local.annotation(param)
-            if annotation is not None and annotation.replicated_over is not None:
-                # the k-th tied tensor of every rank is one tensor: its copies on the other stages and
-                # on the other data-parallel replicas (each with its own group) are all copies
-                size = len(annotation.replicated_over.ranks)
-                for n in pnames:
-                    tied_key[(id(param), n)] = ("tied", size, tied_seen[size])
-                    tied_seen[size] += 1
-        records: list[Record] = []
-        for u in local.units:
-            annotation = local.annotation(u.param)
-            marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
-            key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
-            piece: tuple
-            if isinstance(u.param, DTensor):
-                grad = cast(DTensor, u.param.grad)  # a unit is made only for a grad; a DTensor's is a DTensor
-                mesh = grad.device_mesh
-                coord: Sequence[int] = mesh.get_coordinate() or []
-                sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, SHARD_PLACEMENTS))
-                # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
-                piece = ("dtensor", tuple(mesh.shape), sharded)
-                kind = f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
-            elif id(u.param) in fsdp1:
-                piece = ("fsdp1", fsdp1[id(u.param)].rank)
-                # FSDP1 over TP: which TP piece the shard is of (equal TP coordinates hold copies)
-                piece += _fsdp1.tp_coordinate(u.segment.tp_spec if u.segment is not None else fsdp1[id(u.param)].tp_spec)
-                kind = "FSDP1 shard"
-            else:
-                piece = ("plain",)
-                kind = "plain tensor (replicated across the stage)" if not marks else "mark_sharded tensor"
-            if key[0] == "tied":
-                kind = "mark_replicated tensor"
-            piece = piece + _positions(annotation, rank)
-            record = Record(key, piece, rank, u.name, kind, "", 0, True, marks, {})
-            # a Partial grad is measured once made whole, by a collective, after the failure check
-            records.append(record if u.partial else _measured(record, u.tensor))
-        return stage, items, local, records
-
-    found, error = rank_errors.attempt(local_part)
+    found, error = rank_errors.attempt(functools.partial(_local_records, parameters, pp_group, group, trainable_only, strip_prefixes))
     # Every rank learns whether any failed before the first collective a failed rank could not
     # join: making a Partial grad whole is a collective over its mesh (a failed rank would leave
     # its peers waiting there until the process-group timeout).
@@ -212,7 +163,7 @@ def audit(
         except Exception:
             raise error from None
     else:
-        stage = found[0]
+        stage = found.stage
     if stage.distributed:
         failures = rank_errors.gather(error, reduction_device(stage), stage.group)
         if any(f is not None for f in failures) or error is not None:
@@ -220,24 +171,7 @@ def audit(
     elif error is not None:
         raise error
     assert found is not None  # a failed rank raised above
-    stage, items, local, records = found
-
-    def whole_and_measured() -> list[Record]:
-        # every Partial grad made whole before any is measured: the collectives go out whatever
-        # the local math does next
-        # in an order every rank agrees on, whatever order each rank's list has (``reduce._pairing_key``)
-        held = [i for i, u in enumerate(local.units) if u.partial]
-        names = pairing_names([local.units[i].tensor for i in held], [local.units[i].param for i in held])
-        keyed = sorted(zip(held, names), key=lambda item: (item[1], tuple(local.units[item[0]].tensor.shape),
-                                                           str(local.units[item[0]].tensor.dtype),
-                                                           repr(spec_of(local.units[item[0]].tensor).placements)))
-        wholes = [(i, _whole(local.units[i])) for i, _ in keyed]
-        out = list(records)
-        for i, tensor in wholes:
-            out[i] = _measured(records[i], tensor)
-        return out
-
-    measured, error = rank_errors.attempt(whole_and_measured)
+    measured, error = rank_errors.attempt(functools.partial(_made_whole, found.local, found.records))
     everyone: list = [measured]
     if stage.distributed:  # the records' exchange carries each rank's failure: every rank raises together
         shared = exchange.all_gather_objects((measured, rank_errors.describe(error) if error is not None else None),
@@ -247,6 +181,98 @@ def audit(
             rank_errors.raise_gathered(failures, error, stage.global_ranks())
         everyone = [rank_records for rank_records, _ in shared]
     problems = _copy_problems(everyone)
+    details = _compare_norms(found, everyone, pp_group, group, rtol, trainable_only, strip_prefixes, problems)
+    return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
+
+
+class _Inputs(NamedTuple):
+    """This rank's side of an audit, worked out before any collective."""
+
+    stage: Stage
+    items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]  # what the norm calls get: the module, or named pairs
+    local: LocalGrads
+    records: list[Record]  # one per local gradient piece (a Partial grad's not measured yet)
+
+
+def _local_records(parameters: NamedParams, pp_group: Optional[GroupLike], group: Optional[GroupLike], trainable_only: bool,
+                   strip_prefixes: Prefixes) -> _Inputs:
+    stage = current_stage(pp_group, group)
+    named = parameters_of(parameters, trainable_only, strip_prefixes)  # a generator is read once, here
+    # a module goes on as itself (FSDP1 needs it); anything else as its named pairs
+    items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]] = (
+        named.module if named.module is not None else list(zip(named.names, named.params)))
+    local = collect(named, stage)
+    rank = dist.get_rank() if stage.distributed else 0
+    fsdp1 = _fsdp1.fsdp1_pieces(local.module, described=True) if local.module is not None else {}
+    tied_key = _tied_keys(local)
+    records: list[Record] = []
+    for u in local.units:
+        annotation = local.annotation(u.param)
+        marks = tuple(tuple(sorted(i.ranks)) for i in annotation.sharded_over) if annotation else ()
+        key = tied_key.get((id(u.param), u.name), ("name", u.name, stage.index))
+        piece, kind = _piece_of(u, fsdp1, marks)
+        if key[0] == "tied":
+            kind = "mark_replicated tensor"
+        record = Record(key, piece + _positions(annotation, rank), rank, u.name, kind, "", 0, True, marks, {})
+        # a Partial grad is measured once made whole, by a collective, after the failure check
+        records.append(record if u.partial else _measured(record, u.tensor))
+    return _Inputs(stage, items, local, records)
+
+
+def _tied_keys(local: LocalGrads) -> dict[tuple, tuple]:
+    """(id(param), name) -> ("tied", group size, k) for every ``mark_replicated`` name: the k-th
+    tied tensor of every rank is one tensor, its copies on the other stages and on the other
+    data-parallel replicas (each with its own group) all copies."""
+    seen: dict[int, int] = defaultdict(int)
+    keys: dict[tuple, tuple] = {}
+    for param, pnames in zip(local.params, local.param_names):
+        annotation = local.annotation(param)
+        if annotation is not None and annotation.replicated_over is not None:
+            size = len(annotation.replicated_over.ranks)
+            for n in pnames:
+                keys[(id(param), n)] = ("tied", size, seen[size])
+                seen[size] += 1
+    return keys
+
+
+def _piece_of(u: NamedGrad, fsdp1: dict, marks: tuple) -> tuple[tuple, str]:
+    """Which piece of its tensor ``u`` holds (equal pieces on two ranks are copies) and its layout
+    in words."""
+    if isinstance(u.param, DTensor):
+        grad = cast(DTensor, u.param.grad)  # a unit is made only for a grad; a DTensor's is a DTensor
+        mesh = grad.device_mesh
+        coord: Sequence[int] = mesh.get_coordinate() or []
+        sharded = tuple(c for c, pl in zip(coord, grad.placements) if isinstance(pl, SHARD_PLACEMENTS))
+        # by mesh shape, not ranks: equal sub-meshes (a dp mesh per tp rank) hold copies
+        return ("dtensor", tuple(mesh.shape), sharded), f"DTensor {tuple(grad.placements)} on mesh {tuple(mesh.shape)}"
+    if id(u.param) in fsdp1:
+        # FSDP1 over TP: which TP piece the shard is of (equal TP coordinates hold copies)
+        tp = _fsdp1.tp_coordinate(u.segment.tp_spec if u.segment is not None else fsdp1[id(u.param)].tp_spec)
+        return ("fsdp1", fsdp1[id(u.param)].rank, *tp), "FSDP1 shard"
+    return ("plain",), "plain tensor (replicated across the stage)" if not marks else "mark_sharded tensor"
+
+
+def _made_whole(local: LocalGrads, records: list[Record]) -> list[Record]:
+    """``records`` with every ``Partial`` grad made whole and measured. Every one is made whole
+    before any is measured, so that the collectives go out whatever the local math does next, in
+    an order every rank agrees on, whatever order each rank's list has (``reduce._pairing_key``)."""
+    units = local.units
+    held = [i for i, u in enumerate(units) if u.partial]
+    names = pairing_names([units[i].tensor for i in held], [units[i].param for i in held])
+    keyed = sorted(zip(held, names), key=lambda item: (item[1], tuple(units[item[0]].tensor.shape), str(units[item[0]].tensor.dtype),
+                                                       repr(spec_of(units[item[0]].tensor).placements)))
+    wholes = [(i, _whole(units[i])) for i, _ in keyed]
+    out = list(records)
+    for i, tensor in wholes:
+        out[i] = _measured(records[i], tensor)
+    return out
+
+
+def _compare_norms(found: _Inputs, everyone: list[list[Record]], pp_group: Optional[GroupLike], group: Optional[GroupLike],
+                   rtol: float, trainable_only: bool, strip_prefixes: Prefixes, problems: list[str]) -> dict:
+    """distclip's norms (``get_total_norm``'s and ``grad_norms``') against the float64 reference
+    of the gathered pieces, for every norm type: the details, the problems appended."""
+    stage, items, local = found.stage, found.items, found.local
     reference_total, reference_by_name = _reference(everyone)
     details = {}
     for p in NORM_TYPES:
@@ -269,7 +295,7 @@ def audit(
                 problems.append(f"{name}: missing from grad_norms")
             elif not _close(float(got), ref_n, rtol):
                 problems.append(f"{name}: grad_norms {p:g}-norm {float(got):.9g} vs float64 reference {ref_n:.9g}")
-    return AuditReport(not problems, problems, details[2.0][0], details[2.0][1], details)
+    return details
 
 
 def _on_every_rank(fn: Callable[[], torch.Tensor], stage: Stage) -> torch.Tensor:

@@ -32,7 +32,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from distclip.verify.exchange import Ctx
+from distclip.verify.context import Ctx
 from distclip.verify.launch import launch_local
 from distclip.verify.report import format_table
 from distclip.verify.runner import NORM_TYPES, RunAborted, run
@@ -44,7 +44,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def _quiet_torch_warnings() -> None:
+def quiet_torch_warnings() -> None:
     show = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     if not args.verbose:
-        _quiet_torch_warnings()
+        quiet_torch_warnings()
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

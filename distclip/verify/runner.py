@@ -3,7 +3,7 @@ single-process reference, and agree every step's outcome across ranks before the
 
 ``run`` goes through the selected scenarios and returns one ``Row`` per (layout, norm type), the
 same on every rank. ``check`` is one layout: each step (build, reference, clip, comparison) runs
-under try/except on every rank and its outcome is exchanged through the store (``exchange``), so a
+under try/except on every rank and its outcome is exchanged through the store (``context``), so a
 rank that raised never skips a collective that the others make; a step that timed out in a
 collective marks the process group for a rebuild.
 """
@@ -26,8 +26,9 @@ import distclip
 from distclip.comm.objects import all_gather_objects
 from distclip.comm.reduce import reduction_device
 from distclip.layout.discovery import current_stage
-from distclip.verify.exchange import Ctx, RanksLost, reset_process_group
+from distclip.verify.context import Ctx, RanksLost, reset_process_group
 from distclip.verify.models import single_process_grads
+from distclip.verify.reference import reference_norm
 from distclip.verify.scenarios import Built, Scenario, select
 
 _T = TypeVar("_T")
@@ -55,7 +56,7 @@ class RunAborted(RuntimeError):
 # ----------------------------------------------------------------------------- the reference
 
 
-def _world_full(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def world_full(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every stage's full grads (float64, CPU) merged over the world: the whole model's."""
     # an object exchange without numpy (torch's all_gather_object needs it; distclip declares only torch)
     mine = {k: v.detach().double().cpu() for k, v in local.items()}
@@ -65,11 +66,6 @@ def _world_full(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for k, v in part.items():
             merged.setdefault(k, v)
     return dict(sorted(merged.items()))
-
-
-def reference_norm(grads: dict[str, torch.Tensor], norm_type: float) -> float:
-    flat = torch.cat([g.reshape(-1) for g in grads.values()]) if grads else torch.zeros(0, dtype=torch.float64)
-    return float(torch.linalg.vector_norm(flat, norm_type)) if flat.numel() else 0.0
 
 
 def clip(ctx: Ctx, built: Built, max_norm: float, norm_type: float) -> torch.Tensor:
@@ -188,7 +184,7 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
             state["saved"] = _save_grads(built)
         else:
             _restore_grads(built, state["saved"])
-        state["before"] = before = _world_full(built.local_full())
+        state["before"] = before = world_full(built.local_full())
         if "sanity" not in state:
             expected = built.reference_grads or single_process_grads(ctx.device)
             bad = [n for n in expected if n not in before or not torch.allclose(before[n], expected[n], rtol=1e-4, atol=1e-6)]
@@ -227,7 +223,7 @@ def check(ctx: Ctx, scenario: Scenario, norm_types: tuple[float, ...]) -> tuple[
         def compare(results: list = results, ref: float = ref, max_norm: float = max_norm) -> tuple[bool, str]:
             result = results[ctx.rank]
             before = state["before"]
-            after = _world_full(built.local_full())
+            after = world_full(built.local_full())
             coef = min(1.0, max_norm / (ref + 1e-6))
             rel = abs(result - ref) / ref if ref else abs(result)
             if not rel <= 1e-6:

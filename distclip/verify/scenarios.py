@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 import distclip
 from distclip import _fsdp1
-from distclip.verify.exchange import Ctx
+from distclip.verify.context import Ctx
 from distclip.verify.models import (
     BATCH,
     DIM,

@@ -53,10 +53,10 @@ def _lightning_part(rank: int, world: int, logdir: str) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.plugins import MixedPrecision
-    from test_guard import host_reads
     from torch.utils.data import DataLoader
 
     import distclip
+    from checks import host_reads
     from distclip.integrations.lightning import GradientClipping
 
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world), RANK=str(rank))
@@ -116,19 +116,19 @@ def _lightning_part(rank: int, world: int, logdir: str) -> dict:
             trainer = pl.Trainer(**kwargs)
             trainer.fit(Net(fused), DataLoader(data[rank::world], batch_size=4, shuffle=False))
         out[name] = {"rows": record.rows, "calls": guard.calls, "global_step": trainer.global_step,
-                     "skip_host": clipping.last_output is not None and clipping.last_output._skip_host is not None,
+                     "skip_host": clipping.last_output is not None and clipping.last_output.skip_on_host is not None,
                      "logged": sorted(k for k in trainer.logged_metrics if k.startswith("grad_norm")),
                      "found_inf_left": any(hasattr(o, "found_inf") for o in trainer.optimizers)}
     return out
 
 
 def _torchtitan_part(rank: int, world: int) -> dict:
-    from test_guard import host_reads
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
 
     import distclip
+    from checks import host_reads
     from distclip.integrations.torchtitan import clip_grad_norm_
 
     out = {}
@@ -155,7 +155,7 @@ def _torchtitan_part(rank: int, world: int) -> dict:
                 norm = clip_grad_norm_(list(model.parameters()), 1.0, foreach=True, guard=guard)
                 guard.step(optimizers)
                 rows.append((step, _same(before, _snapshot(list(model.parameters()), optimizers.optimizers)), float(norm),
-                             guard.last is not None and guard.last._skip_host is not None))
+                             guard.last is not None and guard.last.skip_on_host is not None))
                 optimizers.zero_grad()
         try:
             clip_grad_norm_(list(model.parameters()), 2.0, guard=guard)

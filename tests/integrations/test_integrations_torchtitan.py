@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from checks import reference_norm
 from harness import run_world
 
 if os.environ.get("DISTCLIP_REQUIRE_INTEGRATIONS") == "1":
@@ -53,19 +54,15 @@ def _restore(params, saved):
 
 
 def _reference_norm(params, p, pp_group=None) -> float:
-    """float64 norm over the full gradients, from plain collectives (full_tensor per grad, then a
-    sum/max across pipeline stages): independent of both implementations under test."""
-    fulls = [(g.full_tensor() if hasattr(g, "full_tensor") else g).double().flatten() for g in _grads(params)]
-    flat = torch.cat(fulls) if fulls else torch.zeros(0, dtype=torch.float64)
-    if math.isinf(p):
-        acc = flat.abs().max() if flat.numel() else torch.tensor(0.0, dtype=torch.float64)
-        if pp_group is not None:
-            dist.all_reduce(acc, op=dist.ReduceOp.MAX, group=pp_group)
-        return float(acc)
-    acc = flat.abs().pow(p).sum()
-    if pp_group is not None:
-        dist.all_reduce(acc, group=pp_group)
-    return float(acc ** (1 / p))
+    """float64 norm over the full gradients: the one reference over this stage's ``full_tensor()``
+    per grad, then a sum of p-th powers (or a max) across pipeline stages by a plain all-reduce:
+    independent of both implementations under test."""
+    stage = reference_norm([g.full_tensor() if hasattr(g, "full_tensor") else g for g in _grads(params)], p)
+    if pp_group is None:
+        return stage
+    acc = torch.tensor(stage if math.isinf(p) else stage**p, dtype=torch.float64)
+    dist.all_reduce(acc, op=dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM, group=pp_group)
+    return float(acc) if math.isinf(p) else float(acc ** (1 / p))
 
 
 def _compare(name, params, p, out, *, pp_mesh=None, ep_enabled=False, torchtitan_should_work=True):
@@ -222,32 +219,44 @@ def test_adapter_has_torchtitans_signature():
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is None for p in extra)
 
 
-def test_against_torchtitan_on_four_ranks():
-    results = run_world(titan_world, 4, timeout=400, pg_timeout_s=60)
-    rows0 = results[0]
+# the rows titan_world makes, one test id each
+TITAN_CASES = tuple(f"{name} p={p}" for name in ("FSDP2", "PP x FSDP2", "2D TP+FSDP2", "EP ep_enabled=True", "EP ep_enabled=False")
+                    for p in NORMS)
+
+
+@pytest.fixture(scope="module")
+def titan_results():
+    return run_world(titan_world, 4, timeout=400, pg_timeout_s=60)
+
+
+def test_torchtitan_world_builds_the_layouts(titan_results):
+    rows0 = titan_results[0]
     assert rows0["2D meshes"] == [("dp",), ("dp", "tp")], rows0["2D meshes"]
     assert "Shard(dim=0)" in rows0["EP placements"][0] and "ep" in rows0["EP placements"][1], rows0["EP placements"]
-    cases = [k for k, v in rows0.items() if isinstance(v, dict)]
-    assert len(cases) == 10, cases
-    for rank, rows in enumerate(results):
-        for case in cases:
-            row = rows[case]
-            where = f"rank {rank}, {case}: {row}"
-            # the norm: identical on every rank, equal to the float64 reference, a plain tensor
-            assert row["ours"] == results[0][case]["ours"], where
-            assert row["ours"] == pytest.approx(row["ref"], rel=1e-6), where
-            assert row["ours_type"] == "Tensor", where
-            assert row["ref"] > MAX_NORM, where  # clipping active
-            assert row["grads_ok"], where
-            if row["torchtitan_should_work"]:
-                # torchtitan agrees: same norm, same clipped grads, same return type
-                assert "titan_error" not in row, where
-                assert row["titan"] == pytest.approx(row["ours"], rel=1e-5), where
-                assert row["same_grads_as_titan"], where
-                assert row["titan_type"] == "Tensor", where
-            else:
-                # torchtitan raises on mixed meshes, where distclip is right
-                assert "mesh" in row.get("titan_error", ""), where
+    for rows in titan_results:  # exactly the cases the tests below read
+        assert sorted(k for k, v in rows.items() if isinstance(v, dict)) == sorted(TITAN_CASES)
+
+
+@pytest.mark.parametrize("case", TITAN_CASES)
+def test_against_torchtitan_on_four_ranks(titan_results, case):
+    for rank, rows in enumerate(titan_results):
+        row = rows[case]
+        where = f"rank {rank}, {case}: {row}"
+        # the norm: identical on every rank, equal to the float64 reference, a plain tensor
+        assert row["ours"] == titan_results[0][case]["ours"], where
+        assert row["ours"] == pytest.approx(row["ref"], rel=1e-6), where
+        assert row["ours_type"] == "Tensor", where
+        assert row["ref"] > MAX_NORM, where  # clipping active
+        assert row["grads_ok"], where
+        if row["torchtitan_should_work"]:
+            # torchtitan agrees: same norm, same clipped grads, same return type
+            assert "titan_error" not in row, where
+            assert row["titan"] == pytest.approx(row["ours"], rel=1e-5), where
+            assert row["same_grads_as_titan"], where
+            assert row["titan_type"] == "Tensor", where
+        else:
+            # torchtitan raises on mixed meshes, where distclip is right
+            assert "mesh" in row.get("titan_error", ""), where
 
 
 # ----------------------------------------------------------------------------- install(): torchtitan's own Trainer

@@ -13,7 +13,7 @@ from harness import run_world
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "distclip"
 # distclip.verify's modules, each importing only those before it
-VERIFY_ORDER = ("models", "exchange", "scenarios", "runner", "report", "launch", "cli", "__main__")
+VERIFY_ORDER = ("models", "reference", "context", "layouts", "scenarios", "runner", "report", "launch", "cli", "__main__")
 
 
 def _agreement_world(rank, world):

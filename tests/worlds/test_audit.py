@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 from test_grad_norms import _tied_pp
@@ -13,7 +14,7 @@ from torch import nn
 
 import distclip
 from distclip import verify
-from harness import run_world
+from harness import CaseWorld
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -44,12 +45,19 @@ def _megatron(rank: int, group_for_mark) -> list[tuple[str, nn.Parameter]]:
     return [("w", w), ("b", b)]
 
 
-def world_audit(rank: int, world: int) -> list[str]:
-    verify._quiet_torch_warnings()
+LAYOUTS = ("DDP", "FSDP1 flat", "FSDP1 HYBRID orig", "HSDP", "2D TP+FSDP2", "EP uneven", "TP+SP Partial", "tied PP")
+CASES = LAYOUTS + ("replica differs", "Megatron TP marked right", "unmarked TP shard", "mark_sharded over the dp group",
+                   "one rank's bad input", "one rank's bad input with Partial grads")
+
+
+def world_audit(rank: int, world: int) -> dict[str, list[str]]:
+    """{case: failures} for every name in CASES, on each rank."""
+    verify.quiet_torch_warnings()
     ctx = verify.Ctx(rank, world, torch.device("cpu"), "distclip")
-    errors: list[str] = []
+    out: dict[str, list[str]] = {}
 
     def run(label, parameters, expect_ok, must_mention=(), pp_group=None):
+        out[label] = errors = []
         params = [p for _, p in parameters] if isinstance(parameters, list) else list(parameters.parameters())
         before = _grads(params)
         report = distclip.audit(parameters, pp_group=pp_group)
@@ -95,6 +103,7 @@ def world_audit(rank: int, world: int) -> list[str]:
     # bad input on one rank only (an element that is no tensor; a bare tensor is now named by its
     # position, as clip_grad_norm_ takes it): every rank raises at once, naming it
     good = list(verify.build_ddp(ctx).parameters.named_parameters())
+    out["one rank's bad input"] = errors = []
     start = time.perf_counter()
     try:
         distclip.audit(good + [2.0] if rank == 1 else good)  # type: ignore[operator]
@@ -109,6 +118,7 @@ def world_audit(rank: int, world: int) -> list[str]:
     # cannot join: every rank must know of the failure first (the good ranks used to wait there
     # until the process-group timeout)
     sp = list(verify.build_tp_sp(ctx).parameters.named_parameters())
+    out["one rank's bad input with Partial grads"] = errors = []
     start = time.perf_counter()
     try:
         distclip.audit(sp + [("bad", "not a tensor")] if rank == 3 else sp)  # type: ignore[operator]
@@ -120,10 +130,14 @@ def world_audit(rank: int, world: int) -> list[str]:
         errors.append(f"one rank's bad input with Partial grads: {type(e).__name__}: {str(e)[:200]}")
     if time.perf_counter() - start > 10:
         errors.append(f"one rank's bad input with Partial grads took {time.perf_counter() - start:.1f} s to raise everywhere")
-    return errors
+    return out
 
 
-def test_audit_world4():
-    results = run_world(world_audit, 4, timeout=540)
-    errors = [f"rank {r}: {e}" for r, errs in enumerate(results) for e in errs]
-    assert not errors, "\n".join(errors[:30])
+@pytest.fixture(scope="module")
+def audit_world():
+    return CaseWorld(world_audit, 4, CASES, timeout=540)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_audit_world4(audit_world, case):
+    audit_world.check(case, shown=30)

@@ -1,4 +1,4 @@
-"""Drop-in for the code torch users write (issue 28), on 4 gloo ranks against float64 references.
+"""Drop-in for the code torch users write, on 4 gloo ranks against float64 references.
 
 - the result's kind: a ``Replicate`` DTensor where torch returns a DTensor (every grad a DTensor
   on one mesh), already reduced, so ``.full_tensor()``, ``.to_local()``, ``.item()``, ``float()``

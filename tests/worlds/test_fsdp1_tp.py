@@ -1,4 +1,4 @@
-"""FSDP1 over DTensor TP (issue 15 item 4): the 2-D recipe with FSDP1.
+"""FSDP1 over DTensor TP: the 2-D recipe with FSDP1.
 
 ``parallelize_module(m, mesh["tp"], ...)`` then ``FSDP(m, device_mesh=mesh["dp"])``: FSDP1 flattens
 each DTensor parameter's *local* TP piece into its FlatParameter (the TP spec survives only in
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from harness import run_world
@@ -126,21 +127,54 @@ def _world(rank: int, world: int) -> list[dict]:
     return results
 
 
-def test_fsdp1_over_tp_counts_tp_pieces():
-    per_rank = run_world(_world, 4)
+@pytest.fixture(scope="module")
+def per_rank():
+    """Every rank's results of the one world: [use_orig_params=False, use_orig_params=True]."""
+    return run_world(_world, 4)
+
+
+ORIG = [pytest.param(0, id="flat"), pytest.param(1, id="orig")]
+
+
+@pytest.mark.parametrize("which", ORIG)
+def test_fsdp1_over_tp_counts_tp_pieces(per_rank, which):
     for rank, results in enumerate(per_rank):
-        for r in results:
-            assert not r["failures"], (rank, r["orig"], r["failures"])
-            assert abs(r["pre_fix"] - r["reference"]) > 1e-3 * r["reference"], r  # the old weighting is caught
-            assert abs(r["pre_fix_grad_norms"] - r["reference"]) > 1e-3 * r["reference"], r
-            assert r["pieces"]["fc1.weight"] == r["pieces"]["fc2.weight"] == 4, r["pieces"]  # 2 FSDP1 shards x 2 TP
-            assert r["pieces"]["fc2.bias"] == r["pieces"]["embed.weight"] == r["pieces"]["norm.weight"] == 2, r["pieces"]
-        flat, orig = results
+        r = results[which]
+        assert not r["failures"], (rank, r["orig"], r["failures"])
+
+
+@pytest.mark.parametrize("which", ORIG)
+def test_the_old_weighting_is_caught(per_rank, which):
+    for results in per_rank:
+        r = results[which]
+        assert abs(r["pre_fix"] - r["reference"]) > 1e-3 * r["reference"], r
+        assert abs(r["pre_fix_grad_norms"] - r["reference"]) > 1e-3 * r["reference"], r
+
+
+@pytest.mark.parametrize("which", ORIG)
+def test_pieces_per_parameter(per_rank, which):
+    for results in per_rank:
+        r = results[which]
+        assert r["pieces"]["fc1.weight"] == r["pieces"]["fc2.weight"] == 4, r["pieces"]  # 2 FSDP1 shards x 2 TP
+        assert r["pieces"]["fc2.bias"] == r["pieces"]["embed.weight"] == r["pieces"]["norm.weight"] == 2, r["pieces"]
+
+
+def test_flat_shards_routed_in_runs_and_equal_to_orig(per_rank):
+    for flat, orig in per_rank:
         assert flat["runs_route"], "use_orig_params=False: the plan must route the flat shard in runs"
         assert all(abs(flat["clip"][p] - orig["clip"][p]) <= 1e-6 * orig["clip"][p] for p in NORMS), (flat["clip"], orig["clip"])
+
+
+def test_tp_mesh_across_pipeline_stages_refused(per_rank):
+    for flat, _ in per_rank:
         assert "tensor-parallel) mesh inside FSDP1 spans ranks" in flat["pp_error"], flat["pp_error"]
-    # every rank returns the same bits
+
+
+def test_every_rank_returns_the_same_bits(per_rank):
     assert all([r["clip"] for r in results] == [r["clip"] for r in per_rank[0]] for results in per_rank)
-    # FSDP1's own method is wrong here too, and differs between ranks
+
+
+def test_fsdp1_own_method_is_wrong_here(per_rank):
+    """FSDP1's own method is wrong here too, and differs between ranks."""
     own = {round(r["fsdp1_own"], 4) for results in per_rank for r in results}
     assert len(own) > 1 and all(abs(v - per_rank[0][0]["reference"]) > 1e-3 for v in own), own

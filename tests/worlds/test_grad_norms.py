@@ -16,7 +16,8 @@ import distclip
 from checks import count_collectives, reference_norm, same_on_every_rank
 from distclip import verify
 from distclip.observe import grad_norms as norms_mod
-from harness import run_world
+from distclip.observe import names as names_mod
+from harness import CaseWorld
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -80,7 +81,7 @@ def check(label: str, parameters, full: dict[str, torch.Tensor], pp_group=None, 
 
 
 def _full(built: verify.Built) -> dict[str, torch.Tensor]:
-    return verify._world_full(built.local_full()) if not built.reference_grads else dict(built.reference_grads)
+    return verify.world_full(built.local_full()) if not built.reference_grads else dict(built.reference_grads)
 
 
 def _tied_pp(ctx: verify.Ctx):
@@ -91,11 +92,16 @@ def _tied_pp(ctx: verify.Ctx):
     return built.parameters, built.pp_group, ref
 
 
-def world_layouts(rank: int, world: int) -> list[str]:
+LAYOUT_CASES = ("DDP", "FSDP1 flat", "FSDP1 orig", "FSDP2", "HSDP", "2D TP+FSDP2", "EP uneven", "TP+SP Partial")
+CASES = LAYOUT_CASES + ("tied PP", "tied PP pairs", "re-agreement", "mutant caught", "validation", "one rank's bad input")
+
+
+def world_layouts(rank: int, world: int) -> dict[str, list[str]]:
+    """{case: failures} for every name in CASES, on each rank."""
     torch.manual_seed(0)
-    verify._quiet_torch_warnings()
+    verify.quiet_torch_warnings()
     ctx = verify.Ctx(rank, world, torch.device("cpu"), "distclip")
-    errors: list[str] = []
+    out: dict[str, list[str]] = {}
     cases = [
         ("DDP", lambda: verify.build_ddp(ctx)),
         ("FSDP1 flat", lambda: verify.build_fsdp1("FULL_SHARD", False)(ctx)),
@@ -111,15 +117,17 @@ def world_layouts(rank: int, world: int) -> list[str]:
         full = _full(built)
         extra = P_EXTRA if label in ("FSDP2", "FSDP1 flat") else ()
         # Partial grads (LayerNorm under sequence parallelism): a pairing check and their values, then the one reduce
-        errors += check(label, built.parameters, full, ps=P_MAIN + extra, collectives=3 if "Partial" in label else 1)
+        out[label] = check(label, built.parameters, full, ps=P_MAIN + extra, collectives=3 if "Partial" in label else 1)
     part, pp_group, ref = _tied_pp(ctx)
-    errors += check("tied PP", part, ref, pp_group=pp_group, duplicate=("head.weight",))
-    errors += check("tied PP pairs", list(part.named_parameters()), ref, pp_group=pp_group, fresh=False, duplicate=("head.weight",))
+    out["tied PP"] = check("tied PP", part, ref, pp_group=pp_group, duplicate=("head.weight",))
+    out["tied PP pairs"] = check("tied PP pairs", list(part.named_parameters()), ref, pp_group=pp_group, fresh=False,
+                                 duplicate=("head.weight",))
 
     # names that change on one rank only (an expert appears on rank 1): every rank re-agrees in
     # that call (3 collectives, no hang) and the answer is right
+    out["re-agreement"] = errors = []
     model = verify.build_fsdp2(ctx).parameters
-    full = verify._world_full(verify.plain_full(model)())
+    full = verify.world_full(verify.plain_full(model)())
     pairs = list(model.named_parameters())
     distclip.grad_norms(pairs)
     extra = nn.Parameter(torch.ones(3))
@@ -148,11 +156,11 @@ def world_layouts(rank: int, world: int) -> list[str]:
         caught = check("mutant", built.parameters, _full(built), ps=(2.0,))
     finally:
         norms_mod.collect = real
-    if not any("reference" in e for e in caught):
-        errors.append("a wrong per-name weight went unnoticed")
+    out["mutant caught"] = [] if any("reference" in e for e in caught) else ["a wrong per-name weight went unnoticed"]
 
     # validation: the same error on every rank; a failed rank still joins the call's collectives
     # (one all-reduce, then the error messages' all-gather; the name order's agreement on a first call)
+    out["validation"] = errors = []
     with count_collectives() as c:
         for bad, exc in (("x", TypeError), (math.nan, ValueError)):
             try:
@@ -168,6 +176,7 @@ def world_layouts(rank: int, world: int) -> list[str]:
     if c.count > 3 * 2 + 1:
         errors.append(f"validation issued {c.count} collectives (at most 7: 3 calls x (all-reduce + all-gather), one agreement)")
     # bad input on one rank only: every rank raises at once, naming it, with no grad changed
+    out["one rank's bad input"] = errors = []
     before = [p.grad.clone() for p in model.parameters()]
     start = time.perf_counter()
     try:
@@ -180,13 +189,17 @@ def world_layouts(rank: int, world: int) -> list[str]:
         errors.append(f"one rank's bad input took {time.perf_counter() - start:.1f} s to raise everywhere")
     if not all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters())):
         errors.append("a grad changed although the call failed")
-    return errors
+    return out
 
 
-def test_grad_norms_real_layouts_world4():
-    results = run_world(world_layouts, 4, timeout=540)
-    errors = [f"rank {r}: {e}" for r, errs in enumerate(results) for e in errs]
-    assert not errors, "\n".join(errors[:40])
+@pytest.fixture(scope="module")
+def layouts_world():
+    return CaseWorld(world_layouts, 4, CASES, timeout=540)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_grad_norms_real_layouts_world4(layouts_world, case):
+    layouts_world.check(case)
 
 
 def test_grad_norms_single_process_and_names():
@@ -210,8 +223,9 @@ def test_grad_norms_single_process_and_names():
     model[2].bias.grad = None
     grouped = distclip.grad_norms(model.named_parameters(), math.inf, groups=lambda n: "first" if n.startswith("0.") else None)
     assert list(grouped) == ["first", "total"]
-    assert norms_mod.clean_name("module._orig_mod.a._fsdp_wrapped_module.b._checkpoint_wrapped_module.c", ddp=True) == "a.b.c"
-    # bare tensors, as clip_grad_norm_ takes them, are named by position (issue 19); anything else is refused
+    assert names_mod.clean_name("module._orig_mod.a._fsdp_wrapped_module.b._checkpoint_wrapped_module.c", ddp=True) == "a.b.c"
+    # bare tensors, as clip_grad_norm_ takes them, are named by position (a list of parameters has
+    # no names); anything else is refused
     by_position = distclip.grad_norms(list(model.parameters()))
     assert list(by_position) == ["param[0]", "param[1]", "param[2]", "total"]
     with pytest.raises(TypeError):

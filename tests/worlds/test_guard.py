@@ -1,4 +1,4 @@
-"""GradGuard (issue 17): adaptive clipping and agreed step skipping under any sharding.
+"""GradGuard: adaptive clipping and agreed step skipping under any sharding.
 
 One 4-rank gloo world (module fixture ``world4``) runs every distributed scenario and records,
 never raises, so one world reports them all; a 2-rank world resumes its saved states at another
@@ -11,7 +11,6 @@ training loop. Each check has a mutant or a before/after showing it can fail.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
-from checks import count_collectives
+from checks import count_collectives, host_reads
 from distclip.policies import HOST, DeviceMath, make_policy
 from guard_reference import RefAutoClip, RefZClip, norm_stream, reference
 from harness import run_world
@@ -51,20 +50,6 @@ class Counter(count_collectives):
 
     NAMES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce_scatter_tensor", "all_gather_into_tensor",
              "broadcast_object_list", "send", "recv", "barrier")
-
-
-@contextlib.contextmanager
-def host_reads(mode: str):
-    """``DISTCLIP_HOST_READS`` set for the block: ``auto`` (CPU path) or ``never`` (accelerator path)."""
-    old = os.environ.get("DISTCLIP_HOST_READS")
-    os.environ["DISTCLIP_HOST_READS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DISTCLIP_HOST_READS", None)
-        else:
-            os.environ["DISTCLIP_HOST_READS"] = old
 
 
 def _close(a: float, b: float, rtol: float = 1e-6) -> bool:
@@ -189,7 +174,7 @@ def test_single_process_guard_trajectory(label, mode):
             coef = 1.0 if want_skip else min(1.0, want_thr / (g64 + 1e-6))
             for b, p in zip(before, model.parameters()):
                 assert torch.allclose(p.grad, b * coef, rtol=1e-6, atol=0) or (not math.isfinite(g64)), t
-            assert (mode == "never") == (out._skip_host is None)
+            assert (mode == "never") == (out.skip_on_host is None)
 
 
 def _adam_state(opt):
@@ -542,7 +527,7 @@ def _train_skip(rank: int, world: int, fused: bool, mode: str) -> dict:
             params2, state2 = snapshot()
             rows.append({"t": t, "skip": bool(out.skip), "params_same": same(params, params2), "state_same": same([s for _, s in state],
                          [s for _, s in state2]) and [k for k, _ in state] == [k for k, _ in state2],
-                         "nonfinite": nonfinite, "collectives": c.count, "skip_host": out._skip_host is not None})
+                         "nonfinite": nonfinite, "collectives": c.count, "skip_host": out.skip_on_host is not None})
             opt.zero_grad()
         # mutant: a guard that names the non-finite grads on every step costs a second collective
         class Eager(distclip.GradGuard):
@@ -800,7 +785,7 @@ def test_guard_never_reads_a_device_value():
 def test_meta_run_would_catch_a_guard_host_read():
     """The proof above can fail: a guard whose step reads the verdict on the host (as it must for
     an optimizer without found_inf) raises on meta."""
-    mutant = "import distclip.guard as g; g._inner_optimizers = lambda o: [object()]\n"
+    mutant = "import distclip.guard as g; g.inner_optimizers = lambda o: [object()]\n"
     script = META_SCRIPT.replace("mesh = init_device_mesh", mutant + "mesh = init_device_mesh")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DISTCLIP_HOST_READS": "auto"})
@@ -812,7 +797,7 @@ def test_bench_guard_smoke(tmp_path):
     workload, both paths and modes, a ratio per guard variant (correctness only, not timing)."""
     import json
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_guard.py"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Marks kept by slot (issue 27, items 3 and 4), in one 4-rank gloo world, against float64 references.
+"""Marks kept by slot, in one 4-rank gloo world, against float64 references.
 
 - a ``mark_replicated`` made on a parameter before ``fully_shard`` replaces it (a weight tied
   across two pipeline stages): counted once, not twice;

@@ -1,4 +1,4 @@
-"""Extra peak memory of one ``clip_grad_norm_`` call (issue 27, item 6): at most 10 % of the local
+"""Extra peak memory of one ``clip_grad_norm_`` call: at most 10 % of the local
 grads' bytes plus 1 MiB, for every dtype, norm type and zero pattern, on the CPU path and on the
 no-host-read (accelerator) path, with the results of the blocked conversions unchanged.
 

@@ -33,7 +33,8 @@ import distclip
 from checks import reference_norm
 from distclip.comm import objects as exchange
 from distclip.observe import grad_norms as norms_mod
-from harness import run_world
+from distclip.observe import names as names_mod
+from harness import CaseWorld, run_world
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -84,7 +85,7 @@ def test_every_parameters_form_of_clip_grad_norm():
     rows = distclip.describe_rows(params)
     assert [r["name"] for r in rows] == by_position and all(r["grad"] for r in rows)
     assert "param[2]" in distclip.describe(iter(params))
-    report = distclip.audit([params[0]])  # issue 19: used to raise "grad_norms needs names"
+    report = distclip.audit([params[0]])  # a list has no names: audit names them by position
     assert report.ok, report
     assert distclip.audit(iter(params)).ok
     with pytest.raises(TypeError) as info:
@@ -117,7 +118,7 @@ def test_trainable_only_and_prefixes():
     assert list(distclip.grad_norms(pairs))[0] == "module.base_model.model.0.bias"
     rows = distclip.describe_rows(wrapped, strip_prefixes=True)
     assert rows[0]["name"] == "0.weight"
-    assert norms_mod.clean_name("module.base_model.model._orig_mod.x", prefixes=norms_mod.LEADING_PREFIXES) == "x"
+    assert names_mod.clean_name("module.base_model.model._orig_mod.x", prefixes=names_mod.LEADING_PREFIXES) == "x"
     with pytest.raises(TypeError):
         distclip.grad_norms(model, strip_prefixes="module.")
 
@@ -231,14 +232,19 @@ def _stage_params(stage: int, identical: bool) -> list[tuple[str, nn.Parameter]]
     return out
 
 
-def world_texts(rank: int, world: int) -> list[str]:
-    errors: list[str] = []
+TEXT_CASES = ("mismatch text in words", "dp group as pp_group", "forgotten pp_group in audit", "list form")
+
+
+def world_texts(rank: int, world: int) -> dict[str, list[str]]:
+    """{case: failures} for every name in TEXT_CASES, on each rank."""
+    out: dict[str, list[str]] = {}
     stage = rank // 2  # ranks 0, 1: stage 0; ranks 2, 3: stage 1
     pp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     dp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     pp, dp = pp_groups[rank % 2], dp_groups[stage]
 
     # the census in words: no raw tuples, digests or hashes
+    out["mismatch text in words"] = errors = []
     params = [p for _, p in _stage_params(0, True)]
     extra = nn.Parameter(torch.zeros(2))
     extra.grad = torch.ones(2)
@@ -253,6 +259,7 @@ def world_texts(rank: int, world: int) -> list[str]:
             errors.append(f"the mismatch text does not say who holds what: {text}")
 
     # the data-parallel group passed as pp_group: the text names the likely mistake
+    out["dp group as pp_group"] = errors = []
     own = _stage_params(stage, False)
     try:
         distclip.get_total_norm([p.grad for _, p in own], pp_group=dp)
@@ -266,6 +273,7 @@ def world_texts(rank: int, world: int) -> list[str]:
         errors.append(f"the right pp_group gives {right}, reference {reference_norm(full)}")
 
     # a forgotten pp_group over stages of identical shapes: only audit can see it, and it says so
+    out["forgotten pp_group in audit"] = errors = []
     same = _stage_params(stage, True)
     report = distclip.audit(same)
     if report.ok or "pass pp_group" not in str(report) or "sqrt(2)" not in str(report):
@@ -276,19 +284,24 @@ def world_texts(rank: int, world: int) -> list[str]:
         errors.append(f"audit with pp_group is not OK:\n{distclip.audit(same, pp_group=pp)}")
 
     # the list form on several ranks, as clip_grad_norm_ takes it (a DDP-like replica)
+    out["list form"] = errors = []
     replica = [p for _, p in _stage_params(0, True)]
     names = distclip.grad_norms(replica)
     if list(names) != ["param[0]", "param[1]", "total"]:
         errors.append(f"list form names: {list(names)}")
     if not distclip.audit(replica).ok:
         errors.append("audit of a list of replicated tensors is not OK")
-    return errors
+    return out
 
 
-def test_texts_and_list_forms_world4():
-    results = run_world(world_texts, 4, timeout=400)
-    errors = [f"rank {r}: {e}" for r, errs in enumerate(results) for e in errs]
-    assert not errors, "\n".join(errors[:20])
+@pytest.fixture(scope="module")
+def texts_world():
+    return CaseWorld(world_texts, 4, TEXT_CASES, timeout=400)
+
+
+@pytest.mark.parametrize("case", TEXT_CASES)
+def test_texts_and_list_forms_world4(texts_world, case):
+    texts_world.check(case, shown=20)
 
 
 # ----------------------------------------------------------------------------- one rank calls

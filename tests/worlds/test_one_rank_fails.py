@@ -23,13 +23,15 @@ from worlds import dparam, full_grad, local_of, pparam
 # ----------------------------------------------------------------------------- bad input on one rank
 
 
+BAD_CASES = ("nan max_norm", "norm_type fro", "pp_group not a group", "partial max grad", "bad element", "partial sum peers")
+
+
 def _bad_on_one_rank(rank, world, host_reads):
     if host_reads == "never":
         os.environ["DISTCLIP_HOST_READS"] = "never"
     mesh = init_device_mesh("cpu", (world,))
     results = {}
-    cases = ["nan max_norm", "norm_type fro", "pp_group not a group", "partial max grad", "bad element", "partial sum peers"]
-    for case in cases:
+    for case in BAD_CASES:
         params = [dparam(full_grad((8, 3), 1), mesh, [Shard(0)]), pparam(full_grad((5,), 2))]
         if case == "partial sum peers":  # the peers issue a Partial collective first; the bad rank must too
             p = nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
@@ -88,17 +90,23 @@ def test_bad_input_on_one_rank_raises_on_every_rank_at_once(one_rank_bad, case, 
             assert f"rank {bad_rank} could not take part" in message and cls in message, message
 
 
-def test_bad_input_on_one_rank_without_host_reads():
+@pytest.fixture(scope="module")
+def one_rank_bad_without_host_reads():
+    return run_world(_bad_on_one_rank, 4, "never", pg_timeout_s=30)
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_on_one_rank_without_host_reads(one_rank_bad_without_host_reads, case):
     """The accelerator path: the bad rank raises its own error after the collective; the others
     return NaN with every grad untouched (no host read to learn more)."""
-    results = run_world(_bad_on_one_rank, 4, "never", pg_timeout_s=30)
-    for rank, per_rank in enumerate(results):
-        for case, (bad_rank, (name, message), elapsed, untouched) in per_rank.items():
-            assert elapsed < 10 and untouched, (rank, case)
-            if rank == bad_rank:
-                assert name != "returned" and "could not take part" not in message, (case, name, message)
-            else:
-                assert (name, message) == ("returned", "nan"), (rank, case, name, message)
+    for rank, per_rank in enumerate(one_rank_bad_without_host_reads):
+        assert set(per_rank) == set(BAD_CASES), (rank, sorted(per_rank))
+        bad_rank, (name, message), elapsed, untouched = per_rank[case]
+        assert elapsed < 10 and untouched, (rank, case)
+        if rank == bad_rank:
+            assert name != "returned" and "could not take part" not in message, (case, name, message)
+        else:
+            assert (name, message) == ("returned", "nan"), (rank, case, name, message)
 
 
 # ----------------------------------------------------------------------------- silent misconfigurations

@@ -1,4 +1,4 @@
-"""``Partial`` grads paired by name, not by position (issue 28, item 4), on 4 gloo ranks.
+"""``Partial`` grads paired by name, not by position, on 4 gloo ranks.
 
 Two LayerNorm-like parameters of the same shape hold ``Partial(sum)`` grads (TP + SequenceParallel).
 Each rank passes them in its own order (what a ``set(...)`` of parameters gives): the norm, the

@@ -32,12 +32,13 @@ import copy
 import functools
 import itertools
 
+import pytest
 import torch
 import torch.distributed as dist
 
 import distclip
 from checks import count_collectives
-from harness import run_world
+from harness import CaseWorld
 
 # torch's test needs every grad's norm above max_norm (so that the clip is not vacuous); its seeds
 # give that on CUDA, not on CPU, where the same seeds draw other values: both models' losses are
@@ -49,16 +50,22 @@ LOSS_SCALE = 100.0
 DTYPE = torch.float64
 
 
-def _fsdp2_world(rank: int, world: int, two_d: bool) -> list[str]:
+def _norm_cases(two_d: bool) -> tuple[str, ...]:
+    return tuple(f"p={p}" for p in ((2, 1, 3, float("inf")) if two_d else (2, 1, float("inf"))))
+
+
+def _fsdp2_world(rank: int, world: int, two_d: bool) -> dict[str, list[str]]:
+    """{f"p={norm_type}": failures} for every norm type of torch's test, on each rank."""
     from torch.distributed._composable import replicate
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
     from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer, TransformerBlock
 
-    failures: list[str] = []
+    by_case: dict[str, list[str]] = {}
     norm_types = (2, 1, 3, float("inf")) if two_d else (2, 1, float("inf"))
     for norm_type in norm_types:
+        by_case[f"p={norm_type}"] = failures = []
         torch.manual_seed(42)
         model = Transformer(ModelArgs(dropout_p=0.0)).to(DTYPE)
         if two_d:
@@ -125,16 +132,28 @@ def _fsdp2_world(rank: int, world: int, two_d: bool) -> list[str]:
                     assert not torch.equal(param.grad.to_local(), grad)
             ref_optim.step()
             optim.step()
-    return failures
+    return by_case
 
 
-def test_fully_shard_clip_grad_norm_1d():
-    results = run_world(_fsdp2_world, 2, False, timeout=600)
-    failures = [f"rank {r}: {f}" for r, found in enumerate(results) for f in found]
-    assert not failures, "\n".join(failures[:20])
+@pytest.fixture(scope="module")
+def fsdp2_world():
+    return CaseWorld(_fsdp2_world, 2, _norm_cases(False), False, timeout=600)
 
 
-def _fsdp1_world(rank: int, world: int) -> list[str]:
+@pytest.mark.parametrize("case", _norm_cases(False))
+def test_fully_shard_clip_grad_norm_1d(fsdp2_world, case):
+    fsdp2_world.check(case, shown=20)
+
+
+FSDP1_CASES = tuple(
+    f"max_norm={max_norm} p={norm_type} {strategy} use_orig_params={orig}"
+    for max_norm, norm_type, strategy, orig in itertools.product(
+        [1, 2.5], [1, 2, float("inf")], ["FULL_SHARD", "NO_SHARD", "mixed_strategy"], [False, True])
+)
+
+
+def _fsdp1_world(rank: int, world: int) -> dict[str, list[str]]:
+    """{label: failures} for every name in FSDP1_CASES, on each rank."""
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.fully_sharded_data_parallel import CPUOffload
     from torch.distributed.fsdp.fully_sharded_data_parallel import FullyShardedDataParallel as FSDP
@@ -143,12 +162,14 @@ def _fsdp1_world(rank: int, world: int) -> list[str]:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.testing._internal.common_fsdp import DEVICEInitMode, FSDPInitMode, TransformerWithSharedParams
 
-    failures: list[str] = []
+    by_case: dict[str, list[str]] = {}
     process_group = dist.distributed_c10d._get_default_group()
     for max_norm, norm_type, sharding_strategy, use_orig_params in itertools.product(
         [1, 2.5], [1, 2, float("inf")], [ShardingStrategy.FULL_SHARD, ShardingStrategy.NO_SHARD, "mixed_strategy"], [False, True]
     ):
-        label = f"max_norm={max_norm} p={norm_type} {sharding_strategy} use_orig_params={use_orig_params}"
+        strategy = sharding_strategy if isinstance(sharding_strategy, str) else sharding_strategy.name
+        label = f"max_norm={max_norm} p={norm_type} {strategy} use_orig_params={use_orig_params}"
+        by_case[label] = failures = []
         local_model = TransformerWithSharedParams.init(process_group, FSDPInitMode.NO_FSDP, DEVICEInitMode.DEVICE_BEFORE,
                                                        deterministic=True)
         ddp_model = DDP(local_model)
@@ -201,10 +222,14 @@ def _fsdp1_world(rank: int, world: int) -> list[str]:
                     torch.testing.assert_close(p1, p2)
         except AssertionError as e:
             failures.append(f"{label}: {e}")
-    return failures
+    return by_case
 
 
-def test_fsdp1_clip_grad_norm_ddp_parity():
-    results = run_world(_fsdp1_world, 2, timeout=600)
-    failures = [f"rank {r}: {f}" for r, found in enumerate(results) for f in found]
-    assert not failures, "\n".join(failures[:20])
+@pytest.fixture(scope="module")
+def fsdp1_world():
+    return CaseWorld(_fsdp1_world, 2, FSDP1_CASES, timeout=600)
+
+
+@pytest.mark.parametrize("case", FSDP1_CASES)
+def test_fsdp1_clip_grad_norm_ddp_parity(fsdp1_world, case):
+    fsdp1_world.check(case, shown=20)

@@ -1,4 +1,5 @@
-"""Issue 15 in real 4-rank gloo worlds, against float64 single-process references:
+"""The two-step API, models on part of the world and marks that survive replacement, in real
+4-rank gloo worlds, against float64 single-process references:
 
 - torch's two-step API: ``get_total_norm([p.grad ...])`` measures the tensors given (plain
   replicas, DTensor shards, ``Partial`` grads), then ``clip_grads_with_norm_``; gradients whose
@@ -21,6 +22,7 @@ import math
 import time
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,7 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.placement_types import Partial
 
 from checks import reference_norm
-from harness import run_world
+from harness import CaseWorld
 
 NORMS = (1.0, 2.0, math.inf, 0.5)
 
@@ -309,8 +311,41 @@ def _world(rank, world):
     return out
 
 
-def test_two_step_groups_marks_partial_value():
-    per_rank = run_world(_world, 4, timeout=400)
-    failures = [f"rank {r}: {name}: {msg}" for r, records in enumerate(per_rank) for name, ok, msg in records if not ok]
-    assert not failures, "\n".join(failures)
-    assert len({tuple(name for name, _, _ in records) for records in per_rank}) == 1
+# The world's records, in the order every rank makes them: one test id each.
+CASES = (
+    *(f"two-step {kind} grads p={p}" for p in NORMS for kind in ("plain", "DTensor")),
+    "two-step then clip_grads_with_norm_",
+    "two-step Partial grad",
+    "parameters given: values measured, warned",
+    "empty generator warns",
+    "marked grad given: ValueError on every rank",
+    "marked params via the module",
+    *(name for orig in (False, True) for name in (f"FSDP1 flat grads given (use_orig_params={orig}): ValueError",
+                                                  f"FSDP1 module given (use_orig_params={orig})")),
+    *(f"two models, group= p={p}" for p in NORMS),
+    "two models without group= mix the norms (the bug)",
+    "grad_norms with group=",
+    "describe with group=",
+    "audit with group=",
+    "torchtitan adapter with group=",
+    "only the holders call",
+    "mesh outside group: ValueError",
+    "bad input in one group raises in that group",
+    "[] on ranks without the model: LayoutMismatchError pointing to group=",
+    *(f"meta init + {how} + load(assign=True)" for how in ("module mark", "param mark")),
+    "module mark survives fully_shard",
+    *(f"FSDP1 marked after wrapping, freed and rebuilt (build {attempt})" for attempt in range(2)),
+    "clip_grad_value_ Partial(sum): full gradient clamped",
+    "clip_grad_value_ Partial(avg)",
+)
+
+
+@pytest.fixture(scope="module")
+def two_step_world():
+    """Every rank makes exactly CASES' records, in order (else every case fails)."""
+    return CaseWorld(_world, 4, CASES, timeout=400)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_step_groups_marks_partial_value(two_step_world, case):
+    two_step_world.check(case)

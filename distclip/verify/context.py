@@ -1,7 +1,8 @@
-"""How the ranks of the job tell each other what happened: every step's outcome goes through the
-rendezvous store, never through the process group, which a failing layout may leave stuck or out
-of step. ``Ctx`` is what a rank knows about the job (its rank, the world, its device, the
-implementation under test) and carries its channel to the others."""
+"""A rank's context in the job (``Ctx``: its rank, the world, its device, the implementation
+under test) and how the ranks tell each other what happened (``Agreement``): every step's outcome
+goes through the rendezvous store, never through the process group, which a failing layout may
+leave stuck or out of step. (distclip's own object exchange over the process group is
+``distclip.comm.objects``.)"""
 
 from __future__ import annotations
 
