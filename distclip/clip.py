@@ -94,10 +94,13 @@ def check_norm_type(norm_type: object) -> float:
     return p
 
 
-def check_max_norm(max_norm: object, owner: str = "distclip") -> float:
+def check_max_norm(max_norm: object, owner: str = "distclip", numbers_only: bool = False) -> float:
     """``max_norm`` as a float: a real number as torch takes it (``_as_float``), not NaN, not
     negative. The one check of the clip functions, ``GradGuard``'s policies and the
-    integrations; ``owner`` starts the message."""
+    integrations; ``owner`` starts the message. ``numbers_only``: a Python ``int`` or ``float``
+    alone (no string, no tensor, no bool), as ``GradGuard`` and the Transformers callback take it."""
+    if numbers_only and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))):
+        raise TypeError(f"{owner}: max_norm must be a number, got {type(max_norm).__name__}")
     value = _as_float(max_norm, "max_norm")
     if math.isnan(value) or value < 0:
         raise ValueError(f"{owner}: max_norm must be a non-negative number, got {value}")

@@ -205,7 +205,9 @@ def _check_positive(value: object, name: str, allow_zero: bool = False) -> float
 
 
 def _check_cap(max_norm: object) -> Optional[float]:
-    return None if max_norm is None else check_max_norm(max_norm)
+    if isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1:
+        max_norm = float(max_norm)
+    return None if max_norm is None else check_max_norm(max_norm, numbers_only=True)
 
 
 def _to_float(value: Any) -> float:

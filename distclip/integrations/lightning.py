@@ -117,7 +117,7 @@ class GradientClipping(Callback):
             norm_type = guard.norm_type
         if max_norm is None:
             raise TypeError("GradientClipping needs max_norm (or guard=)")
-        self.max_norm = check_max_norm(max_norm, "GradientClipping")
+        self.max_norm = check_max_norm(float(max_norm), "GradientClipping")  # anything ``float()`` takes, as Lightning's own
         self.norm_type = 2.0 if norm_type is None else float(norm_type)
         self.guard = guard
         self.last_output: GuardOutput | None = None

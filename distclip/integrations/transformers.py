@@ -108,7 +108,7 @@ class GradientClipping(TrainerCallback):
         log_group_norms: bool = False,
         groups: Callable[[str], str | None] | None = None,
     ) -> None:
-        max_norm = check_max_norm(max_norm, "GradientClipping")
+        max_norm = check_max_norm(max_norm, "GradientClipping", numbers_only=True)
         if groups is not None and not callable(groups):
             raise TypeError(f"GradientClipping: groups must be a callable name -> group name, got {type(groups).__name__}")
         self.max_norm = max_norm
