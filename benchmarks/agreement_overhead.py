@@ -2,9 +2,9 @@
 
     torchrun --standalone --nproc_per_node=2 benchmarks/agreement_overhead.py [--out benchmarks/results]
 
-The check adds no collective: its hashes (4 for the call signature, 4 per pipeline-stage slot,
-16 slots: ``--agreement-values``, 68) ride on the call's single all-reduce, and the verdict is a
-few float comparisons on the reduced numbers. So its cost is what those extra values cost on the
+The check adds no collective: its hashes (two blocks of 4 lanes for the call signature and for
+each of 16 pipeline-stage slots: ``--agreement-values``, ``packet.AGREEMENT_VALUES`` = 136) ride on
+the call's single all-reduce, and the verdict is two operations on the reduced numbers. So its cost is what those extra values cost on the
 all-reduce, plus that host arithmetic (microseconds: the hashes are cached with the layout plan).
 
 Measured without touching distclip's internals, interleaved per round, after a barrier, median of
@@ -38,10 +38,10 @@ import torch.distributed as dist
 import distclip
 from benchmarks import env, measure, workloads
 from benchmarks.env import log
+from distclip.comm.packet import AGREEMENT_VALUES
 
 # What the agreement check puts on the all-reduce (distclip's README and benchmarks/README.md:
 # 4 call hashes and 4 per pipeline-stage slot, 16 slots).
-AGREEMENT_VALUES = 4 * (1 + 16)
 
 
 def packet_length(clip: measure.Fn) -> int:

@@ -37,7 +37,7 @@ import torch
 
 from distclip.comm.agreement import Signature, crc_bytes
 
-__all__ = ["FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "failed_vector", "total_head", "total_head_host",
+__all__ = ["AGREEMENT_VALUES", "FLAGS", "STAGE_SLOTS", "Packet", "HostView", "DeviceView", "failed_vector", "total_head", "total_head_host",
            "total_from_head", "total_from_head_host"]
 
 STAGE_SLOTS = 16  # stages compared individually; with more stages only the call signature is checked
@@ -45,13 +45,13 @@ _PARTS = 4  # values per agreement row: the four bytes of a crc32
 _LANES = _PARTS * (1 + STAGE_SLOTS)  # the call's row, then one row per stage slot, in each of the two blocks
 FLAGS = ("names_changed", "has_float64", "failed")
 TOTAL_HEAD = 3  # [value, NaN flag, present]
-_AGREEMENT = 2 * _LANES  # the first block, then the second (``agreement_slots``)
+AGREEMENT_VALUES = 2 * _LANES  # the first block, then the second (``agreement_slots``)
 
 
 def _length(head: int, distributed: bool) -> int:
     """The vector's length: fixed by the head and whether there are ranks to agree with, never by
     what a rank holds, so a rank that failed still sends a vector of the others' length."""
-    return head + (_AGREEMENT if distributed else 0) + len(FLAGS)
+    return head + (AGREEMENT_VALUES if distributed else 0) + len(FLAGS)
 
 
 def _second(h: float, count: float, use_max: bool) -> float:
@@ -112,7 +112,7 @@ class Packet:
 
     def __init__(self, head: int, sig: Optional[Signature], use_max: bool) -> None:
         self.head, self.sig, self.use_max = head, sig, use_max
-        self.n_agreement = _AGREEMENT if sig is not None else 0
+        self.n_agreement = AGREEMENT_VALUES if sig is not None else 0
         self.flags_at = head + self.n_agreement
         self.length = _length(head, sig is not None)
 

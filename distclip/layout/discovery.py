@@ -43,6 +43,7 @@ from distclip._dtensor import (  # DTensor, DeviceMesh: re-exported
 )
 from distclip.layout import marks
 from distclip.layout.marks import Annotation, GroupLike, as_process_group, group_info, table  # noqa: F401  # re-exported
+from distclip.math.partials import GroupKey
 
 ParamsLike = Union[torch.Tensor, Iterable[torch.Tensor], nn.Module]
 
@@ -175,7 +176,6 @@ def check_inside_group(ranks: frozenset[int], stage: Stage, what: str) -> None:
         )
 
 
-GroupKey = tuple  # (device, dtype, weight)
 
 
 class Entry(NamedTuple):

@@ -31,7 +31,8 @@ import torch
 
 from distclip._torch import base_of, flatten_dense_tensors
 from distclip.host_reads import host_reads_allowed
-from distclip.layout.discovery import GroupKey
+
+GroupKey = tuple  # (device, dtype, weight): how local grads are grouped for one kernel each
 
 # On CPU every norm is taken over pieces of about ROW elements (at most ROW_MAX), then the piece norms are combined
 # in float64. torch's CPU kernel accumulates float32 in a few lanes, so its error grows with the

@@ -131,7 +131,7 @@ def test_package_keeps_the_names_tests_import():
     import distclip.verify as verify
 
     for name in ("Agreement", "Built", "Ctx", "LAYOUT_NAMES", "NORM_TYPES", "RanksLost", "SCENARIOS", "Scenario",
-                 "_quiet_torch_warnings", "_world_full", "batch", "build_2d", "build_ddp", "build_ep", "build_fsdp1",
+                 "quiet_torch_warnings", "world_full", "batch", "build_2d", "build_ddp", "build_ep", "build_fsdp1",
                  "build_fsdp1_lora", "build_fsdp2", "build_pp_fsdp", "build_tied_pp", "build_tp_sp", "clean_name",
                  "loss_of", "main", "new_model", "plain_full", "reference_norm", "run", "select", "single_process_grads"):
         assert hasattr(verify, name), name

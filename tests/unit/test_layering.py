@@ -1,5 +1,6 @@
-"""The package's import structure: no module reaches into another's private names, and the
-imports form no cycle (lazy imports inside functions included). A private name is one home's
+"""The package's import structure: every import goes down the floors (``FLOORS``), no module
+reaches into another's private names, and the imports form no cycle (lazy imports inside
+functions included). A private name is one home's
 business; another module that needs it needs a named internal API instead. The fence modules
 (``_torch``, ``_dtensor``, ``_fsdp1``, ``_versions``) are private *files* whose names the package
 uses on purpose: importing them, and their names, is allowed."""
@@ -103,6 +104,50 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# The floors, lowest first: a module imports only from a lower floor or from its own folder.
+FLOORS = [
+    {"distclip._torch", "distclip._dtensor", "distclip._fsdp1", "distclip._versions", "distclip.host_reads", "distclip.gc_pause"},
+    {"distclip.math"},
+    {"distclip.layout"},
+    {"distclip.comm"},
+    {"distclip.clip"},
+    {"distclip.observe", "distclip.policies"},
+    {"distclip.guard"},
+    {"distclip"},
+    {"distclip.integrations", "distclip.verify"},
+]
+
+
+def unit_of(module: str) -> str:
+    """The folder a module sits in under ``distclip`` (``distclip.layout.plan`` -> ``distclip.layout``),
+    or the module itself at the root."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    floor = {unit: level for level, units in enumerate(FLOORS) for unit in units}
+    found = []
+    for module, targets in graph.items():
+        here = unit_of(module)
+        for target in targets:
+            there = unit_of(target)
+            if there != here and floor.get(there, len(FLOORS)) >= floor.get(here, len(FLOORS)):
+                found.append(f"{module} -> {target}")
+    return sorted(found)
+
+
+def test_imports_only_go_down():
+    found = upward_imports(import_graph(_modules()))
+    assert not found, "imports from the same or a higher floor (see FLOORS):\n" + "\n".join(found)
+
+
+def test_every_module_has_a_floor():
+    units = {unit_of(name) for name in _modules()}
+    floored = set().union(*FLOORS)
+    assert units <= floored, f"modules on no floor: {sorted(units - floored)}"
+
+
 def test_no_private_reaches_across_modules():
     found = private_reaches(_modules())
     assert not found, "private names used outside their module (give them a named internal API):\n" + "\n".join(found)
@@ -122,3 +167,5 @@ def test_the_checks_find_a_reach_and_a_cycle():
     assert len(private_reaches(planted)) == 2
     assert cycles({"distclip.a": {"distclip.b"}, "distclip.b": {"distclip.a"}})
     assert cycles(import_graph(planted))
+    assert upward_imports({"distclip.math.partials": {"distclip.layout.discovery"}, "distclip.layout.plan": {"distclip.math.partials"}}) == [
+        "distclip.math.partials -> distclip.layout.discovery"]

@@ -171,7 +171,7 @@ def _baseline(ctx, scenario, steps: set[str]) -> dict[str, str]:
 
 
 def _world(rank: int, world: int) -> dict[str, list[str]]:
-    verify._quiet_torch_warnings()
+    verify.quiet_torch_warnings()
     ctx = verify.Ctx(rank, world, torch.device("cpu"), "distclip")
     out: dict[str, list[str]] = {}
     for scenario in select(world):
