@@ -1,12 +1,13 @@
 """distclip's algorithm, top-down.
 
-1. Validate every argument and discover the layout (``layout``, reused through a ``plan``), all
+1. Validate every argument and discover the layout (``layout.discovery``, reused through ``layout.plan``), all
    locally. A rank that cannot (bad input) keeps its error and still takes part in the call's
-   collectives, so every rank raises together and no gradient changes (``rank_errors``).
+   collectives, so every rank raises together and no gradient changes (``comm.failure``).
 2. Layout discovery gives each local gradient the weight that makes each element of the full
    model count exactly once across the world.
-3. Local math (``local_norms``): this rank's weighted partial, in float64.
-4. Communication (``reduce``): one all-reduce of the partial with the agreement and failure flags,
+3. Local math (``math.partials``): this rank's weighted partial, in float64.
+4. Communication (``comm.reduce`` of the vector ``comm.packet`` owns): one all-reduce of the partial
+   with the agreement and failure flags,
    identical result on every rank (plus one per mesh group of ``Partial`` grads).
 5. Scale every local gradient by ``min(1, max_norm / (total + 1e-6))`` with foreach kernels.
 """
@@ -26,8 +27,7 @@ from torch import nn
 
 from distclip._dtensor import DTensor, Replicate, is_sum_dim, local_of, partial_dims, reducible_partial, spec_of
 from distclip._torch import phase
-from distclip.comm import agreement
-from distclip.comm import failure as rank_errors
+from distclip.comm import agreement, failure
 from distclip.comm.failure import NotANumberError
 from distclip.comm.packet import (
     TOTAL_HEAD,
@@ -43,12 +43,12 @@ from distclip.gc_pause import paused as gc_paused
 from distclip.host_reads import host_reads_allowed
 from distclip.layout import marks
 from distclip.layout.discovery import (
+    CallGroup,
     GroupLike,
     LocalLayout,
     ParamsLike,
-    Stage,
     as_param_list,
-    current_stage,
+    call_group,
     local_grad_tensors,
     local_layout,
     pairing_names,
@@ -122,14 +122,14 @@ class Call:
     """One call as this rank sees it, or the error that keeps this rank from computing a norm.
 
     A rank with an ``error`` still takes part in every collective of the call (see
-    ``rank_errors``), so the other ranks learn of it at once instead of waiting for the timeout.
+    ``comm.failure``), so the other ranks learn of it at once instead of waiting for the timeout.
     """
 
     fn: str
     norm_type: float
     max_norm: Optional[float]
     error_if_nonfinite: bool
-    stage: Stage
+    stage: CallGroup
     params: list[torch.Tensor]
     layout: Optional[LocalLayout] = None
     error: Optional[Exception] = None
@@ -166,7 +166,7 @@ def prepare_call(
         seen.extend(params)
         checked_max = check_max_norm(max_norm) if fn == "clip_grad_norm_" else None
         p = check_norm_type(norm_type)
-        stage = current_stage(pp_group, group)
+        stage = call_group(pp_group, group)
         if measures_tensors and module is None:
             if stage.distributed:
                 reject_unknown_layouts(params, marks.table(params, None))
@@ -177,12 +177,12 @@ def prepare_call(
         return Call(fn, p, checked_max, bool(error_if_nonfinite), stage, params, layout, measures_tensors=measures_tensors and module is None)
 
     with phase("layout"), gc_paused():
-        call, error = rank_errors.attempt(local)
+        call, error = failure.attempt(local)
     if call is not None:
         return call
     assert error is not None
     try:  # join the collectives of the group the others use; without a valid group there is none to join
-        stage = current_stage(None, group)
+        stage = call_group(None, group)
     except Exception:
         raise error from None
     return Call(fn, fallback_norm_type(norm_type), None, bool(error_if_nonfinite), stage, seen, error=error,
@@ -306,7 +306,7 @@ def _vector_to_reduce(call: Call, foreach: Optional[bool], device: torch.device)
     def encoded() -> tuple[torch.Tensor, tuple[_LocalPart, Packet]]:
         mine = _local_part(call, foreach, device)
         assert call.layout is not None
-        packet = Packet(TOTAL_HEAD, agreement.Signature(call.signature, call.layout.kinds, call.stage), use_max)
+        packet = Packet(TOTAL_HEAD, agreement.Signature(call.signature, call.layout.tensor_kinds, call.stage), use_max)
         if mine.head is not None:
             return packet.encode_host(mine.head, has_float64=mine.has_float64), (mine, packet)
         assert mine.partial is not None
@@ -318,7 +318,7 @@ def _vector_to_reduce(call: Call, foreach: Optional[bool], device: torch.device)
         return packet.encode_device(mine.partial, device, host_tail=tail, has_float64=mine.has_float64), (mine, packet)
 
     # A failure inside ``_norm_groups`` is not followed by a join: its collectives may have gone out.
-    found, error = rank_errors.attempt(encoded)
+    found, error = failure.attempt(encoded)
     if found is None:
         return failed_vector(TOTAL_HEAD, True, use_max, device), None, error
     return found[0], found[1], None
@@ -365,13 +365,13 @@ def measure_total(call: Call, foreach: Optional[bool]) -> Total:
     if found is None:  # this rank failed; the others know it from the flag
         assert error is not None
         if host_reads:  # every rank raises together: this one its own error
-            rank_errors.settle(True, error, device, stage.group)
+            failure.settle(True, error, device, stage.group)
         raise error  # accelerators: the others see a NaN norm and leave every grad alone
     mine, packet = found
     out_device = mine.grad_device or device
     if host_reads:  # every rank reads the same reduced values: they act together
         host = packet.decode_host(packed.tolist())
-        rank_errors.settle(host.failed, None, device, stage.group)
+        failure.settle(host.failed, None, device, stage.group)
         if host.disagreed:
             assert packet.sig is not None
             agreement.raise_mismatch(packet.sig)
@@ -391,7 +391,7 @@ def measure_total(call: Call, foreach: Optional[bool]) -> Total:
     if call.error_if_nonfinite and not bool(torch.isfinite(total)):
         view = packet.decode_device(packed)
         if bool(view.failed):
-            raise rank_errors.RankInputError(
+            raise failure.RankInputError(
                 "distclip: another rank could not take part (bad input there), so no norm was computed and no "
                 "gradient was changed; that rank raised its own error (details are not gathered on accelerators)"
             )
@@ -632,7 +632,7 @@ def clip_grad_value_(parameters: ParamsLike, clip_value: float, foreach: Optiona
         clip_value = _as_float(clip_value, "clip_value")
     except Exception:
         if dist.is_available() and dist.is_initialized():  # still join the Partial grads' collectives
-            _join_partial_reductions(Call("clip_grad_value_", 2.0, None, False, Stage(True), params))
+            _join_partial_reductions(Call("clip_grad_value_", 2.0, None, False, CallGroup(True), params))
         raise
     holders = [p for p in params if reducible_partial(p.grad)]
     if holders:

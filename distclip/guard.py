@@ -36,9 +36,9 @@ from torch import nn
 from distclip import clip as _clip
 from distclip._dtensor import DTensor, local_of
 from distclip._torch import declares_amp_scaling_step, phase
-from distclip.comm import objects as exchange
+from distclip.comm import objects
 from distclip.comm.reduce import reduction_device
-from distclip.layout.discovery import GroupLike, Stage
+from distclip.layout.discovery import CallGroup, GroupLike
 from distclip.math.partials import scale_
 from distclip.observe import grad_norms as _norms
 from distclip.observe.name_order import stage_unique
@@ -77,9 +77,9 @@ class _Source:
         return [(f"parameters[{i}]", p) for i, p in enumerate(self.params)]
 
 
-def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
+def _find_nonfinite(source: _Source, stage: CallGroup) -> list[str]:
     """Every rank of the group together, only when the total is non-finite: the names of the
-    parameters whose grads hold a NaN or inf anywhere (one object exchange, ``exchange``: no
+    parameters whose grads hold a NaN or inf anywhere (one object exchange, ``comm.objects``: no
     numpy; the union in rank order, the same list on every rank). A rank that cannot name its
     grads still joins."""
     found: Any
@@ -97,7 +97,7 @@ def _find_nonfinite(source: _Source, stage: Stage) -> list[str]:
         found = ("error", f"{type(e).__name__}: {e}")
     everyone: list = [found]
     if stage.distributed:
-        everyone = exchange.all_gather_objects(found, reduction_device(stage), stage.group, what="GradGuard.clip_")
+        everyone = objects.all_gather_objects(found, reduction_device(stage), stage.group, what="GradGuard.clip_")
     errors = [x[1] for x in everyone if len(x) == 2 and x[0] == "error"]
     if errors:
         raise RuntimeError(f"distclip: could not name the non-finite gradients: {errors[0]}")
@@ -508,7 +508,7 @@ class GradGuard:
 
 
 def _group_norms64(parameters: Any, norm_type: float, groups: Any, pp_group: Any, group: Any) -> tuple[
-        dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor], list[Optional[str]], Stage]:
+        dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor], list[Optional[str]], CallGroup]:
     """:func:`distclip.grad_norms` (one all-reduce; the first call per module also agrees on the
     names) keeping the float64 values: ``(float64 norms, the norms as grad_norms returns them,
     this rank's unit tensors, each unit's entry name, stage)``."""

@@ -23,7 +23,7 @@ from typing import Optional
 from distclip.comm.failure import LayoutMismatchError
 from distclip.comm.objects import all_gather_objects
 from distclip.comm.reduce import reduction_device
-from distclip.layout.discovery import Stage
+from distclip.layout.discovery import CallGroup
 
 __all__ = ["LayoutMismatchError", "Signature", "crc_bytes", "raise_mismatch", "call_signature"]
 
@@ -31,8 +31,8 @@ __all__ = ["LayoutMismatchError", "Signature", "crc_bytes", "raise_mismatch", "c
 @dataclass(frozen=True)
 class Signature:
     call: tuple  # must be equal on every rank of the world
-    kinds: frozenset  # must be equal on every rank of one stage
-    stage: Stage
+    tensor_kinds: frozenset  # must be equal on every rank of one stage
+    stage: CallGroup
 
 
 def crc_bytes(value: object) -> tuple[int, ...]:
@@ -54,7 +54,7 @@ def _describe(sig: Signature) -> str:
     "Most ranks" is said only of a true majority; when no value is shared by more than half of the
     ranks, every rank's value is listed. Layouts are said in words (:func:`_kind_str`)."""
     stage = sig.stage
-    mine = (sig.call, sorted(sig.kinds, key=repr), stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None)
+    mine = (sig.call, sorted(sig.tensor_kinds, key=repr), stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None)
     gathered = all_gather_objects(mine, reduction_device(stage), stage.group, what="the mismatch report")
     # by global rank (the group's ranks in group-rank order)
     everyone = dict(zip(stage.global_ranks(), gathered))
@@ -186,5 +186,5 @@ def _call_str(call: tuple) -> str:
     )
 
 
-def call_signature(fn: str, norm_type: float, max_norm: Optional[float], error_if_nonfinite: bool, stage: Stage) -> tuple:
+def call_signature(fn: str, norm_type: float, max_norm: Optional[float], error_if_nonfinite: bool, stage: CallGroup) -> tuple:
     return (fn, norm_type, max_norm, bool(error_if_nonfinite), stage.pp_size, stage.size)

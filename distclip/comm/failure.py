@@ -90,7 +90,7 @@ def raise_everywhere(error: Optional[BaseException], device: torch.device, group
     raise_gathered(failures, error, ranks)
 
 
-def describe(error: BaseException) -> tuple[str, str]:
+def error_summary(error: BaseException) -> tuple[str, str]:
     """What a failed rank shares of its error: (exception class name, message)."""
     return type(error).__name__, str(error)
 

@@ -70,7 +70,7 @@ def agreement_slots(sig: Signature, use_max: bool) -> tuple[float, ...]:
     first[:_PARTS] = [h + 1.0 for h in crc_bytes(sig.call)]
     if sig.stage.pp_size <= STAGE_SLOTS:
         at = _PARTS * (1 + sig.stage.index)
-        first[at : at + _PARTS] = [h + 1.0 for h in crc_bytes(sorted(map(repr, sig.kinds)))]
+        first[at : at + _PARTS] = [h + 1.0 for h in crc_bytes(sorted(map(repr, sig.tensor_kinds)))]
     second = [absent if h == absent else _second(h, c, use_max) for h, c in zip(first, counts)]
     return tuple(first + second)
 

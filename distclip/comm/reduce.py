@@ -21,10 +21,10 @@ from distclip._torch import default_group_device
 from distclip.comm.failure import LayoutMismatchError
 from distclip.comm.objects import every_rank_must_call
 from distclip.host_reads import host_reads_allowed
-from distclip.layout.discovery import Stage
+from distclip.layout.discovery import CallGroup
 
 
-def reduction_device(stage: Stage) -> torch.device:
+def reduction_device(stage: CallGroup) -> torch.device:
     """The device the partial is reduced on, chosen from facts every rank shares (the backend and
     the accelerator), never from this rank's grads: a rank without grads, or with CPU-offloaded
     ones, must still use the same backend as the others, or the collective hangs.
@@ -55,7 +55,7 @@ def reduction_op(norm_type: float) -> dist.ReduceOp.RedOpType:
     return dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
 
 
-def all_reduce(packed: torch.Tensor, norm_type: float, stage: Stage) -> None:
+def all_reduce(packed: torch.Tensor, norm_type: float, stage: CallGroup) -> None:
     """The call's one collective: ``packed`` (see ``packet``) reduced in place over the call's group,
     SUM for finite p, MAX for ±inf. Nothing to do in a single process."""
     if stage.distributed:

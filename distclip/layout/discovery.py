@@ -51,7 +51,7 @@ _MASK = (1 << 61) - 1
 
 
 @dataclass(frozen=True)
-class Stage:
+class CallGroup:
     """The calling rank's view of the ranks that hold its model (the call's ``group``, by default
     the whole default process group): how many of them hold its pipeline stage."""
 
@@ -76,7 +76,7 @@ class Stage:
         return dist.get_process_group_ranks(self.group)
 
 
-SINGLE_PROCESS = Stage(distributed=False)  # the stage of every call without a process group (immutable)
+SINGLE_PROCESS = CallGroup(distributed=False)  # the stage of every call without a process group (immutable)
 
 
 def shard_pieces(mesh_shape: tuple[int, ...], placements: tuple) -> int:
@@ -96,7 +96,7 @@ def reject_unknown_layouts(tensors: list[torch.Tensor], marked_here: dict[int, A
     are pieces whose layout only their parameter knows: the gradient (or a view of it) of a
     parameter marked with ``mark_sharded``/``mark_replicated``, or of an FSDP1 FlatParameter.
     Counting those as replicas would be silently wrong, so they are refused (before any
-    collective; every rank raises together through ``rank_errors``). A tensor that carries a mark
+    collective; every rank raises together through ``comm.failure``). A tensor that carries a mark
     itself is counted by its mark (``marked_here``: the marks of ``tensors``)."""
     marked = [p for p in marks.marked_parameters() if p.grad is not None]
     flat = _fsdp1.LiveFlatParameters.ranges(tensors)
@@ -131,7 +131,7 @@ def reject_unknown_layouts(tensors: list[torch.Tensor], marked_here: dict[int, A
                 )
 
 
-def current_stage(pp_group: object, group: object = None) -> Stage:
+def call_group(pp_group: object, group: object = None) -> CallGroup:
     """Describe the calling rank's pipeline stage within ``group`` (the ranks that hold this model;
     default: the default process group); validates both before any collective."""
     initialized = dist.is_available() and dist.is_initialized()
@@ -151,7 +151,7 @@ def current_stage(pp_group: object, group: object = None) -> Stage:
         if size != dist.get_world_size():  # a group of every rank counts like the default group
             ranks = frozenset(dist.get_process_group_ranks(pg))
     if pp_group is None:
-        return Stage(True, size, ranks=ranks, group=pg)
+        return CallGroup(True, size, ranks=ranks, group=pg)
     pp = as_process_group(pp_group, "pp_group")
     if dist.get_rank(pp) < 0:
         raise ValueError(f"distclip: this rank ({dist.get_rank()}) is not a member of pp_group")
@@ -163,10 +163,10 @@ def current_stage(pp_group: object, group: object = None) -> Stage:
         )
     if size % pp.size() != 0:
         raise ValueError(f"distclip: group size {size} is not a multiple of the pp_group size {pp.size()}")
-    return Stage(True, size // pp.size(), pp_ranks, dist.get_rank(pp), pp.size(), ranks, pg)
+    return CallGroup(True, size // pp.size(), pp_ranks, dist.get_rank(pp), pp.size(), ranks, pg)
 
 
-def check_inside_group(ranks: frozenset[int], stage: Stage, what: str) -> None:
+def check_inside_group(ranks: frozenset[int], stage: CallGroup, what: str) -> None:
     """A mesh or group a parameter names must lie inside the call's group: the ranks outside it do
     not take part in the call, so their pieces could not be counted."""
     if stage.ranks is not None and not ranks <= stage.ranks:
@@ -203,14 +203,14 @@ class LocalLayout:
       SequenceParallel) with the weight their *reduced* values get; measured after one
       all-reduce over their partial mesh dimensions, scaled in place as they are (scaling each
       summand scales the sum).
-    - ``kinds``: what every rank of the stage must agree on (see ``agreement``), taken from the
+    - ``tensor_kinds``: what every rank of the stage must agree on (see ``agreement``), taken from the
       *parameters* (with or without a grad), so frozen parameters and empty FSDP1 shards are not a
       disagreement. Tensors marked with ``mark_sharded`` are left out: ranks may hold any number
       of experts.
     """
 
     groups: dict[GroupKey, list[torch.Tensor]]
-    kinds: frozenset = frozenset()
+    tensor_kinds: frozenset = frozenset()
     partial: list[tuple[DTensor, float]] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # only from ``layout_with_entries``
     # only from ``layout_with_routes``, for ``plan.LayoutPlan``: each parameter's route (None: no grad)
@@ -218,7 +218,7 @@ class LocalLayout:
     routes: list[Optional[Route]] = field(default_factory=list)
     joined: list[Optional[list[torch.Tensor]]] = field(default_factory=list)
     grads: list[Optional[torch.Tensor]] = field(default_factory=list)  # and the grads it read
-    # from a plan: its remembered coalescing (``local_norms.Coalescer``) of each group that holds
+    # from a plan: its remembered coalescing (``math.partials.Coalescer``) of each group that holds
     # views of one buffer; a group it leaves out holds separate tensors. None: not from a plan.
     coalescers: Optional[dict] = None
     marks: dict[int, Annotation] = field(default_factory=dict)  # the parameters' marks, by id (``marks.table``)
@@ -330,7 +330,7 @@ def _plain_named_parameters() -> tuple:
 _PLAIN_NAMED_PARAMETERS = _plain_named_parameters()
 
 
-def _check_inside_stage(ranks: frozenset[int], stage: Stage, what: str) -> None:
+def _check_inside_stage(ranks: frozenset[int], stage: CallGroup, what: str) -> None:
     """A shard group must lie inside the call's group and inside this rank's pipeline stage:
     besides this rank it may hold no other member of this rank's pipeline group (one rank per stage)."""
     check_inside_group(ranks, stage, what)
@@ -441,7 +441,7 @@ _UNDISTRIBUTED = ReplicaRoute(1.0)  # every gradient without torch.distributed: 
 
 
 def weigh(
-    stage: Stage,
+    stage: CallGroup,
     pieces: int = 1,
     annotation: Optional[Annotation] = None,
     meshes: tuple[tuple[frozenset[int], str], ...] = (),
@@ -519,7 +519,7 @@ class CallMemo:
     - ``dtype_codes``: the census's code of each dtype.
     """
 
-    def __init__(self, stage: Stage, fsdp1: dict[int, _fsdp1.Fsdp1Piece]) -> None:
+    def __init__(self, stage: CallGroup, fsdp1: dict[int, _fsdp1.Fsdp1Piece]) -> None:
         self.stage = stage
         self.fsdp1 = fsdp1
         self.groups: dict[GroupKey, list[torch.Tensor]] = defaultdict(list)
@@ -601,7 +601,7 @@ def _dtensor_weight(spec: Any, cache: CallMemo, annotation: Optional[Annotation]
                  ((cache.ranks(mesh), f"a DTensor mesh {shape}"),), dtensor=True)
 
 
-def _flat_route(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, annotation: Optional[Annotation], stage: Stage) -> Route:
+def _flat_route(param: torch.Tensor, piece: _fsdp1.Fsdp1Piece, annotation: Optional[Annotation], stage: CallGroup) -> Route:
     """An FSDP1 parameter's route: its shard, or under FSDP1 over TP with runs one weight per run."""
     if annotation is not None and annotation.sharded_over:
         _check_not_fsdp1_group(annotation, piece)
@@ -640,7 +640,7 @@ def _reject_bare_flat_parameter() -> None:
 
 
 def fingerprint(params: list[torch.Tensor], annotations: list[Optional[Annotation]], cache: CallMemo) -> frozenset:
-    """What every rank of the stage must hold alike (``LocalLayout.kinds``, see ``agreement``),
+    """What every rank of the stage must hold alike (``LocalLayout.tensor_kinds``, see ``agreement``),
     read from the *parameters* (``annotations``: their marks), with or without a grad: a frozen
     parameter, or one whose grad is None on this rank only, is no disagreement.
 
@@ -739,7 +739,7 @@ def classify(
 def local_layout(
     params: list[torch.Tensor],
     module: Optional[nn.Module],
-    stage: Stage,
+    stage: CallGroup,
     grads: Optional[list[torch.Tensor]] = None,
 ) -> LocalLayout:
     """Every gradient this rank holds, as local tensors grouped by (device, dtype, weight).
@@ -754,13 +754,13 @@ def local_layout(
     return _discover(params, module, stage, False, False, grads)
 
 
-def layout_with_entries(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> LocalLayout:
+def layout_with_entries(params: list[torch.Tensor], module: Optional[nn.Module], stage: CallGroup) -> LocalLayout:
     """:func:`local_layout`, whose ``LocalLayout.entries`` also say which parameter (its index in
     ``params``) each local tensor comes from and what it weighs: for per-parameter norms."""
     return _discover(params, module, stage, True, False, None)
 
 
-def layout_with_routes(params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, entries: bool = False) -> LocalLayout:
+def layout_with_routes(params: list[torch.Tensor], module: Optional[nn.Module], stage: CallGroup, entries: bool = False) -> LocalLayout:
     """:func:`local_layout`, whose ``LocalLayout.routes`` also hold each parameter's route,
     ``LocalLayout.joined`` the group list it joined and ``LocalLayout.grads`` the grads read: what
     a layout plan (``plan.LayoutPlan``) keeps; with ``entries``, also :func:`layout_with_entries`'
@@ -771,7 +771,7 @@ def layout_with_routes(params: list[torch.Tensor], module: Optional[nn.Module], 
 def _discover(
     params: list[torch.Tensor],
     module: Optional[nn.Module],
-    stage: Stage,
+    stage: CallGroup,
     entries: bool,
     routes: bool,
     grads: Optional[list[torch.Tensor]],
@@ -834,7 +834,7 @@ def _discover(
     return layout
 
 
-def _copies(annotation: Optional[Annotation], stage: Stage) -> int:
+def _copies(annotation: Optional[Annotation], stage: CallGroup) -> int:
     """The pipeline stages holding a copy of a parameter marked so (``weigh`` counts them once)."""
     if annotation is None or annotation.replicated_over is None:
         return 1

@@ -35,6 +35,7 @@ from torch import nn
 
 from distclip._dtensor import DTensor, local_of, spec_of, specs_of
 from distclip.layout.discovery import (
+    CallGroup,
     DTensorRoute,
     FlatRunsRoute,
     FlatShardRoute,
@@ -43,7 +44,6 @@ from distclip.layout.discovery import (
     PartialRoute,
     ReplicaRoute,
     Route,
-    Stage,
     layout_with_routes,
     local_layout,
     routed_tensor,
@@ -64,9 +64,9 @@ class LayoutPlan:
     compare in Python, are read only where a later grad's spec is another object), so the call
     that builds it costs little more than a first call."""
 
-    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage, entries: bool = False) -> None:
+    def __init__(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: CallGroup, entries: bool = False) -> None:
         layout = layout_with_routes(params, module, stage, entries)
-        self.kinds = layout.kinds
+        self.tensor_kinds = layout.tensor_kinds
         self.keys: list[tuple] = list(layout.groups)
         group_index = {id(members): i for i, members in enumerate(layout.groups.values())}
         self.routes: list[Optional[Route]] = layout.routes
@@ -147,7 +147,7 @@ class LayoutPlan:
             if not check.holds(tensors):
                 return None
             lists[group] = list(tensors) if check.specs is None else list(map(local_of, tensors))
-        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, [], result_mesh=self.result_mesh)
+        return LocalLayout(dict(zip(self.keys, lists)), self.tensor_kinds, [], result_mesh=self.result_mesh)
 
     def _apply_each(self, grads: list) -> Optional[LocalLayout]:
         """The plan checked parameter by parameter (any route, and DTensor specs by structure);
@@ -186,7 +186,7 @@ class LayoutPlan:
                 if grad.dtype != dtype or grad.device != device:
                     return None
                 lists[group].append(routed_tensor(route, grad))
-        return LocalLayout(dict(zip(self.keys, lists)), self.kinds, partial, partial_names=partial_names,
+        return LocalLayout(dict(zip(self.keys, lists)), self.tensor_kinds, partial, partial_names=partial_names,
                            result_mesh=self.result_mesh)
 
 
@@ -329,7 +329,7 @@ class PlanCache:
         self.seen: OrderedDict[int, None] = OrderedDict()  # hashes of keys: a hint, kept small
 
     @staticmethod
-    def key(params: list[torch.Tensor], stage: Stage) -> tuple:
+    def key(params: list[torch.Tensor], stage: CallGroup) -> tuple:
         return (stage, tuple(map(id, params)))
 
     def drop(self, key: tuple) -> None:
@@ -342,7 +342,7 @@ class PlanCache:
         while len(self.plans) > self.size:
             self.drop(next(iter(self.plans)))
 
-    def planned(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> Planned:
+    def planned(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: CallGroup) -> Planned:
         """The plan of ``params`` for ``grad_norms`` (which keeps its view in ``LayoutPlan.norms``):
         the kept plan and this call's grads where it holds (``fresh_grads``: dtypes, devices and
         specs are the view's to check), else a plan built now, with entries, serving this call."""
@@ -360,7 +360,7 @@ class PlanCache:
             self.keep(key, plan)
         return Planned(plan, None, layout)
 
-    def layout(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: Stage) -> LocalLayout:
+    def layout(self, params: list[torch.Tensor], module: Optional[nn.Module], stage: CallGroup) -> LocalLayout:
         """This call's layout: from the plan of ``params`` when it still holds, else discovered
         (and planned) anew."""
         key = self.key(params, stage)

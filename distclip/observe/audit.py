@@ -32,11 +32,10 @@ import torch.distributed as dist
 from distclip import _fsdp1
 from distclip._dtensor import SHARD_PLACEMENTS, DTensor, partial_dims, spec_of
 from distclip.clip import total_grad_norm
-from distclip.comm import failure as rank_errors
-from distclip.comm import objects as exchange
+from distclip.comm import failure, objects
 from distclip.comm.reduce import reduction_device
 from distclip.host_reads import host_reads_allowed
-from distclip.layout.discovery import GroupLike, Stage, current_stage, pairing_names
+from distclip.layout.discovery import CallGroup, GroupLike, call_group, pairing_names
 from distclip.observe.grad_norms import LocalGrads, NamedGrad, collect, grad_norms
 from distclip.observe.name_order import stage_unique
 from distclip.observe.names import NamedParams, Prefixes, parameters_of
@@ -88,7 +87,7 @@ def _hash(t: torch.Tensor) -> str:
     data = t.detach().reshape(-1).contiguous().cpu()
     if data.is_complex():
         data = torch.view_as_real(data).reshape(-1)
-    return hashlib.blake2b(exchange.tensor_bytes(data), digest_size=12).hexdigest()
+    return hashlib.blake2b(objects.tensor_bytes(data), digest_size=12).hexdigest()
 
 
 def _stats(t: torch.Tensor) -> dict[float, float]:
@@ -152,33 +151,33 @@ def audit(
         :class:`AuditReport` with ``ok``, ``problems`` (readable, naming parameters and ranks),
         ``norm`` (distclip's 2-norm), ``reference_norm`` and ``details``.
     """
-    found, error = rank_errors.attempt(functools.partial(_local_records, parameters, pp_group, group, trainable_only, strip_prefixes))
+    found, error = failure.attempt(functools.partial(_local_records, parameters, pp_group, group, trainable_only, strip_prefixes))
     # Every rank learns whether any failed before the first collective a failed rank could not
     # join: making a Partial grad whole is a collective over its mesh (a failed rank would leave
     # its peers waiting there until the process-group timeout).
     if found is None:
         assert error is not None
         try:
-            stage = current_stage(None, group)
+            stage = call_group(None, group)
         except Exception:
             raise error from None
     else:
         stage = found.stage
     if stage.distributed:
-        failures = rank_errors.gather(error, reduction_device(stage), stage.group)
+        failures = failure.gather(error, reduction_device(stage), stage.group)
         if any(f is not None for f in failures) or error is not None:
-            rank_errors.raise_gathered(failures, error, stage.global_ranks())
+            failure.raise_gathered(failures, error, stage.global_ranks())
     elif error is not None:
         raise error
     assert found is not None  # a failed rank raised above
-    measured, error = rank_errors.attempt(functools.partial(_made_whole, found.local, found.records))
+    measured, error = failure.attempt(functools.partial(_made_whole, found.local, found.records))
     everyone: list = [measured]
     if stage.distributed:  # the records' exchange carries each rank's failure: every rank raises together
-        shared = exchange.all_gather_objects((measured, rank_errors.describe(error) if error is not None else None),
+        shared = objects.all_gather_objects((measured, failure.error_summary(error) if error is not None else None),
                                              reduction_device(stage), stage.group, what="audit")
         failures = [failure for _, failure in shared]
         if any(f is not None for f in failures) or error is not None:
-            rank_errors.raise_gathered(failures, error, stage.global_ranks())
+            failure.raise_gathered(failures, error, stage.global_ranks())
         everyone = [rank_records for rank_records, _ in shared]
     problems = _copy_problems(everyone)
     details = _compare_norms(found, everyone, pp_group, group, rtol, trainable_only, strip_prefixes, problems)
@@ -188,7 +187,7 @@ def audit(
 class _Inputs(NamedTuple):
     """This rank's side of an audit, worked out before any collective."""
 
-    stage: Stage
+    stage: CallGroup
     items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]]  # what the norm calls get: the module, or named pairs
     local: LocalGrads
     records: list[Record]  # one per local gradient piece (a Partial grad's not measured yet)
@@ -196,7 +195,7 @@ class _Inputs(NamedTuple):
 
 def _local_records(parameters: NamedParams, pp_group: Optional[GroupLike], group: Optional[GroupLike], trainable_only: bool,
                    strip_prefixes: Prefixes) -> _Inputs:
-    stage = current_stage(pp_group, group)
+    stage = call_group(pp_group, group)
     named = parameters_of(parameters, trainable_only, strip_prefixes)  # a generator is read once, here
     # a module goes on as itself (FSDP1 needs it); anything else as its named pairs
     items: Union[torch.nn.Module, list[tuple[str, torch.Tensor]]] = (
@@ -298,17 +297,17 @@ def _compare_norms(found: _Inputs, everyone: list[list[Record]], pp_group: Optio
     return details
 
 
-def _on_every_rank(fn: Callable[[], torch.Tensor], stage: Stage) -> torch.Tensor:
+def _on_every_rank(fn: Callable[[], torch.Tensor], stage: CallGroup) -> torch.Tensor:
     """``fn()``, a distclip norm call, raising on every rank if it raised on any. Without host reads
     a rank that fails raises alone and the others get a NaN norm: the audit's next collective would
     leave them waiting until the timeout, so one gather of the errors follows (elsewhere the call
     itself raises on every rank)."""
     if not stage.distributed or host_reads_allowed(reduction_device(stage)):
         return fn()
-    value, error = rank_errors.attempt(fn)
-    failures = rank_errors.gather(error, reduction_device(stage), stage.group)
+    value, error = failure.attempt(fn)
+    failures = failure.gather(error, reduction_device(stage), stage.group)
     if any(f is not None for f in failures) or error is not None:
-        rank_errors.raise_gathered(failures, error, stage.global_ranks())
+        failure.raise_gathered(failures, error, stage.global_ranks())
     assert value is not None
     return value
 

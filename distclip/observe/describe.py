@@ -11,7 +11,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from distclip import _fsdp1
-from distclip.layout.discovery import DTensor, GroupLike, current_stage, shard_pieces, stage_copies
+from distclip.layout.discovery import DTensor, GroupLike, call_group, shard_pieces, stage_copies
 from distclip.observe.grad_norms import collect
 from distclip.observe.names import NamedParams, Prefixes, parameters_of
 
@@ -48,7 +48,7 @@ def describe_rows(
     ``parameters``, ``pp_group``, ``group``, ``trainable_only`` and ``strip_prefixes`` as in
     :func:`grad_norms` (any form ``clip_grad_norm_`` takes; the groups set the counts).
     """
-    stage = current_stage(pp_group, group)
+    stage = call_group(pp_group, group)
     local = collect(parameters_of(parameters, trainable_only, strip_prefixes), stage)
     fsdp1 = _fsdp1.fsdp1_pieces(local.module, described=True) if local.module is not None else {}
     weights: dict[tuple, float] = {}
@@ -116,7 +116,7 @@ def describe(
 ) -> str:
     """A readable table of :func:`describe_rows` (same arguments): how distclip sees this rank's
     parameters."""
-    stage = current_stage(pp_group, group)
+    stage = call_group(pp_group, group)
     rows = describe_rows(parameters, pp_group=pp_group, group=group, trainable_only=trainable_only, strip_prefixes=strip_prefixes)
     where = f"rank {dist.get_rank()}, " if stage.distributed else ""
     header = (f"distclip layout ({where}pipeline stage {stage.index} of {stage.pp_size}, {stage.size} ranks per stage); "

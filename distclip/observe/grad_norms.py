@@ -37,17 +37,16 @@ from torch import nn
 from distclip import _fsdp1
 from distclip._dtensor import local_of
 from distclip.clip import PLANS, check_norm_type, fallback_norm_type, join_partial_grads
-from distclip.comm import agreement
-from distclip.comm import failure as rank_errors
+from distclip.comm import agreement, failure
 from distclip.comm.packet import HostView, Packet, failed_vector
 from distclip.comm.reduce import all_reduce, reduce_partial_grads, reduction_device
 from distclip.layout.discovery import (
     Annotation,
+    CallGroup,
     DTensor,
     GroupLike,
     LocalLayout,
-    Stage,
-    current_stage,
+    call_group,
     layout_with_entries,
     pairing_names,
 )
@@ -110,7 +109,7 @@ class LocalGrads:
     module: nn.Module | None
     names: list[str]  # every local name (segments for flat parameters), with or without grad
     units: list[NamedGrad]
-    kinds: frozenset
+    tensor_kinds: frozenset
     flat: dict[int, list[_fsdp1.FlatSegment]]  # id(flat param) -> its segments
     param_names: list[list[str]]  # per parameter, the names it stands for
     marks: dict[int, Annotation] = field(default_factory=dict)  # the parameters' marks, by id
@@ -119,7 +118,7 @@ class LocalGrads:
         return self.marks.get(id(param))
 
 
-def collect(parameters: Union[NamedParams, CallParameters], stage: Stage, layout: Optional[LocalLayout] = None) -> LocalGrads:
+def collect(parameters: Union[NamedParams, CallParameters], stage: CallGroup, layout: Optional[LocalLayout] = None) -> LocalGrads:
     """Names and local gradient units, from ``layout.local_layout`` (the weights distclip uses;
     ``layout``: this call's, with entries, where a plan was just built from it). Purely local;
     raises (before any collective) where ``local_layout`` does."""
@@ -167,7 +166,7 @@ def collect(parameters: Union[NamedParams, CallParameters], stage: Stage, layout
         flat_grad = entry.tensor.reshape(-1)  # the local shard, padding removed
         for seg_name, seg in zip(seg_names, segments):
             units.append(NamedGrad(seg_name, p, flat_grad[seg.offset : seg.offset + seg.numel], entry.weight, False, seg, entry.copies))
-    return LocalGrads(params, module, all_names, units, layout.kinds, flat, param_names, layout.marks)
+    return LocalGrads(params, module, all_names, units, layout.tensor_kinds, flat, param_names, layout.marks)
 
 
 def _local_sig(local: LocalGrads) -> tuple:
@@ -221,10 +220,10 @@ class NormsPlan:
     does too: the same names and module, the grads' dtypes, devices and specs. Holds no tensor and
     no reference to a parameter."""
 
-    def __init__(self, named: CallParameters, local: LocalGrads, stage: Stage) -> None:
+    def __init__(self, named: CallParameters, local: LocalGrads, stage: CallGroup) -> None:
         self._module = weakref.ref(local.module) if local.module is not None else None  # never keeps a model alive
         self.names = named.names
-        self.kinds = local.kinds
+        self.tensor_kinds = local.tensor_kinds
         self.sig = _local_sig(local)
         self.all_names = local.names
         self.unit_names = [u.name for u in local.units]
@@ -281,7 +280,7 @@ class NormsPlan:
             return [local_of(g) if w else g for g, w in zip(unit_grads, reuse.ways)]
         return unit_grads
 
-    def packing_for(self, order: NameOrder, groups: Optional[Callable], stage: Stage, device: torch.device) -> Packing:
+    def packing_for(self, order: NameOrder, groups: Optional[Callable], stage: CallGroup, device: torch.device) -> Packing:
         found = self.packing
         if found is not None and found.order is order and found.groups is groups and found.ent.device == device:
             return found
@@ -395,7 +394,7 @@ class Measured(NamedTuple):
     dtype: torch.dtype
     tensors: list[torch.Tensor]
     unit_entries: list[Optional[str]]
-    stage: Stage
+    stage: CallGroup
 
 
 def measure(
@@ -413,11 +412,11 @@ def measure(
     each group with them; ``units=False``: no unit entries). Same arguments, same collectives."""
     seen: list[list[torch.Tensor]] = []  # the parameters, once read: a failed rank's ``Partial`` collectives
 
-    def local_part() -> tuple[float, Stage, NormsPlan, list[torch.Tensor]]:
+    def local_part() -> tuple[float, CallGroup, NormsPlan, list[torch.Tensor]]:
         p = check_norm_type(norm_type)
         if groups is not None and not callable(groups):
             raise TypeError(f"distclip: groups must be a callable name -> group name (or None), got {type(groups).__name__}")
-        stage = current_stage(pp_group, group)
+        stage = call_group(pp_group, group)
         named = parameters_of(parameters, trainable_only, strip_prefixes)
         seen.append(named.params)
         planned = PLANS.planned(named.params, named.module, stage)  # the clip's plan, kept for both
@@ -432,13 +431,13 @@ def measure(
             planned.plan.norms = view
         return p, stage, view, [u.tensor for u in local.units]
 
-    found, error = rank_errors.attempt(local_part)
+    found, error = failure.attempt(local_part)
     if found is not None:
         p, stage, plan, tensors = found
     else:  # bad input here: join the call's collectives holding nothing, then raise on every rank
         assert error is not None
         try:
-            stage = current_stage(None, group)
+            stage = call_group(None, group)
         except Exception:
             raise error from None
         p = fallback_norm_type(norm_type)
@@ -457,7 +456,7 @@ def measure(
     # a vector (``failed_vector``) and every rank raises together.
     partials: Optional[torch.Tensor] = None
     if error is None:
-        partials, error = rank_errors.attempt(lambda: _unit_partials(plan, tensors, p, device))
+        partials, error = failure.attempt(lambda: _unit_partials(plan, tensors, p, device))
     else:  # the ``Partial`` collectives its peers issue here
         if not seen:  # failed before reading them (a generator is still unread)
             try:
@@ -469,16 +468,16 @@ def measure(
         built = None
         if error is None:
             assert partials is not None
-            built, error = rank_errors.attempt(functools.partial(_pack, plan, order, entry_groups, partials, p, stage, device, stale))
+            built, error = failure.attempt(functools.partial(_pack, plan, order, entry_groups, partials, p, stage, device, stale))
         packed = built[1] if built is not None else _failed(order, entry_groups, p, stage, device, error)
         all_reduce(packed, p, stage)
         if built is None:  # this rank failed: every rank raises together, this one its own error
-            rank_errors.settle(True, error, packed.device, stage.group)
+            failure.settle(True, error, packed.device, stage.group)
         assert built is not None
         packing, _, packet = built
         # read on the host (a sync on accelerators, as reading which names are present is anyway)
         view = packet.decode_host(packed.tolist())
-        rank_errors.settle(view.failed, None, packed.device, stage.group)
+        failure.settle(view.failed, None, packed.device, stage.group)
         if not view.names_changed:
             break
         order = NameOrder.agree(plan.sig, stage)
@@ -505,7 +504,7 @@ def _unit_partials(plan: NormsPlan, tensors: list[torch.Tensor], p: float, devic
     return tensor_partials(tensors, p, device, plan.buckets if not plan.partial else None)
 
 
-def _failed(order: NameOrder, entry_groups: Optional[Callable], p: float, stage: Stage, device: torch.device,
+def _failed(order: NameOrder, entry_groups: Optional[Callable], p: float, stage: CallGroup, device: torch.device,
             error: Optional[Exception]) -> torch.Tensor:
     """A failed rank's vector: as long as the others' (their entries follow the agreed order)."""
     assert error is not None
@@ -525,7 +524,7 @@ def _reduce_partial_units(tensors: list[torch.Tensor], partial: list[int], names
     return {int(i): value for value, i in reduce_partial_grads(wanted)}
 
 
-def _pack(plan: NormsPlan, order: NameOrder, groups: Optional[Callable], s: torch.Tensor, p: float, stage: Stage,
+def _pack(plan: NormsPlan, order: NameOrder, groups: Optional[Callable], s: torch.Tensor, p: float, stage: CallGroup,
           device: torch.device, stale: bool) -> tuple[Packing, torch.Tensor, Packet]:
     """This rank's vector (see ``packet``): its head is the per-entry weighted partials and the
     total's partial, then per-entry flags; the packet adds the agreement slots and the flags
@@ -558,7 +557,7 @@ def _pack(plan: NormsPlan, order: NameOrder, groups: Optional[Callable], s: torc
         values[n_entries] = s.dot(packing.w_total)
     order = packing.order
     call = agreement.call_signature(f"grad_norms[{len(order.names)} names {order.crc:08x}, {n_entries} entries]", p, None, False, stage)
-    packet = Packet(2 * n, agreement.Signature(call, plan.kinds, stage) if stage.distributed else None, math.isinf(p))
+    packet = Packet(2 * n, agreement.Signature(call, plan.tensor_kinds, stage) if stage.distributed else None, math.isinf(p))
     packed = packet.encode_device(torch.cat([values, flags]), device, names_changed=stale, has_float64=plan.has_float64)
     return packing, packed, packet
 

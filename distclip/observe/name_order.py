@@ -17,9 +17,9 @@ from typing import ClassVar
 import torch.distributed as dist
 from torch import nn
 
-from distclip.comm import objects as exchange
+from distclip.comm import objects
 from distclip.comm.reduce import reduction_device
-from distclip.layout.discovery import Stage
+from distclip.layout.discovery import CallGroup
 
 __all__ = ["TOTAL", "NameOrder", "stage_unique"]
 
@@ -75,12 +75,12 @@ class NameOrder:
         self._groups: tuple | None = None  # (groups callable, entry names, entry of name)
 
     @staticmethod
-    def context_of(stage: Stage) -> tuple:
+    def context_of(stage: CallGroup) -> tuple:
         group = (stage.group or dist.group.WORLD) if stage.distributed else None
         return (id(group), stage.ranks, stage.size, stage.pp_ranks)
 
     @classmethod
-    def cached(cls, module: nn.Module | None, stage: Stage) -> NameOrder | None:
+    def cached(cls, module: nn.Module | None, stage: CallGroup) -> NameOrder | None:
         found = cls._by_module.get(module) if module is not None else cls._pairs.get(cls.context_of(stage)[:1])
         if found is not None and found.context == cls.context_of(stage):
             return found
@@ -94,14 +94,14 @@ class NameOrder:
             NameOrder._pairs[self.context[:1]] = self
 
     @classmethod
-    def agree(cls, local_sig: tuple, stage: Stage) -> NameOrder:
-        """One object exchange over the call's group (``exchange``: no numpy): every rank's
+    def agree(cls, local_sig: tuple, stage: CallGroup) -> NameOrder:
+        """One object exchange over the call's group (``comm.objects``: no numpy): every rank's
         names, stage and tied groups."""
         names, tied = local_sig
         mine = (stage.index, sorted(stage.pp_ranks) if stage.pp_ranks is not None else None, list(names), list(tied))
         everyone: list = [mine]
         if stage.distributed:
-            everyone = exchange.all_gather_objects(mine, reduction_device(stage), stage.group, what="grad_norms")
+            everyone = objects.all_gather_objects(mine, reduction_device(stage), stage.group, what="grad_norms")
         unique, clashes = stage_unique([(index, rank_names, {n for n, _ in rank_tied}) for index, _, rank_names, rank_tied in everyone])
 
         order: dict[str, None] = {}

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 import distclip
 from distclip.comm.objects import all_gather_objects
 from distclip.comm.reduce import reduction_device
-from distclip.layout.discovery import current_stage
+from distclip.layout.discovery import call_group
 from distclip.verify.context import Ctx, RanksLost, reset_process_group
 from distclip.verify.models import single_process_grads
 from distclip.verify.reference import reference_norm
@@ -60,7 +60,7 @@ def world_full(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every stage's full grads (float64, CPU) merged over the world: the whole model's."""
     # an object exchange without numpy (torch's all_gather_object needs it; distclip declares only torch)
     mine = {k: v.detach().double().cpu() for k, v in local.items()}
-    gathered = all_gather_objects(mine, reduction_device(current_stage(None)), None, what="distclip.verify's reference")
+    gathered = all_gather_objects(mine, reduction_device(call_group(None)), None, what="distclip.verify's reference")
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:
         for k, v in part.items():

@@ -13,7 +13,7 @@ import torch
 
 from distclip.comm.agreement import Signature, call_signature
 from distclip.comm.packet import TOTAL_HEAD, Packet, total_from_head, total_from_head_host, total_head, total_head_host
-from distclip.layout.discovery import Stage
+from distclip.layout.discovery import CallGroup
 
 NORMS = (2.0, 1.0, 0.5, 3.0, 0.0, -2.0, math.inf, -math.inf)
 PARTIALS = (0.0, 1.25, 7.0e-30, 3.0e38, math.inf, math.nan)
@@ -26,7 +26,7 @@ def _sig(kinds, stage, fn="clip_grad_norm_", p=2.0):
 def _ranks(stage_size=2, pp_size=1):
     """One Signature per rank of a world of ``stage_size * pp_size`` ranks."""
     pp_ranks = frozenset(range(pp_size)) if pp_size > 1 else None
-    return [Stage(True, stage_size, pp_ranks, r % pp_size, pp_size) for r in range(stage_size * pp_size)]
+    return [CallGroup(True, stage_size, pp_ranks, r % pp_size, pp_size) for r in range(stage_size * pp_size)]
 
 
 def _reduce(vectors, use_max):

@@ -5,7 +5,7 @@ launching them.
 For every rank we build what it holds as real objects (DTensor grads on DeviceMeshes of the right
 shape and global ranks, made without a process group; plain grads carrying the annotations that
 ``mark_sharded`` / ``mark_replicated`` record) and run them through the library's own layout
-discovery (``layout.local_layout``) with that rank's ``Stage``. Then we check that the weights it
+discovery (``layout.local_layout``) with that rank's ``CallGroup``. Then we check that the weights it
 gives every piece sum to exactly 1 over the ranks holding that piece, and that every element of
 every parameter is counted once; that every rank builds a reduction of the same op and length; and
 that the agreement check, reduced over all ranks, stays quiet when ranks agree and fires when one
@@ -28,7 +28,7 @@ from distclip.comm import agreement, reduce
 from distclip.comm.packet import TOTAL_HEAD, Packet
 from distclip.layout import discovery as layout
 from distclip.layout import marks
-from distclip.layout.discovery import Stage
+from distclip.layout.discovery import CallGroup
 from distclip.layout.marks import Annotation, GroupInfo
 
 CONFIGS = {
@@ -109,10 +109,10 @@ class Simulation:
             self.numel[("tied",)] = 12 * tp
         return out
 
-    def stage(self, coords) -> Stage:
+    def stage(self, coords) -> CallGroup:
         pp, dr, ds, tp, _ = self.config
         s, r, d, t = coords
-        return Stage(True, dr * ds * tp, frozenset(self.grid[:, r, d, t].tolist()), s, pp)
+        return CallGroup(True, dr * ds * tp, frozenset(self.grid[:, r, d, t].tolist()), s, pp)
 
     def weights(self):
         """Yield (param, piece, weight, local numel) for every local tensor of every rank, as the
@@ -181,14 +181,14 @@ def test_every_rank_issues_the_same_collective_and_agreement_holds(world, norm_t
     kinds_of_stage = {s: frozenset({("DTensor", (dr, ds, tp), s)}) for s in range(pp)}  # stages differ
     rows, shapes = [], set()
     for (s, _r, _d, _t), _rank in _ranks(pp, dr, ds, tp).items():
-        stage = Stage(True, stage_size, frozenset(range(pp)), s, pp)
+        stage = CallGroup(True, stage_size, frozenset(range(pp)), s, pp)
         packet = Packet(TOTAL_HEAD, agreement.Signature(call, kinds_of_stage[s], stage), use_max)
         slots = packet.encode_host([1.0, 0.0, 1.0]).tolist()
         shapes.add((reduce.reduction_op(norm_type), packet.length))
         rows.append(slots)
     assert len(shapes) == 1  # one collective, same op and size on every rank
     table = torch.tensor(rows, dtype=torch.float64)
-    sig = agreement.Signature(call, kinds_of_stage[0], Stage(True, stage_size, None, 0, pp))
+    sig = agreement.Signature(call, kinds_of_stage[0], CallGroup(True, stage_size, None, 0, pp))
 
     def reduced(t):
         return t.max(0).values if use_max else t.sum(0)
@@ -199,12 +199,12 @@ def test_every_rank_issues_the_same_collective_and_agreement_holds(world, norm_t
     assert sig.stage.group_size == world
     assert not disagreed(table)
     # one rank of stage 1 holds a different layout: every rank's identical verdict flips
-    odd_sig = agreement.Signature(call, frozenset({("plain", 1.0, "float32")}), Stage(True, stage_size, None, 1, pp))
+    odd_sig = agreement.Signature(call, frozenset({("plain", 1.0, "float32")}), CallGroup(True, stage_size, None, 1, pp))
     odd = Packet(TOTAL_HEAD, odd_sig, use_max).encode_host([1.0, 0.0, 1.0]).tolist()
     table[stage_size * 1 + 5] = torch.tensor(odd, dtype=torch.float64)
     assert disagreed(table)
     # one rank with another norm_type or max_norm
     table[stage_size * 1 + 5] = torch.tensor(rows[stage_size + 5])
-    other_sig = agreement.Signature(call[:2] + (0.5,) + call[3:], kinds_of_stage[0], Stage(True, stage_size, None, 0, pp))
+    other_sig = agreement.Signature(call[:2] + (0.5,) + call[3:], kinds_of_stage[0], CallGroup(True, stage_size, None, 0, pp))
     table[7] = Packet(TOTAL_HEAD, other_sig, use_max).encode_host([1.0, 0.0, 1.0])
     assert disagreed(table)

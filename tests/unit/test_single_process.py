@@ -233,7 +233,7 @@ def test_reduction_device_on_nccl(monkeypatch, bound, current, local_rank, expec
     import torch.distributed as dist
 
     from distclip.comm import reduce
-    from distclip.layout.discovery import Stage
+    from distclip.layout.discovery import CallGroup
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
@@ -245,7 +245,7 @@ def test_reduction_device_on_nccl(monkeypatch, bound, current, local_rank, expec
         monkeypatch.delenv("LOCAL_RANK", raising=False)
     else:
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-    assert reduce.reduction_device(Stage(True, 4)) == torch.device(expected)
+    assert reduce.reduction_device(CallGroup(True, 4)) == torch.device(expected)
 
 
 def test_module_walk_lists_what_parameters_lists():

@@ -534,9 +534,9 @@ def _train_skip(rank: int, world: int, fused: bool, mode: str) -> dict:
             def _clip_total(self, source, pp_group, group):
                 out = super()._clip_total(source, pp_group, group)
                 from distclip.guard import _find_nonfinite
-                from distclip.layout.discovery import current_stage
+                from distclip.layout.discovery import call_group
 
-                _find_nonfinite(source, current_stage(pp_group, group))
+                _find_nonfinite(source, call_group(pp_group, group))
                 return out
 
         eager = Eager(1.0)
