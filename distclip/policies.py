@@ -151,7 +151,8 @@ class DeviceMath:
         """A cached, read-only float64 vector holding ``values`` (an operand only, as ``const``)."""
         found = self._vectors.get(values)
         if found is None:
-            found = self._vectors[values] = torch.tensor(values, dtype=torch.float64, device=self.device)
+            # stacked fill constants: ``torch.tensor(values, device=...)`` would be a blocking host copy
+            found = self._vectors[values] = torch.stack([self.const(float(v)) for v in values])
         return found
 
     def _t(self, x: Scalar) -> torch.Tensor:
@@ -292,9 +293,13 @@ class Policy:
     def commit(self, m: Math, pending: Any, accept: Flag) -> None:
         """Keep the pending state where ``accept`` (a finite norm on a step that is not skipped).
         ``pending``: every key's next value in ``_fresh()`` order (a list on the host, a vector on
-        the device, kept by one ``where``), or ``{}`` for a policy without state."""
+        the device, kept by one ``where``), or a dict of key -> next value (a policy of one's own,
+        as before the vector form; ``{}`` for a policy without state)."""
         state = self._prepare(m)
-        if isinstance(pending, torch.Tensor):
+        if isinstance(pending, dict):
+            for k, v in pending.items():
+                state[k] = m.where(accept, v, state[k])
+        elif isinstance(pending, torch.Tensor):
             assert isinstance(m, DeviceMath) and self._vec is not None
             vec = self._vec = m.where(accept, pending, self._vec)
             self._state = dict(zip(state, vec.unbind()))
