@@ -42,7 +42,7 @@ from distclip.layout.discovery import CallGroup, GroupLike
 from distclip.math.partials import scale_
 from distclip.observe import grad_norms as _norms
 from distclip.observe.name_order import stage_unique
-from distclip.policies import HOST, DeviceMath, Policy, make_policy
+from distclip.policies import HOST, LEARN_BELOW, DeviceMath, Policy, make_policy
 
 __all__ = ["GradGuard", "GuardOutput"]
 
@@ -133,7 +133,8 @@ class GuardOutput:
     were computed in.
     """
 
-    def __init__(self, total_norm: torch.Tensor, threshold: Union[torch.Tensor, float, None], skip: Union[torch.Tensor, bool],
+    def __init__(self, total_norm: torch.Tensor, threshold: Union[torch.Tensor, float, None],
+                 skip: Union[torch.Tensor, bool, Callable[[], torch.Tensor]],
                  spike: Union[torch.Tensor, bool], clip_coef: Union[torch.Tensor, float], nonfinite: Optional[list[str]],
                  find_nonfinite: Optional[Callable[[], list[str]]] = None, group_norms: Optional[dict[str, torch.Tensor]] = None,
                  group_thresholds: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -155,6 +156,8 @@ class GuardOutput:
     def skip(self) -> torch.Tensor:
         if isinstance(self._skip, bool):
             self._skip = torch.tensor(self._skip)
+        elif callable(self._skip):  # made when first read (on the device: one op the clip itself does not need)
+            self._skip = self._skip()
         return self._skip
 
     @property
@@ -345,7 +348,7 @@ class GradGuard:
             threshold = float(decided)
             finite = math.isfinite(g)
             skip = (self.skip_nonfinite and not finite) or bool(spike)
-            policy.commit(HOST, pending, finite and not skip)
+            policy.commit(HOST, pending, g < LEARN_BELOW and not skip)
             coef = 1.0 if skip else _clip.host_coefficient(threshold, g)
             _clip.scale_host(_clip.scale_groups(call.layout), coef, self.foreach)
             nonfinite = [] if finite else _find_nonfinite(source, call.stage)
@@ -358,21 +361,26 @@ class GradGuard:
         threshold_t = torch.as_tensor(decided_t)
         # a norm is never negative: finite is below +inf (one op; ``isfinite`` is four); the second
         # lane (below -inf) is always False: the constant verdict of a policy without skip_above
-        finite_t, never_t = (total < m.vector((math.inf, -math.inf))).unbind()
+        # lanes: finite, a constant False (below -inf), and small enough for a policy to learn from
+        finite_t, never_t, learn_t = (total < m.vector((math.inf, -math.inf, LEARN_BELOW))).unbind()
         has_spike = isinstance(spike_v, torch.Tensor) or bool(spike_v)
         if isinstance(spike_v, torch.Tensor):
             spike_t = spike_v
         else:  # a constant verdict: made on the device, never copied there
             spike_t = torch.full((), True, dtype=torch.bool, device=total.device) if spike_v else never_t
-        if self.skip_nonfinite:  # a poisoned total is NaN: skipped as non-finite
-            skip_t = spike_t | ~finite_t if has_spike else ~finite_t
-            accept_t = ~skip_t if has_spike else finite_t
+        skip_t: Optional[torch.Tensor]
+        if self.skip_nonfinite and not has_spike:  # a poisoned total is NaN: skipped as non-finite
+            skip_t, accept_t = None, learn_t  # skip is ``~finite``, made when first read
+        elif self.skip_nonfinite:
+            skip_t = spike_t | ~finite_t
+            accept_t = learn_t & ~spike_t
         else:
             skip_t = spike_t.clone() if poisoned is None else spike_t | poisoned
-            accept_t = finite_t & ~skip_t
+            accept_t = learn_t & ~skip_t
         if not (isinstance(pending, dict) and not pending):  # the fixed policy has no state: no verdict to make
             policy.commit(m, pending, accept_t)
-        coef_d = torch.where(skip_t, m.const(1.0), (threshold_t / (total + 1e-6)).clamp(max=1.0))
+        clipped = (threshold_t / (total + 1e-6)).clamp(max=1.0)
+        coef_d = torch.where(finite_t, clipped, m.const(1.0)) if skip_t is None else torch.where(skip_t, m.const(1.0), clipped)
         with phase("scale"):
             scale_(_clip.scale_groups(call.layout), coef_d, self.foreach)
         stage = call.stage
@@ -380,7 +388,8 @@ class GradGuard:
         def find() -> list[str]:
             return [] if bool(finite_t) else _find_nonfinite(source, stage)
 
-        return GuardOutput(total.to(out_dtype), threshold_t, skip_t, spike_t, coef_d, None, find)
+        return GuardOutput(total.to(out_dtype), threshold_t, skip_t if skip_t is not None else finite_t.logical_not, spike_t, coef_d,
+                           None, find)
 
     # ------------------------------------------------------------------------- groups
     def _policy_for(self, name: str) -> Optional[Policy]:
@@ -415,7 +424,7 @@ class GradGuard:
                 t = local_of(unit_tensor) if isinstance(unit_tensor, DTensor) else unit_tensor
                 by_group.setdefault(e, {}).setdefault((t.device, t.dtype, None), []).append(t)
         for name, (policy, threshold, pending, g) in decided.items():
-            policy.commit(HOST, pending, math.isfinite(g) and not skip)
+            policy.commit(HOST, pending, g < LEARN_BELOW and not skip)
             thresholds[name] = torch.tensor(threshold, dtype=torch.float64)
             if not skip and name in by_group:
                 _clip.scale_host(by_group[name], _clip.host_coefficient(threshold, g), self.foreach)

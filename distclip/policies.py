@@ -5,20 +5,21 @@ and a spike verdict, from a small float64 state. Its only input is the **reduced
 that distclip's one all-reduce gives every rank bit for bit, so every rank computes the same
 threshold and the same next state without any collective of its own.
 
-Each policy is written once against a tiny math backend and runs two ways:
+A policy runs two ways, chosen by the guard:
 
-- ``HOST`` (where ``distclip.host_reads.host_reads_allowed`` says a read is free, i.e. CPU): the
-  state is Python floats, the arithmetic Python's float64;
-- :class:`DeviceMath` (accelerators, ``meta``): the state is float64 tensors on the device (one
-  vector whose lanes are the keys' 0-dim views, committed by one ``torch.where``), every branch a
-  ``torch.where``; nothing is read on the host (no ``.item()``, no ``bool()``). On a GPU each op is
-  a kernel launch, so independent scalar operations of one kind run as the lanes of one
-  ``torch._foreach_*`` op (``each``).
+- the host form (where ``distclip.host_reads.host_reads_allowed`` says a read is free, i.e. CPU):
+  the decisions come back as Python values;
+- the device form (accelerators, ``meta``): the state is float64 tensors on the device and every
+  branch a ``torch.where``; nothing is read on the host (no ``.item()``, no ``bool()``). On a GPU
+  each op is a kernel launch, so ZClip's step is ten vector ops whatever the branch
+  (:class:`_ZClipSteps`) and AutoClip's a sort of its history buffer.
 
-Both backends run the same IEEE float64 operations in the same order (``+ - * /``, ``sqrt``,
-comparisons), so they give the same bits (``tests/worlds/test_guard.py`` checks it; no fused
-``lerp``/``addcmul``, whose kernels may round once where the host rounds twice). A non-finite norm
-never enters a policy's state, and a step the guard skips leaves the state as it was.
+The fixed policy and AutoClip are written once against a tiny math backend (``HOST``: Python
+float64; :class:`DeviceMath`: the same operations as tensor ops) that gives the same bits both
+ways. ZClip runs the same torch ops in both forms (on CPU tensors in the host form), so the two
+forms agree bit for bit on CPU (``tests/worlds/test_guard.py`` checks both against the authors'
+code). A non-finite norm never enters a policy's state (nor one of ``LEARN_BELOW`` = 1e150 or
+more, whose square overflows float64), and a step the guard skips leaves the state as it was.
 
 The two adaptive rules follow their authors' reference code:
 
@@ -34,7 +35,6 @@ import bisect
 import collections
 import copy
 import math
-import operator
 from typing import Any, Optional, Union
 
 import torch
@@ -46,6 +46,9 @@ __all__ = ["Policy", "FixedThreshold", "ZClip", "AutoClip", "make_policy", "HOST
 Scalar = Union[float, torch.Tensor]  # a Python float (host) or a 0-dim float64 tensor (device)
 Flag = Union[bool, torch.Tensor]  # a Python bool (host) or a 0-dim bool tensor (device)
 _INF = math.inf
+# The guard commits a norm to a policy's state only below this: its square (ZClip's variance)
+# stays finite, and a product with a 0 coefficient never meets an inf (``0 * inf`` is NaN).
+LEARN_BELOW = 1e150
 
 
 # ----------------------------------------------------------------------------- math backends
@@ -67,53 +70,14 @@ class _HostMath:
         return a if cond else b
 
     @staticmethod
-    def sqrt(x: Scalar) -> Scalar:
-        x = float(x)
-        if x != x:
-            return math.nan
-        return math.sqrt(x) if x > 0.0 else 0.0  # a rounding-negative variance counts as 0
-
-    @staticmethod
-    def div(a: Scalar, b: Scalar) -> Scalar:
-        a, b = float(a), float(b)
-        if b != 0.0:
-            return a / b
-        if a == 0.0 or a != a:
-            return math.nan
-        return math.copysign(_INF, a) * math.copysign(1.0, b)
-
-    @staticmethod
     def minimum(a: Scalar, b: float) -> Scalar:
         a = float(a)
         return a if (a != a or a <= b) else b
 
     @staticmethod
-    def floor(x: Scalar) -> Scalar:
-        x = float(x)
-        return float(math.floor(x)) if math.isfinite(x) else x
-
-    @staticmethod
     def isfinite(x: Scalar) -> Flag:
         return math.isfinite(float(x))
 
-    @staticmethod
-    def false() -> Flag:
-        return False
-
-    @classmethod
-    def each(cls, op: str, xs: list[Scalar], ys: list[Scalar]) -> list[Scalar]:
-        """``[x op y for x, y in zip(xs, ys)]``, ``op`` one of ``"add" "sub" "mul" "div"``."""
-        if op == "div":
-            return [cls.div(x, y) for x, y in zip(xs, ys)]
-        return [_BINARY[op](float(x), float(y)) for x, y in zip(xs, ys)]
-
-    @staticmethod
-    def rows(*rows: list[Scalar]) -> tuple[list[float], ...]:
-        """Candidate values of a state, one list per row: ``where`` picks a whole row."""
-        return tuple([float(x) for x in row] for row in rows)
-
-
-_BINARY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul}
 
 HOST = _HostMath()
 
@@ -163,34 +127,11 @@ class DeviceMath:
             cond = self.const(bool(cond))
         return torch.where(cond, self._t(a), self._t(b))
 
-    def sqrt(self, x: Scalar) -> torch.Tensor:
-        return torch.sqrt(self._t(x).clamp(min=0.0))  # clamp keeps NaN
-
-    def div(self, a: Scalar, b: Scalar) -> torch.Tensor:
-        # a device divisor: CUDA divides by a host scalar as a multiplication by its reciprocal,
-        # which rounds differently from the host's division
-        return self._t(a) / self._t(b)
-
     def minimum(self, a: Scalar, b: float) -> torch.Tensor:
         return self._t(a).clamp(max=b)  # clamp keeps a NaN ``a``, as ``HOST.minimum``
 
-    def floor(self, x: Scalar) -> torch.Tensor:
-        return torch.floor(self._t(x))
-
     def isfinite(self, x: Scalar) -> torch.Tensor:
         return torch.isfinite(self._t(x))
-
-    def false(self) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.bool, device=self.device)
-
-    def each(self, op: str, xs: list[Scalar], ys: list[Scalar]) -> list[torch.Tensor]:
-        """``op`` lane by lane over 0-dim tensors, in one device op (``torch._foreach_<op>``): the
-        same IEEE operation on each lane as ``HOST.each``."""
-        return list(getattr(torch, f"_foreach_{op}")([self._t(x) for x in xs], [self._t(y) for y in ys]))
-
-    def rows(self, *rows: list[Scalar]) -> torch.Tensor:
-        """The rows as one float64 tensor (one device op): ``where`` picks a whole row."""
-        return torch.stack([self._t(x) for row in rows for x in row]).view(len(rows), -1)
 
 
 Math = Union[_HostMath, DeviceMath]
@@ -351,10 +292,17 @@ class ZClip(Policy):
       with the *updated* mean, ``alpha`` 0.97. ``skip_update_on_spike=True`` keeps the EMA on
       spikes.
     - Differences from the reference, all for distributed use: a non-finite norm never enters the
-      warm-up or the EMA (the reference would poison them with NaN), a step the guard skips
-      updates nothing, and the clip coefficient is distclip's ``min(1, threshold / (g + 1e-6))``
+      warm-up or the EMA (the reference would poison them with NaN), nor does a norm of 1e150 or
+      more (its square overflows float64: the reference's variance would be inf from then on),
+      a step the guard skips updates nothing, and the clip coefficient is distclip's ``min(1, threshold / (g + 1e-6))``
       (the reference applies ``threshold / (g + 1e-6)`` only when ``g > threshold``: they differ
       by at most 1e-6 relative, for ``g`` within 1e-6 of the threshold).
+
+    How it runs: a step is the same eleven float64 vector ops on the host (CPU tensors) and on an
+    accelerator (no host read, no branch), over one state vector (:class:`_ZClipSteps`). The
+    formulas are the reference's rearranged so that each op does one step for every lane (the
+    spike test ``z > z_thresh`` as ``g - mean - z_thresh * (std + eps) > 0``, the EMA variance as
+    ``alpha * var + (1 - alpha) * alpha**2 * (x - mean)**2``): the same values to rounding.
 
     Args:
         max_norm (float or None): the cap (ZClip's ``max_grad_norm``), also the threshold during
@@ -387,6 +335,9 @@ class ZClip(Policy):
             raise ValueError(f"distclip: ZClip clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
         self.clip_factor = _check_positive(clip_factor, "clip_factor")
         self.skip_update_on_spike = bool(skip_update_on_spike)
+        self._lanes: Optional[torch.Tensor] = None  # the state vector ``S`` of :class:`_ZClipSteps`
+        self._steps: dict[torch.device, _ZClipSteps] = {}  # the step's constant tables, by device
+        self._host_form = True  # the form state_dict gives: floats (host) or device tensors
 
     def config(self) -> tuple:
         return (self.kind, self.max_norm, self.skip_above, self.alpha, self.z_thresh, self.eps, self.warmup_steps, self.mode,
@@ -397,61 +348,169 @@ class ZClip(Policy):
         # of squared deviations, after it (``ready`` 1.0) the EMA mean and variance
         return {"n": 0.0, "mean": 0.0, "v": 0.0, "ready": 0.0}
 
+    def _steps_on(self, device: torch.device) -> _ZClipSteps:
+        steps = self._steps.get(device)
+        if steps is None:
+            steps = self._steps[device] = _ZClipSteps(self, device)
+        return steps
+
+    def _prepare_lanes(self, m: Math) -> torch.Tensor:
+        """The state vector on ``m``'s device (CPU in the host form): built from the canonical
+        state at the start and after a load, moved (one copy) after a switch of device."""
+        device = torch.device("cpu") if m.host else m.device
+        assert device is not None
+        self._host_form = m.host
+        if self._loaded is not None or self._lanes is None:
+            source = self._loaded if self._loaded is not None else self._fresh()
+            self._lanes, self._loaded = self._steps_on(device).build(source), None
+        elif self._lanes.device != device:
+            self._lanes = self._lanes.to(device)
+        return self._lanes
+
     def decide(self, m: Math, g: Scalar) -> tuple[Scalar, Flag, Any]:
-        s = self._prepare(m)
-        n, mean, v, r = s["n"], s["mean"], s["v"], s["ready"]
-        zt, alpha, beta, w = self.z_thresh, self.alpha, 1 - self.alpha, float(self.warmup_steps)
-        # Both branches (warm-up, EMA) are computed: on the device which one applies cannot be read.
-        # Each value is the same IEEE operations in the same order as the formula beside it;
-        # independent operations of one kind are the lanes of one ``m.each`` (one device op).
-        d, n1 = m.each("sub", [g, n], [mean, -1.0])  # d = g - mean; n1 = n + 1
-        # n stops at warmup_steps once the warm-up is done: ready is n >= warmup_steps
-        full: Flag
-        ready: Flag
-        if isinstance(m, DeviceMath):
-            full, ready = (n1 >= m.vector((w, w + 1.0))).unbind()
-        else:
-            full, ready = n1 >= w, n1 >= w + 1.0
-        std = m.sqrt(v)
-        se, zs = std + self.eps, zt * std
-        # z = d / (std + eps) against the EMA before this step; Welford's d / n1; the spike
-        # thresholds divided by the ready flag: +inf during warm-up, so no spike then
-        num, den = [d, d, zt], [se, n1, r]
-        if self.skip_above is not None:
-            num.append(self.skip_above)
-            den.append(r)
-        z, q, zt_ready, *skip_ready = m.each("div", num, den)
-        clip_val: Scalar
-        if self.mode == "zscore":
-            is_spike = z > zt_ready
-            if self.clip_option == "adaptive_scaling":
-                eta = m.div(z, zt)  # the reference's rescaling ratio: a larger outlier gets a lower threshold
-                clip_val, wmean1 = m.each("add", [mean, mean], [m.div(zs, eta), q])  # mean + zt * std / eta; mean + d / n1
-                if self.clip_factor != 1.0:
-                    clip_val = clip_val * self.clip_factor
-            else:
-                clip_val, wmean1 = mean, mean + q
-        else:
-            clip_val, wmean1 = m.each("add", [mean, mean], [zs, q])  # mean + zt * std; mean + d / n1
-            is_spike = (g > clip_val) & ready
-        x = m.where(is_spike, clip_val, g)  # the EMA sees the clipped norm on a spike
-        threshold = m.where(is_spike, clip_val, self.cap)
-        if self.max_norm is not None:
-            threshold = m.minimum(threshold, self.max_norm)
-        bx, am, av = m.each("mul", [x, mean, v], [beta, alpha, alpha])
-        mean1 = am + bx  # alpha * mean + (1 - alpha) * x
-        dev, gw = m.each("sub", [x, g], [mean1, wmean1])
-        dev2, p = m.each("mul", [dev, d], [dev, gw])
-        var1, m2 = m.each("add", [av, v], [beta * dev2, p])  # alpha * v + (1 - alpha) * dev**2; v + d * (g - wmean1)
+        vec = self._prepare_lanes(m)
+        steps = self._steps_on(vec.device)
+        g_t = g if isinstance(g, torch.Tensor) else torch.tensor(float(g), dtype=torch.float64)
+        threshold, clip_spike, skip_spike, pending = steps.step(vec, g_t)
         if self.skip_update_on_spike:
-            mean1, var1 = m.where(is_spike, mean, mean1), m.where(is_spike, v, var1)
-        # the next state (n, mean, v, ready): the EMA's, or the warm-up's (population variance once full)
-        rows: Any = m.rows([n, mean1, var1, 1.0], [n1, wmean1, m.div(m2, n1), 1.0], [n1, wmean1, m2, 0.0])
-        pending: Any = m.where(ready, rows[0], m.where(full, rows[1], rows[2]))
+            pending = torch.where(clip_spike, vec, pending)
         spike: Flag = False  # no spike verdict without skip_above (a constant: no device op)
         if self.skip_above is not None:
-            spike = z > skip_ready[0]
-        return threshold, spike, pending
+            spike = bool(skip_spike) if m.host else skip_spike
+        return (float(threshold) if m.host else threshold), spike, pending
+
+    def commit(self, m: Math, pending: Any, accept: Flag) -> None:
+        if isinstance(accept, torch.Tensor):
+            assert self._lanes is not None
+            self._lanes = torch.where(accept, pending, self._lanes)
+        elif accept:
+            self._lanes = pending
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"config", "state": {"n", "mean", "v", "ready"}}``: floats in the host form, 0-dim
+        float64 device tensors in the device form (no host read)."""
+        if self._loaded is not None or self._lanes is None:
+            return super().state_dict()
+        lanes = _ZClipSteps.CANONICAL
+        state: dict[str, Any] = {k: self._lanes[i] for k, i in lanes.items()}
+        if self._host_form:
+            state = {k: float(v) for k, v in state.items()}
+        return {"config": list(self.config()), "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._lanes = None
+
+
+class _ZClipSteps:
+    """One ZClip step as eleven float64 vector ops over the state vector ``S`` (on the device it
+    lives on), and the constant tables they read.
+
+    ``S`` holds the canonical state (``n``, ``ready``, ``v``, ``mean``) and, worked out by the
+    previous step, the lanes this step needs so that each op is one formula over a few lanes:
+
+    - ``D = S[BASE] + S[SLOPE] * g`` is ``[g - mean - K, g - mean - K_skip, d, d, v, inf]`` with
+      ``d = g - mean``, ``K = z_thresh * (std + eps)`` (``mode="percentile"``: ``z_thresh * std``)
+      and ``K_skip = skip_above * (std + eps)``, both ``+inf`` during warm-up;
+    - ``S[SPIKE] + S[NUM] / d`` is the same lanes on a spike: ``[., ., e, e, v, clip_val]`` with
+      ``e = clip_val - mean`` (ZClip's reciprocal rule is ``clip_factor * (mean + z_thresh**2 *
+      std * (std + eps) / d)``).
+
+    A step: the phase's row of a table indexed by ``n`` (2 ops: the index as an integer, the row);
+    ``D`` (1); the spike verdicts ``D[0:2] > 0`` (1); the spike lanes (1); ``X``, this step's lanes
+    (``where``, 1); ``[e, e**2, v]`` (``pow``, 1); ``[mean', v', v'] = [mean, 0, 0] + M @ [e, e**2, v]``
+    with ``M`` the phase's coefficients, Welford's or the EMA's (``addmv``, 1); ``[mean', v', std']``
+    (``pow``, 1); the next ``S = bias + LANES @ [mean', v', std']`` (``addmv``, 1: every lane above
+    is linear in those three with ``std**2`` for ``v``; the next phase's constants, ``-inf``
+    included, are the row's bias); the threshold ``fmin(X[5], cap)`` (1: ``fmin`` drops the NaN a
+    non-finite norm gives the lane).
+    """
+
+    N, READY, V, MEAN = 0, 1, 2, 3  # MEAN, MEAN + 1, MEAN + 2: ``[mean, 0, 0]``, the bias of ``[mean', v', v']``
+    CANONICAL = {"n": N, "mean": MEAN, "v": V, "ready": READY}
+    WIDTH = 6  # lanes of D: spike test, skip test, e, e, v, threshold
+    BASE, SLOPE, SPIKE, NUM = slice(6, 12), slice(12, 18), slice(18, 24), slice(24, 30)
+    SIZE = 30
+
+    def __init__(self, policy: ZClip, device: torch.device) -> None:
+        f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        w, alpha, zt = policy.warmup_steps, policy.alpha, policy.z_thresh
+        beta, eps, cf = 1.0 - alpha, policy.eps, policy.clip_factor
+        sa = policy.skip_above if policy.skip_above is not None else 0.0
+        self.cap = torch.full((), policy.cap, **f64)
+        self.pow_e = torch.full((3,), 1.0, **f64)
+        self.pow_e[1] = 2.0  # [e, e**2, v]
+        self.pow_w = torch.full((3,), 1.0, **f64)
+        self.pow_w[2] = 0.5  # [mean', v', std']
+
+        # LANES: every lane of the next S from [mean', v', std'] (the phase's constants come with the bias)
+        lanes = torch.zeros(self.SIZE, 3, **f64)
+        b, s, sp, nm = self.BASE.start, self.SLOPE.start, self.SPIKE.start, self.NUM.start
+        mean_only = (1.0, 0.0, 0.0)
+        rows: dict[int, tuple[float, float, float]] = {
+            self.V: (0.0, 1.0, 0.0), self.MEAN: mean_only,
+            b: (-1.0, 0.0, -zt), b + 1: (-1.0, 0.0, -sa), b + 2: (-1.0, 0.0, 0.0), b + 3: (-1.0, 0.0, 0.0),
+            b + 4: (0.0, 1.0, 0.0), sp + 4: (0.0, 1.0, 0.0)}
+        if policy.mode == "percentile":  # clip_val = mean + z_thresh * std
+            rows.update({sp + 2: (0.0, 0.0, zt), sp + 3: (0.0, 0.0, zt), sp + 5: (1.0, 0.0, zt)})
+        elif policy.clip_option == "mean":  # clip_val = mean
+            rows[sp + 5] = mean_only
+        else:  # clip_val = clip_factor * (mean + z_thresh**2 * std * (std + eps) / d), std**2 = v
+            n = (0.0, cf * zt * zt, cf * zt * zt * eps)
+            rows.update({sp + 2: (cf - 1.0, 0.0, 0.0), sp + 3: (cf - 1.0, 0.0, 0.0), sp + 5: (cf, 0.0, 0.0),
+                         nm + 2: n, nm + 3: n, nm + 5: n})
+        for lane, row in rows.items():
+            for j, value in enumerate(row):
+                if value:
+                    lanes[lane, j] = value
+        self.lanes = lanes
+
+        # BIAS[p]: the constant lanes of a state in phase p = n, 0..w (w: the warm-up is done)
+        phases = torch.arange(w + 1, **f64)
+        bias = torch.zeros(w + 1, self.SIZE, **f64)
+        bias[:, self.N] = phases
+        bias[w, self.READY] = 1.0
+        bias[:, b:b + 2] = -math.inf  # no spike during warm-up
+        bias[w, b] = -zt * eps if policy.mode == "zscore" else 0.0
+        if policy.skip_above is not None:
+            bias[w, b + 1] = -sa * eps
+        bias[:, b + 5] = math.inf
+        bias[:, s:s + 4] = 1.0
+        self.bias = bias
+        # TABLE[k]: the step's coefficients M for phase k (row-major), then BIAS[next phase]
+        m = torch.zeros(w + 1, 3, 3, **f64)
+        c, a, b2 = m[:, 0, 0], m[:, 1, 2], m[:, 1, 1]
+        c.copy_(1.0 / (phases + 1.0))  # Welford: mean += d / (n + 1), M2 += d**2 * n / (n + 1)
+        b2.copy_(1.0 - c)
+        a.fill_(1.0)
+        a[w - 1], b2[w - 1] = 1.0 / w, (1.0 - 1.0 / w) / w  # the step that completes the warm-up: M2 / w
+        c[w], a[w], b2[w] = beta, alpha, beta * alpha * alpha  # the EMA
+        m[:, 2] = m[:, 1]
+        following = torch.clamp(phases + 1.0, max=float(w)).long()
+        self.table = torch.cat([m.view(w + 1, 9), bias.index_select(0, following)], dim=1)
+
+    def build(self, canonical: dict[str, Any]) -> torch.Tensor:
+        """``S`` from the canonical state (floats or 0-dim tensors anywhere; no host read)."""
+        device = self.lanes.device
+        values = {k: (v.to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
+                      else torch.full((), float(v), dtype=torch.float64, device=device)) for k, v in canonical.items()}
+        # a state saved before LEARN_BELOW may hold an inf variance: kept finite, as no step makes it now
+        w_vec = torch.stack([values["mean"], values["v"], values["v"]]).nan_to_num(posinf=LEARN_BELOW ** 2).pow(self.pow_w)
+        phase = values["n"].clamp(0.0, float(self.bias.shape[0] - 1)).long().view(1)
+        return torch.addmv(self.bias.index_select(0, phase)[0], self.lanes, w_vec)
+
+    def step(self, vec: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(threshold, spike (clip), spike (skip_above), next S) for the norm ``g``."""
+        row = self.table.index_select(0, vec[self.N:self.N + 1].long())[0]
+        d = torch.addcmul(vec[self.BASE], vec[self.SLOPE], g)
+        spikes = d[0:2] > 0.0
+        spike = spikes[0]
+        on_spike = torch.addcdiv(vec[self.SPIKE], vec[self.NUM], d[2])
+        x = torch.where(spike, on_spike, d)
+        powers = x[2:5].pow(self.pow_e)
+        moments = torch.addmv(vec[self.MEAN:self.MEAN + 3], row[:9].view(3, 3), powers)
+        nxt = torch.addmv(row[9:], self.lanes, moments.pow(self.pow_w))
+        return torch.fmin(x[5], self.cap), spike, spikes[1], nxt
 
 
 class _HostHistory:

@@ -74,7 +74,7 @@ def _run_policy(policy, m, stream):
 
 
 VARIANTS = [
-    ("zclip", dict(warmup_steps=25)), ("zclip", dict(skip_above=4.0)), ("zclip", dict(mode="percentile")),
+    ("zclip", dict(warmup_steps=25)), ("zclip", dict(warmup_steps=1)), ("zclip", dict(skip_above=4.0)), ("zclip", dict(mode="percentile")),
     ("zclip", dict(clip_option="mean", skip_update_on_spike=True)), ("zclip", dict(alpha=0.9, z_thresh=2.0, clip_factor=0.8)),
     ("autoclip", dict(percentile=10.0)), ("autoclip", dict(percentile=50.0, history_size=30, skip_above=3.0)),
     ("autoclip", dict(percentile=90.0, history_size=7)), ("autoclip", dict(percentile=0.0)), ("autoclip", dict(percentile=100.0)),
@@ -175,6 +175,36 @@ def test_single_process_guard_trajectory(label, mode):
             for b, p in zip(before, model.parameters()):
                 assert torch.allclose(p.grad, b * coef, rtol=1e-6, atol=0) or (not math.isfinite(g64)), t
             assert (mode == "never") == (out.skip_on_host is None)
+
+
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_norm_too_large_to_learn_is_clipped_not_learned(mode):
+    """A finite norm of 1e152 (float64 grads), above ``LEARN_BELOW``, is clipped, not skipped, and
+    never enters ZClip's statistics (a square near the float64 range would overflow them): the
+    state stays finite and the next decisions are those of a run that never saw it."""
+    def run(huge_at):
+        param = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        guard = distclip.GradGuard(1e3, adaptive="zclip", warmup_steps=5)
+        norms = [1.0 + 0.1 * math.sin(t) + (5.0 if t == 20 else 0.0) for t in range(30)]
+        if huge_at is not None:
+            norms.insert(huge_at, 1e152)
+        rows = []
+        with host_reads(mode):
+            for norm in norms:
+                param.grad = torch.full((4,), norm / 2.0, dtype=torch.float64)
+                out = guard.clip_([param])
+                if norm == 1e152:
+                    assert not bool(out.skip) and float(out.clip_coef) < 1e-100, (float(out.clip_coef), mode)
+                else:
+                    rows.append((float(out.threshold), bool(out.skip)))
+        state = guard.state_dict()["policies"]["total"]["state"]
+        assert all(math.isfinite(float(v)) for v in state.values()), state
+        return rows
+
+    unseen = run(huge_at=None)
+    assert any(t < 1e3 for t, _ in unseen)  # the spike at 20 is clipped adaptively
+    assert run(huge_at=3) == unseen  # during the warm-up
+    assert run(huge_at=12) == unseen  # after it
 
 
 def _adam_state(opt):
