@@ -40,7 +40,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +57,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from distclip.verify.launch import free_port, stop  # noqa: E402
+
 SIZES = (20, 100, 1000, 10000)  # parameter-tensor counts of the timing table
 SHAPES = ((32, 32), (32,), (64, 16), (128,))  # benchmarks/README.md's small shapes, 552 elements on average
 LARGE_SHAPE = (4096, 4096)  # bf16 grads of the large workload
@@ -72,12 +73,6 @@ NOT_GLOO_LIMITS = ("timeout", "timed out", "hang")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _jsonable(x: Any) -> Any:
@@ -587,7 +582,7 @@ def _launch(args: argparse.Namespace, part: str, world: int, extra: list[str], e
     out = tempfile.NamedTemporaryFile(prefix=f"gpu_check_{part}_", suffix=".json", delete=False)
     out.close()
     Path(out.name).unlink()
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
             "LOCAL_WORLD_SIZE": str(world), "TORCH_CPP_LOG_LEVEL": "ERROR", **env_extra}
     base.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", part, "--part-out", out.name, *extra]
@@ -600,15 +595,7 @@ def _launch(args: argparse.Namespace, part: str, world: int, extra: list[str], e
             why = f"timed out after {timeout_s:.0f} s"
             break
         time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop(procs)
     try:
         record = json.loads(Path(out.name).read_text())
         Path(out.name).unlink()

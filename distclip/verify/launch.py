@@ -9,10 +9,24 @@ import sys
 import time
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a job's ``MASTER_PORT``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Terminate the processes still running, and kill those that do not exit within 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def launch_local(nproc: int, argv: list[str], timeout_s: float) -> int:
@@ -25,7 +39,7 @@ def launch_local(nproc: int, argv: list[str], timeout_s: float) -> int:
     shown = [f"'{a}'" if " " in a else a for a in shown]
     print(f"distclip.verify: not launched by torchrun (RANK unset), starting {nproc} local ranks myself (--nproc); "
           f"same as: torchrun --standalone --nproc_per_node={nproc} -m distclip.verify {' '.join(shown)}".rstrip(), flush=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     env.setdefault("OMP_NUM_THREADS", "1")
     procs = [
@@ -44,15 +58,7 @@ def launch_local(nproc: int, argv: list[str], timeout_s: float) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(procs)
     codes = [p.returncode for p in procs]
     if all(c == 0 for c in codes):
         return 0
