@@ -86,3 +86,33 @@ def host_reads(mode: str):
             os.environ.pop("DISTCLIP_HOST_READS", None)
         else:
             os.environ["DISTCLIP_HOST_READS"] = old
+
+
+# The start of a script a test runs as its own process (``python -c``) to prove that a path makes
+# no host read: a fake 4-rank group (this is rank 1), meta tensors, on which every host read
+# (``bool``, ``item``, ``float``, ``tolist``) raises, and the reduction on meta, as on GPUs.
+# ``plain(shape, dtype)`` and ``dt(shape, placements)`` make parameters with such grads.
+META_PREAMBLE = r"""
+import math, sys, torch, torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+import distclip
+from distclip import clip
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import Partial
+
+dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
+meta = torch.device("meta")
+clip.reduction_device = lambda stage: meta
+mesh = init_device_mesh("cpu", (4,))
+
+def plain(shape, dtype=torch.float32):
+    p = torch.nn.Parameter(torch.empty(shape, device=meta, dtype=dtype))
+    p.grad = torch.empty(shape, device=meta, dtype=dtype)
+    return p
+
+def dt(shape, placements):
+    p = torch.nn.Parameter(DTensor.from_local(torch.empty(shape, device=meta), mesh, placements, run_check=False))
+    p.grad = DTensor.from_local(torch.empty(shape, device=meta), mesh, placements, run_check=False)
+    return p
+"""

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import distclip
-from checks import count_collectives, host_reads
+from checks import META_PREAMBLE, count_collectives, host_reads
 from distclip.policies import HOST, DeviceMath, make_policy
 from guard_reference import RefAutoClip, RefZClip, norm_stream, reference
 from harness import run_world
@@ -749,30 +749,7 @@ def test_state_dict_resumes_at_another_world_size(world4):
 
 # ============================================================================ no host read, proven
 
-META_SCRIPT = r"""
-import math, torch, torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
-import distclip
-from distclip import clip
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
-
-dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
-meta = torch.device("meta")
-# On meta tensors every host read raises (bool, item, float, tolist): the guard must make none.
-clip.reduction_device = lambda stage: meta  # the reduction runs where the grads are, as on GPUs
-mesh = init_device_mesh("cpu", (4,))
-
-def plain(shape, dtype=torch.float32):
-    p = torch.nn.Parameter(torch.empty(shape, device=meta, dtype=dtype))
-    p.grad = torch.empty(shape, device=meta, dtype=dtype)
-    return p
-
-def dt(shape):
-    p = torch.nn.Parameter(DTensor.from_local(torch.empty(shape, device=meta), mesh, [Shard(0)], run_check=False))
-    p.grad = DTensor.from_local(torch.empty(shape, device=meta), mesh, [Shard(0)], run_check=False)
-    return p
-
+META_SCRIPT = META_PREAMBLE + r"""
 class FusedLike(torch.optim.Optimizer):  # takes found_inf as torch's fused optimizers do
     _step_supports_amp_scaling = True
     def __init__(self, params):
@@ -782,7 +759,8 @@ class FusedLike(torch.optim.Optimizer):  # takes found_inf as torch's fused opti
         assert self.found_inf.device == meta and self.found_inf.dtype == torch.float32
         self.steps += 1
 
-params = [plain((3, 4)), plain((100,)), plain((5,), torch.bfloat16), distclip.mark_sharded(plain((2, 2)), dist.group.WORLD), dt((2, 3))]
+params = [plain((3, 4)), plain((100,)), plain((5,), torch.bfloat16), distclip.mark_sharded(plain((2, 2)), dist.group.WORLD),
+          dt((2, 3), [Shard(0)])]
 ran = 0
 for kw in (dict(max_norm=1.0), dict(adaptive="zclip", warmup_steps=3, skip_above=5.0),
            dict(adaptive="autoclip", history_size=8, skip_above=3.0), dict(adaptive="autoclip", max_norm=None)):

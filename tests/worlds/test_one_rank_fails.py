@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.placement_types import Partial
 
 import distclip
+from checks import META_PREAMBLE
 from harness import run_world
 from worlds import dparam, full_grad, local_of, pparam
 
@@ -196,31 +197,7 @@ def test_dtensor_tied_across_stages_counted_once_and_meshes_spanning_stages_refu
 
 # ----------------------------------------------------------------------------- no host reads, proven
 
-META_SCRIPT = r"""
-import math, sys, torch, torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
-import distclip
-from distclip import clip
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor.placement_types import Partial
-
-dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=4)
-meta = torch.device("meta")
-# On meta tensors every host read raises (bool, item, float, tolist): the path must make none.
-clip.reduction_device = lambda stage: meta  # the reduction runs where the grads are, as on GPUs
-mesh = init_device_mesh("cpu", (4,))
-
-def plain(shape, dtype=torch.float32):
-    p = torch.nn.Parameter(torch.empty(shape, device=meta, dtype=dtype))
-    p.grad = torch.empty(shape, device=meta, dtype=dtype)
-    return p
-
-def dt(shape, placements):
-    p = torch.nn.Parameter(DTensor.from_local(torch.empty(shape, device=meta), mesh, placements, run_check=False))
-    p.grad = DTensor.from_local(torch.empty(shape, device=meta), mesh, placements, run_check=False)
-    return p
-
+META_SCRIPT = META_PREAMBLE + r"""
 params = [plain((3, 4)), plain((100000,)), plain((5,), torch.bfloat16), plain((6,), torch.float16),
           plain((4,), torch.complex64), plain((2,), torch.float64),
           distclip.mark_sharded(plain((2, 2)), dist.group.WORLD),
