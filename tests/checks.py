@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -116,3 +118,22 @@ def dt(shape, placements):
     p.grad = DTensor.from_local(torch.empty(shape, device=meta), mesh, placements, run_check=False)
     return p
 """
+
+
+def raised_everywhere(call: Callable[[], Any], error: type[BaseException], bad_rank: int, rank: int, within_s: float) -> list[str]:
+    """Run ``call``, which is given bad input on ``bad_rank`` only: the problems found (empty: fine).
+    Every rank must raise ``error`` within ``within_s`` seconds, the others naming
+    ``rank <bad_rank>``; any other exception (a gloo timeout: a rank left waiting) is a problem."""
+    problems = []
+    start = time.perf_counter()
+    try:
+        call()
+        problems.append("did not raise")
+    except error as e:
+        if rank != bad_rank and f"rank {bad_rank}" not in str(e):
+            problems.append(f"the error does not name rank {bad_rank}: {e}")
+    except Exception as e:  # noqa: BLE001 - a gloo timeout is the failure this checks for
+        problems.append(f"{type(e).__name__}: {str(e)[:200]}")
+    if time.perf_counter() - start > within_s:
+        problems.append(f"took {time.perf_counter() - start:.1f} s to raise everywhere")
+    return problems
