@@ -42,7 +42,7 @@ from distclip.layout.discovery import CallGroup, GroupLike
 from distclip.math.partials import scale_
 from distclip.observe import grad_norms as _norms
 from distclip.observe.name_order import stage_unique
-from distclip.policies import HOST, LEARN_BELOW, DeviceMath, Policy, make_policy
+from distclip.policies import HOST, DeviceMath, Policy, make_policy
 
 __all__ = ["GradGuard", "GuardOutput"]
 
@@ -348,7 +348,7 @@ class GradGuard:
             threshold = float(decided)
             finite = math.isfinite(g)
             skip = (self.skip_nonfinite and not finite) or bool(spike)
-            policy.commit(HOST, pending, g < LEARN_BELOW and not skip)
+            policy.commit(HOST, pending, g < policy.learn_below and not skip)
             coef = 1.0 if skip else _clip.host_coefficient(threshold, g)
             _clip.scale_host(_clip.scale_groups(call.layout), coef, self.foreach)
             nonfinite = [] if finite else _find_nonfinite(source, call.stage)
@@ -361,8 +361,8 @@ class GradGuard:
         threshold_t = torch.as_tensor(decided_t)
         # a norm is never negative: finite is below +inf (one op; ``isfinite`` is four); the second
         # lane (below -inf) is always False: the constant verdict of a policy without skip_above
-        # lanes: finite, a constant False (below -inf), and small enough for a policy to learn from
-        finite_t, never_t, learn_t = (total < m.vector((math.inf, -math.inf, LEARN_BELOW))).unbind()
+        # lanes: finite, a constant False (below -inf), and small enough for the policy to learn from
+        finite_t, never_t, learn_t = (total < m.vector((math.inf, -math.inf, policy.learn_below))).unbind()
         has_spike = isinstance(spike_v, torch.Tensor) or bool(spike_v)
         if isinstance(spike_v, torch.Tensor):
             spike_t = spike_v
@@ -424,7 +424,7 @@ class GradGuard:
                 t = local_of(unit_tensor) if isinstance(unit_tensor, DTensor) else unit_tensor
                 by_group.setdefault(e, {}).setdefault((t.device, t.dtype, None), []).append(t)
         for name, (policy, threshold, pending, g) in decided.items():
-            policy.commit(HOST, pending, g < LEARN_BELOW and not skip)
+            policy.commit(HOST, pending, g < policy.learn_below and not skip)
             thresholds[name] = torch.tensor(threshold, dtype=torch.float64)
             if not skip and name in by_group:
                 _clip.scale_host(by_group[name], _clip.host_coefficient(threshold, g), self.foreach)

@@ -11,15 +11,15 @@ A policy runs two ways, chosen by the guard:
   the decisions come back as Python values;
 - the device form (accelerators, ``meta``): the state is float64 tensors on the device and every
   branch a ``torch.where``; nothing is read on the host (no ``.item()``, no ``bool()``). On a GPU
-  each op is a kernel launch, so ZClip's step is ten vector ops whatever the branch
+  each op is a kernel launch, so ZClip's step is eleven vector ops whatever the branch
   (:class:`_ZClipSteps`) and AutoClip's a sort of its history buffer.
 
 The fixed policy and AutoClip are written once against a tiny math backend (``HOST``: Python
 float64; :class:`DeviceMath`: the same operations as tensor ops) that gives the same bits both
 ways. ZClip runs the same torch ops in both forms (on CPU tensors in the host form), so the two
 forms agree bit for bit on CPU (``tests/worlds/test_guard.py`` checks both against the authors'
-code). A non-finite norm never enters a policy's state (nor one of ``LEARN_BELOW`` = 1e150 or
-more, whose square overflows float64), and a step the guard skips leaves the state as it was.
+code). A non-finite norm never enters a policy's state (nor, for ZClip, one of 1e150 or more,
+whose square overflows float64), and a step the guard skips leaves the state as it was.
 
 The two adaptive rules follow their authors' reference code:
 
@@ -46,9 +46,6 @@ __all__ = ["Policy", "FixedThreshold", "ZClip", "AutoClip", "make_policy", "HOST
 Scalar = Union[float, torch.Tensor]  # a Python float (host) or a 0-dim float64 tensor (device)
 Flag = Union[bool, torch.Tensor]  # a Python bool (host) or a 0-dim bool tensor (device)
 _INF = math.inf
-# The guard commits a norm to a policy's state only below this: its square (ZClip's variance)
-# stays finite, and a product with a 0 coefficient never meets an inf (``0 * inf`` is NaN).
-LEARN_BELOW = 1e150
 
 
 # ----------------------------------------------------------------------------- math backends
@@ -174,6 +171,7 @@ class Policy:
     """
 
     kind = "fixed"
+    learn_below = _INF  # the guard commits a norm to the state only below this (and finite)
 
     def __init__(self, max_norm: Optional[float] = 1.0, *, skip_above: Optional[float] = None) -> None:
         self.max_norm = _check_cap(max_norm)
@@ -181,7 +179,6 @@ class Policy:
         self._state: Optional[dict[str, Scalar]] = None
         self._state_host: Optional[bool] = None
         self._loaded: Optional[dict[str, Any]] = None
-        self._vec: Optional[torch.Tensor] = None  # the device form's state as one vector, in ``_fresh()`` order
 
     @property
     def cap(self) -> float:
@@ -205,12 +202,9 @@ class Policy:
         if self._state is not None and self._state_host == m.host and (m.host or self._on(m.device)):
             return self._state
         source: dict[str, Any] = self._loaded if self._loaded is not None else (self._state if self._state is not None else self._fresh())
-        self._vec = None
-        if isinstance(m, DeviceMath) and source:
-            # one float64 vector, its lanes the keys' 0-dim views: a step's commit is one ``where``
-            self._vec = torch.stack([v.to(device=m.device, dtype=torch.float64) if isinstance(v, torch.Tensor) else m.new(v)
-                                     for v in source.values()])
-            state: dict[str, Scalar] = dict(zip(source, self._vec.unbind()))
+        state: dict[str, Scalar]
+        if isinstance(m, DeviceMath):
+            state = {k: v.to(device=m.device, dtype=torch.float64) if isinstance(v, torch.Tensor) else m.new(v) for k, v in source.items()}
         else:
             state = {k: _to_float(v) for k, v in source.items()}
         self._state, self._state_host, self._loaded = state, m.host, None
@@ -232,20 +226,11 @@ class Policy:
         return (m.new(self.cap) if isinstance(m, DeviceMath) else m.const(self.cap)), spike, {}
 
     def commit(self, m: Math, pending: Any, accept: Flag) -> None:
-        """Keep the pending state where ``accept`` (a finite norm on a step that is not skipped).
-        ``pending``: every key's next value in ``_fresh()`` order (a list on the host, a vector on
-        the device, kept by one ``where``), or a dict of key -> next value (a policy of one's own,
-        as before the vector form; ``{}`` for a policy without state)."""
+        """Keep the pending state (a dict of key -> next value, ``{}`` without state) where
+        ``accept``: the guard accepts a norm below :attr:`learn_below` on a step it does not skip."""
         state = self._prepare(m)
-        if isinstance(pending, dict):
-            for k, v in pending.items():
-                state[k] = m.where(accept, v, state[k])
-        elif isinstance(pending, torch.Tensor):
-            assert isinstance(m, DeviceMath) and self._vec is not None
-            vec = self._vec = m.where(accept, pending, self._vec)
-            self._state = dict(zip(state, vec.unbind()))
-        elif pending and accept:
-            state.update(zip(list(state), pending))
+        for k, v in pending.items():
+            state[k] = m.where(accept, v, state[k])
 
     def state_dict(self) -> dict[str, Any]:
         """The state (floats, or 0-dim float64 device tensors: no host read) and the config."""
@@ -314,6 +299,9 @@ class ZClip(Policy):
     """
 
     kind = "zclip"
+    # a norm's square stays finite, and no product with a 0 coefficient in the step's ``addmv``
+    # meets an inf (``0 * inf`` is NaN: a NaN state would index no row of the phase table)
+    learn_below = 1e150
 
     def __init__(self, max_norm: Optional[float] = 1.0, *, alpha: float = 0.97, z_thresh: float = 2.5, eps: float = 1e-6,
                  warmup_steps: int = 25, mode: str = "zscore", clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
@@ -368,12 +356,12 @@ class ZClip(Policy):
         return self._lanes
 
     def decide(self, m: Math, g: Scalar) -> tuple[Scalar, Flag, Any]:
-        vec = self._prepare_lanes(m)
-        steps = self._steps_on(vec.device)
-        g_t = g if isinstance(g, torch.Tensor) else torch.tensor(float(g), dtype=torch.float64)
-        threshold, clip_spike, skip_spike, pending = steps.step(vec, g_t)
+        state = self._prepare_lanes(m)
+        steps = self._steps_on(state.device)
+        g_t = g if isinstance(g, torch.Tensor) else torch.full((), float(g), dtype=torch.float64, device=state.device)
+        threshold, clip_spike, skip_spike, pending = steps.step(state, g_t)
         if self.skip_update_on_spike:
-            pending = torch.where(clip_spike, vec, pending)
+            pending = torch.where(clip_spike, state, pending)
         spike: Flag = False  # no spike verdict without skip_above (a constant: no device op)
         if self.skip_above is not None:
             spike = bool(skip_spike) if m.host else skip_spike
@@ -409,28 +397,31 @@ class _ZClipSteps:
     ``S`` holds the canonical state (``n``, ``ready``, ``v``, ``mean``) and, worked out by the
     previous step, the lanes this step needs so that each op is one formula over a few lanes:
 
-    - ``D = S[BASE] + S[SLOPE] * g`` is ``[g - mean - K, g - mean - K_skip, d, d, v, inf]`` with
-      ``d = g - mean``, ``K = z_thresh * (std + eps)`` (``mode="percentile"``: ``z_thresh * std``)
-      and ``K_skip = skip_above * (std + eps)``, both ``+inf`` during warm-up;
-    - ``S[SPIKE] + S[NUM] / d`` is the same lanes on a spike: ``[., ., e, e, v, clip_val]`` with
-      ``e = clip_val - mean`` (ZClip's reciprocal rule is ``clip_factor * (mean + z_thresh**2 *
-      std * (std + eps) / d)``).
+    - ``D = S[BASE] + S[SLOPE] * g`` is ``[g - mean - K, g - mean - K_skip, g, d, v, mean, inf]``
+      with ``d = g - mean``, ``K = z_thresh * (std + eps)`` (``mode="percentile"``:
+      ``z_thresh * std``) and ``K_skip = skip_above * (std + eps)``, both ``+inf`` during warm-up;
+    - ``S[SPIKE] + S[NUM] / d`` is the same lanes on a spike: ``[., ., x, e, v, mean, x]`` with
+      ``x = clip_val`` (ZClip's reciprocal rule is ``clip_factor * (mean + z_thresh**2 * std *
+      (std + eps) / d)``) and ``e = x - mean``.
 
     A step: the phase's row of a table indexed by ``n`` (2 ops: the index as an integer, the row);
-    ``D`` (1); the spike verdicts ``D[0:2] > 0`` (1); the spike lanes (1); ``X``, this step's lanes
-    (``where``, 1); ``[e, e**2, v]`` (``pow``, 1); ``[mean', v', v'] = [mean, 0, 0] + M @ [e, e**2, v]``
-    with ``M`` the phase's coefficients, Welford's or the EMA's (``addmv``, 1); ``[mean', v', std']``
-    (``pow``, 1); the next ``S = bias + LANES @ [mean', v', std']`` (``addmv``, 1: every lane above
-    is linear in those three with ``std**2`` for ``v``; the next phase's constants, ``-inf``
-    included, are the row's bias); the threshold ``fmin(X[5], cap)`` (1: ``fmin`` drops the NaN a
-    non-finite norm gives the lane).
+    ``D`` (``addcmul``, 1); the spike verdicts ``D[0:2] > 0`` (1); the spike lanes (``addcdiv``, 1);
+    ``X``, this step's lanes (``where``, 1); ``[x, e**2, v, mean]`` (``pow``, 1);
+    ``[mean', v', v'] = M @ [x, e**2, v, mean]`` with ``M`` the phase's coefficients: the EMA's
+    ``alpha * mean + (1 - alpha) * x`` and ``alpha * v + (1 - alpha) * alpha**2 * e**2`` (the
+    reference's ``(x - mean')**2`` expanded), or Welford's (``mv``, 1); ``[mean', v', std']``
+    (``pow``, 1); the next ``S = bias + LANES @ [mean', v', std']`` (``addmv``, 1: every lane is
+    linear in those three, with ``std**2`` for ``v``; the next phase's constants, ``+-inf``
+    included, are the row's bias); the threshold ``fmin(X[6], cap)`` (1: ``fmin`` drops the NaN a
+    non-finite norm gives the lane). The table has ``warmup_steps + 1`` rows of 44 float64.
     """
 
-    N, READY, V, MEAN = 0, 1, 2, 3  # MEAN, MEAN + 1, MEAN + 2: ``[mean, 0, 0]``, the bias of ``[mean', v', v']``
+    N, READY, V, MEAN = 0, 1, 2, 3
     CANONICAL = {"n": N, "mean": MEAN, "v": V, "ready": READY}
-    WIDTH = 6  # lanes of D: spike test, skip test, e, e, v, threshold
-    BASE, SLOPE, SPIKE, NUM = slice(6, 12), slice(12, 18), slice(18, 24), slice(24, 30)
-    SIZE = 30
+    SPIKE_TEST, SKIP_TEST, X, E, VAR, AVG, THRESHOLD = range(7)  # the lanes of D and X
+    BASE, SLOPE, SPIKE, NUM = slice(4, 11), slice(11, 18), slice(18, 25), slice(25, 32)
+    SIZE = 32
+    COEFS = 12  # M, 3 x 4, at the start of a table row
 
     def __init__(self, policy: ZClip, device: torch.device) -> None:
         f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
@@ -438,27 +429,33 @@ class _ZClipSteps:
         beta, eps, cf = 1.0 - alpha, policy.eps, policy.clip_factor
         sa = policy.skip_above if policy.skip_above is not None else 0.0
         self.cap = torch.full((), policy.cap, **f64)
-        self.pow_e = torch.full((3,), 1.0, **f64)
-        self.pow_e[1] = 2.0  # [e, e**2, v]
+        self.pow_x = torch.full((4,), 1.0, **f64)
+        self.pow_x[1] = 2.0  # [x, e**2, v, mean]
         self.pow_w = torch.full((3,), 1.0, **f64)
         self.pow_w[2] = 0.5  # [mean', v', std']
 
-        # LANES: every lane of the next S from [mean', v', std'] (the phase's constants come with the bias)
-        lanes = torch.zeros(self.SIZE, 3, **f64)
-        b, s, sp, nm = self.BASE.start, self.SLOPE.start, self.SPIKE.start, self.NUM.start
-        mean_only = (1.0, 0.0, 0.0)
+        # LANES: every lane of the next S from [mean', v', std'] (the phase's constants are the bias)
+        base, slope, spike, num = self.BASE.start, self.SLOPE.start, self.SPIKE.start, self.NUM.start
+        mean_, var_ = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
         rows: dict[int, tuple[float, float, float]] = {
-            self.V: (0.0, 1.0, 0.0), self.MEAN: mean_only,
-            b: (-1.0, 0.0, -zt), b + 1: (-1.0, 0.0, -sa), b + 2: (-1.0, 0.0, 0.0), b + 3: (-1.0, 0.0, 0.0),
-            b + 4: (0.0, 1.0, 0.0), sp + 4: (0.0, 1.0, 0.0)}
+            self.V: var_, self.MEAN: mean_,
+            base + self.SPIKE_TEST: (-1.0, 0.0, -zt), base + self.SKIP_TEST: (-1.0, 0.0, -sa), base + self.E: (-1.0, 0.0, 0.0),
+            base + self.VAR: var_, base + self.AVG: mean_, spike + self.VAR: var_, spike + self.AVG: mean_}
         if policy.mode == "percentile":  # clip_val = mean + z_thresh * std
-            rows.update({sp + 2: (0.0, 0.0, zt), sp + 3: (0.0, 0.0, zt), sp + 5: (1.0, 0.0, zt)})
+            clip_val, excess, reciprocal = (1.0, 0.0, zt), (0.0, 0.0, zt), None
         elif policy.clip_option == "mean":  # clip_val = mean
-            rows[sp + 5] = mean_only
-        else:  # clip_val = clip_factor * (mean + z_thresh**2 * std * (std + eps) / d), std**2 = v
-            n = (0.0, cf * zt * zt, cf * zt * zt * eps)
-            rows.update({sp + 2: (cf - 1.0, 0.0, 0.0), sp + 3: (cf - 1.0, 0.0, 0.0), sp + 5: (cf, 0.0, 0.0),
-                         nm + 2: n, nm + 3: n, nm + 5: n})
+            clip_val, excess, reciprocal = mean_, None, None
+        else:  # clip_val = clip_factor * mean + clip_factor * z_thresh**2 * (v + eps * std) / d
+            clip_val, excess, reciprocal = (cf, 0.0, 0.0), (cf - 1.0, 0.0, 0.0), (0.0, cf * zt * zt, cf * zt * zt * eps)
+        for lane in (self.X, self.THRESHOLD):
+            rows[spike + lane] = clip_val
+            if reciprocal is not None:
+                rows[num + lane] = reciprocal
+        if excess is not None:
+            rows[spike + self.E] = excess
+        if reciprocal is not None:
+            rows[num + self.E] = reciprocal
+        lanes = torch.zeros(self.SIZE, 3, **f64)
         for lane, row in rows.items():
             for j, value in enumerate(row):
                 if value:
@@ -470,47 +467,49 @@ class _ZClipSteps:
         bias = torch.zeros(w + 1, self.SIZE, **f64)
         bias[:, self.N] = phases
         bias[w, self.READY] = 1.0
-        bias[:, b:b + 2] = -math.inf  # no spike during warm-up
-        bias[w, b] = -zt * eps if policy.mode == "zscore" else 0.0
+        bias[:, base:base + 2] = -math.inf  # no spike during warm-up
+        bias[w, base + self.SPIKE_TEST] = -zt * eps if policy.mode == "zscore" else 0.0
         if policy.skip_above is not None:
-            bias[w, b + 1] = -sa * eps
-        bias[:, b + 5] = math.inf
-        bias[:, s:s + 4] = 1.0
+            bias[w, base + self.SKIP_TEST] = -sa * eps
+        bias[:, base + self.THRESHOLD] = math.inf  # no clip_val off a spike
+        bias[:, slope:slope + 4] = 1.0  # the lanes that hold g
         self.bias = bias
-        # TABLE[k]: the step's coefficients M for phase k (row-major), then BIAS[next phase]
-        m = torch.zeros(w + 1, 3, 3, **f64)
-        c, a, b2 = m[:, 0, 0], m[:, 1, 2], m[:, 1, 1]
-        c.copy_(1.0 / (phases + 1.0))  # Welford: mean += d / (n + 1), M2 += d**2 * n / (n + 1)
-        b2.copy_(1.0 - c)
-        a.fill_(1.0)
-        a[w - 1], b2[w - 1] = 1.0 / w, (1.0 - 1.0 / w) / w  # the step that completes the warm-up: M2 / w
-        c[w], a[w], b2[w] = beta, alpha, beta * alpha * alpha  # the EMA
-        m[:, 2] = m[:, 1]
+        # TABLE[k]: M for phase k (row-major), then BIAS[next phase]
+        coefs = torch.zeros(w + 1, 3, 4, **f64)
+        weight_x, weight_mean, weight_e2, weight_v = coefs[:, 0, 0], coefs[:, 0, 3], coefs[:, 1, 1], coefs[:, 1, 2]
+        weight_x.copy_(1.0 / (phases + 1.0))  # Welford: mean' = (1 - q) mean + q g, M2' = M2 + (1 - q) d**2, q = 1 / (n + 1)
+        weight_mean.copy_(1.0 - weight_x)
+        weight_e2.copy_(weight_mean)
+        weight_v.fill_(1.0)
+        weight_v[w - 1], weight_e2[w - 1] = 1.0 / w, (1.0 - 1.0 / w) / w  # the step that completes the warm-up: M2 / w
+        weight_x[w], weight_mean[w], weight_e2[w], weight_v[w] = beta, alpha, beta * alpha * alpha, alpha  # the EMA
+        coefs[:, 2] = coefs[:, 1]
         following = torch.clamp(phases + 1.0, max=float(w)).long()
-        self.table = torch.cat([m.view(w + 1, 9), bias.index_select(0, following)], dim=1)
+        self.table = torch.cat([coefs.view(w + 1, self.COEFS), bias.index_select(0, following)], dim=1)
 
     def build(self, canonical: dict[str, Any]) -> torch.Tensor:
         """``S`` from the canonical state (floats or 0-dim tensors anywhere; no host read)."""
         device = self.lanes.device
         values = {k: (v.to(device=device, dtype=torch.float64) if isinstance(v, torch.Tensor)
                       else torch.full((), float(v), dtype=torch.float64, device=device)) for k, v in canonical.items()}
-        # a state saved before LEARN_BELOW may hold an inf variance: kept finite, as no step makes it now
-        w_vec = torch.stack([values["mean"], values["v"], values["v"]]).nan_to_num(posinf=LEARN_BELOW ** 2).pow(self.pow_w)
-        phase = values["n"].clamp(0.0, float(self.bias.shape[0] - 1)).long().view(1)
-        return torch.addmv(self.bias.index_select(0, phase)[0], self.lanes, w_vec)
+        # within what a step can make (ZClip.learn_below; an older version learned any finite norm)
+        mean = values["mean"].nan_to_num(0.0).clamp(-ZClip.learn_below, ZClip.learn_below)
+        var = values["v"].nan_to_num(0.0).clamp(0.0, ZClip.learn_below ** 2)
+        moments = torch.stack([mean, var, var]).pow(self.pow_w)
+        phase = values["n"].nan_to_num(0.0).clamp(0.0, float(self.bias.shape[0] - 1)).long().view(1)
+        return torch.addmv(self.bias.index_select(0, phase)[0], self.lanes, moments)
 
-    def step(self, vec: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, state: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(threshold, spike (clip), spike (skip_above), next S) for the norm ``g``."""
-        row = self.table.index_select(0, vec[self.N:self.N + 1].long())[0]
-        d = torch.addcmul(vec[self.BASE], vec[self.SLOPE], g)
-        spikes = d[0:2] > 0.0
+        row = self.table.index_select(0, state[self.N:self.N + 1].long())[0]
+        d = torch.addcmul(state[self.BASE], state[self.SLOPE], g)
+        spikes = d[self.SPIKE_TEST:self.SKIP_TEST + 1] > 0.0
         spike = spikes[0]
-        on_spike = torch.addcdiv(vec[self.SPIKE], vec[self.NUM], d[2])
+        on_spike = torch.addcdiv(state[self.SPIKE], state[self.NUM], d[self.E])
         x = torch.where(spike, on_spike, d)
-        powers = x[2:5].pow(self.pow_e)
-        moments = torch.addmv(vec[self.MEAN:self.MEAN + 3], row[:9].view(3, 3), powers)
-        nxt = torch.addmv(row[9:], self.lanes, moments.pow(self.pow_w))
-        return torch.fmin(x[5], self.cap), spike, spikes[1], nxt
+        moments = torch.mv(row[:self.COEFS].view(3, 4), x[self.X:self.AVG + 1].pow(self.pow_x))
+        following = torch.addmv(row[self.COEFS:], self.lanes, moments.pow(self.pow_w))
+        return torch.fmin(x[self.THRESHOLD], self.cap), spike, spikes[1], following
 
 
 class _HostHistory:

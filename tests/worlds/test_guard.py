@@ -66,9 +66,9 @@ def _run_policy(policy, m, stream):
     for g in stream:
         gg = g if m.host else torch.tensor(g, dtype=torch.float64)
         thr, spike, pending = policy.decide(m, gg)
-        finite = math.isfinite(g)
-        skip = (not finite) or bool(spike)
-        policy.commit(m, pending, (finite and not skip) if m.host else torch.tensor(finite and not skip))
+        skip = (not math.isfinite(g)) or bool(spike)
+        accept = g < policy.learn_below and not skip  # as the guard commits
+        policy.commit(m, pending, accept if m.host else torch.tensor(accept))
         out.append((float(thr), skip))
     return out
 
