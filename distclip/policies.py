@@ -413,7 +413,7 @@ class _ZClipSteps:
     (``pow``, 1); the next ``S = bias + LANES @ [mean', v', std']`` (``addmv``, 1: every lane is
     linear in those three, with ``std**2`` for ``v``; the next phase's constants, ``+-inf``
     included, are the row's bias); the threshold ``fmin(X[6], cap)`` (1: ``fmin`` drops the NaN a
-    non-finite norm gives the lane). The table has ``warmup_steps + 1`` rows of 44 float64.
+    non-finite norm gives the lane). The table has ``warmup_steps + 1`` rows of 44 float64 (352 B).
     """
 
     N, READY, V, MEAN = 0, 1, 2, 3
@@ -426,6 +426,7 @@ class _ZClipSteps:
     def __init__(self, policy: ZClip, device: torch.device) -> None:
         f64: dict[str, Any] = {"dtype": torch.float64, "device": device}
         w, alpha, zt = policy.warmup_steps, policy.alpha, policy.z_thresh
+        self.warmup_steps = w
         beta, eps, cf = 1.0 - alpha, policy.eps, policy.clip_factor
         sa = policy.skip_above if policy.skip_above is not None else 0.0
         self.cap = torch.full((), policy.cap, **f64)
@@ -473,7 +474,7 @@ class _ZClipSteps:
             bias[w, base + self.SKIP_TEST] = -sa * eps
         bias[:, base + self.THRESHOLD] = math.inf  # no clip_val off a spike
         bias[:, slope:slope + 4] = 1.0  # the lanes that hold g
-        self.bias = bias
+        self.warm_bias, self.ready_bias = bias[0].clone(), bias[w].clone()  # for ``build`` (with ``n`` set)
         # TABLE[k]: M for phase k (row-major), then BIAS[next phase]
         coefs = torch.zeros(w + 1, 3, 4, **f64)
         weight_x, weight_mean, weight_e2, weight_v = coefs[:, 0, 0], coefs[:, 0, 3], coefs[:, 1, 1], coefs[:, 1, 2]
@@ -496,8 +497,10 @@ class _ZClipSteps:
         mean = values["mean"].nan_to_num(0.0).clamp(-ZClip.learn_below, ZClip.learn_below)
         var = values["v"].nan_to_num(0.0).clamp(0.0, ZClip.learn_below ** 2)
         moments = torch.stack([mean, var, var]).pow(self.pow_w)
-        phase = values["n"].nan_to_num(0.0).clamp(0.0, float(self.bias.shape[0] - 1)).long().view(1)
-        return torch.addmv(self.bias.index_select(0, phase)[0], self.lanes, moments)
+        phase = values["n"].nan_to_num(0.0).clamp(0.0, float(self.warmup_steps)).floor()
+        bias = torch.where(phase >= self.warmup_steps, self.ready_bias, self.warm_bias)
+        bias = torch.cat([phase.view(1), bias[self.N + 1:]])
+        return torch.addmv(bias, self.lanes, moments)
 
     def step(self, state: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(threshold, spike (clip), spike (skip_above), next S) for the norm ``g``."""
