@@ -1,7 +1,7 @@
 """The one place distclip touches private torch names outside DTensor and FSDP1 (see ``_dtensor``
 and ``_fsdp1`` for those): view bases, the default process group object, dense flattening, the
-tags torch's wrappers put on parameters, and whether the profiler is on. If a torch release
-renames one, only this file changes.
+tags torch's wrappers put on parameters, whether the profiler is on, and dispatch below
+autograd. If a torch release renames one, only this file changes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 __all__ = [
     "base_of", "default_group_device", "flatten_dense_tensors", "WRAPPER_TAGS", "profiler_enabled", "phase", "default_store",
-    "declares_amp_scaling_step",
+    "declares_amp_scaling_step", "below_autograd",
 ]
 
 # ``Tensor._base``: the tensor a view was made from (None for a tensor that owns its storage)
@@ -46,6 +46,13 @@ def phase(name: str) -> contextlib.AbstractContextManager:
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(f"distclip.{name}")
     return contextlib.nullcontext()
+
+
+def below_autograd() -> Any:
+    """Dispatch below autograd and view tracking for the block: each op on tensors no graph
+    records skips that bookkeeping (a view made there has no ``_base``). Only around reads and
+    temporaries: a write there to a tensor the caller holds would not move its version counter."""
+    return torch._C._AutoDispatchBelowADInplaceOrView()
 
 
 def default_store() -> Any:

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, cast
 
 import torch
 
-from distclip._torch import base_of, flatten_dense_tensors
+from distclip._torch import base_of, below_autograd, flatten_dense_tensors
 from distclip.host_reads import host_reads_allowed
 
 GroupKey = tuple  # (device, dtype, weight): how local grads are grouped for one kernel each
@@ -506,9 +506,11 @@ def piece_norms(
     may have underflowed are recomputed in float64 (see ``TINY``). With ``magnitudes``, complex
     ``tensors`` are measured by their magnitudes.
     """
-    # zero padding of flat chunks would change min|g| and sum |g|^p for p < 0
-    pieces = _Pieces(tensors, foreach is not False and norm_type >= 0, magnitudes=magnitudes, norm_type=norm_type, acc=acc)
-    return _cat(_piece_norm_parts(pieces, norm_type, acc, foreach, repair), acc, tensors[0].device if tensors else None)
+    # The pieces are views and copies made here and dropped here: no graph records them.
+    with below_autograd():
+        # zero padding of flat chunks would change min|g| and sum |g|^p for p < 0
+        pieces = _Pieces(tensors, foreach is not False and norm_type >= 0, magnitudes=magnitudes, norm_type=norm_type, acc=acc)
+        return _cat(_piece_norm_parts(pieces, norm_type, acc, foreach, repair), acc, tensors[0].device if tensors else None)
 
 
 def owned_piece_norms(
@@ -553,11 +555,13 @@ def _piece_norm_parts(pieces: _Pieces, norm_type: float, acc: torch.dtype, forea
         del m
     if pieces.mats:
         mats = pieces.mats
-        rows = [_block_norms(m, norm_type, acc, pieces.magnitudes, scratch) for m in mats]
+        if not pieces.magnitudes and mats[0].dtype == acc:  # one kernel per matrix, nothing copied (a C-level map)
+            rows = list(map(torch.linalg.vector_norm, mats, itertools.repeat(norm_type), itertools.repeat(1)))
+        else:
+            rows = [_block_norms(m, norm_type, acc, pieces.magnitudes, scratch) for m in mats]
         norms = torch.cat(rows) if len(rows) > 1 else rows[0]
         if repair:  # one check for all matrices: FSDP1 has many
-            starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
-            norms = _repair_mats(norms, mats, starts, norm_type, pieces.magnitudes, scratch)
+            norms = _repair_mats(norms, mats, norm_type, pieces.magnitudes, scratch)
         parts.append(norms)
     if pieces.small:
         parts.extend(_small_norms(pieces.small, norm_type, acc, foreach, repair, pieces.magnitudes, pieces.block, pieces.widest))
@@ -618,6 +622,16 @@ def _batches(tensors: list[torch.Tensor], block: int, magnitudes: bool, widest: 
 TINY = 2.0**-50
 
 
+def _sound(norms: torch.Tensor) -> bool:
+    """Whether no piece needs the float64 repair, read from one ``aminmax`` (CPU only: free reads)
+    instead of a flag per piece. A NaN piece, never repaired, makes both ends NaN: False, and the
+    caller's flags decide."""
+    if not norms.numel():
+        return True
+    low, high = torch.aminmax(norms)
+    return low.item() >= TINY and high.item() < math.inf
+
+
 def repair_norms(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = REPAIR_BATCH) -> torch.Tensor:
     """CPU slow path, taken only for the pieces whose float32 norm overflowed (sum g^2 beyond
     float32 although the norm is representable: fairscale #263) or may have underflowed (below
@@ -627,6 +641,8 @@ def repair_norms(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = 
     ``pieces_at`` returns the pieces as the rows of one matrix where they are rows (measured in one
     call: a model whose grads are mostly zero, such as experts that saw no token, would otherwise
     pay one kernel per 512 elements; benchmarks/README.md) or as a list of tensors."""
+    if _sound(norms):
+        return norms
     bad = torch.isinf(norms) | (norms < TINY)
     if not bool(bad.any()):  # CPU only: a free read
         return norms
@@ -641,16 +657,17 @@ def repair_norms(norms: torch.Tensor, pieces_at, norm_type: float, batch: int = 
     return fixed
 
 
-def _repair_mats(
-    norms: torch.Tensor, mats: list[torch.Tensor], starts: list[int], norm_type: float, magnitudes: bool, scratch: _Scratch
-) -> torch.Tensor:
+def _repair_mats(norms: torch.Tensor, mats: list[torch.Tensor], norm_type: float, magnitudes: bool, scratch: _Scratch) -> torch.Tensor:
     """``repair_norms`` for the concatenated row norms of matrices measured in place: every block of
     rows (``scratch.block`` elements) that holds a bad row is measured again in float64, in place,
     not its whole matrix (no gather: mostly-zero grads, such as experts that saw no token, would
     otherwise copy every row, or pay one kernel per 512 elements)."""
+    if _sound(norms):
+        return norms
     bad = torch.isinf(norms) | (norms < TINY)
     if not bool(bad.any()):  # CPU only: a free read
         return norms
+    starts = list(itertools.accumulate((m.shape[0] for m in mats), initial=0))
     fixed = norms.double()
     bad_mats = torch.bucketize(bad.nonzero().flatten(), torch.tensor(starts[1:]), right=True).unique().tolist() if len(mats) > 1 else [0]
     for i in bad_mats:
