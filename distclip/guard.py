@@ -359,9 +359,9 @@ class GradGuard:
             m = self._device_math[total.device] = DeviceMath(total.device)
         decided_t, spike_v, pending = policy.decide(m, total)
         threshold_t = torch.as_tensor(decided_t)
-        # a norm is never negative: finite is below +inf (one op; ``isfinite`` is four); the second
-        # lane (below -inf) is always False: the constant verdict of a policy without skip_above
-        # lanes: finite, a constant False (below -inf), and small enough for the policy to learn from
+        # One compare (a norm is never negative; ``isfinite`` is four ops): finite (below +inf), the
+        # constant False verdict of a policy without skip_above (below -inf), and small enough for
+        # the policy to learn from (below its ``learn_below``).
         finite_t, never_t, learn_t = (total < m.vector((math.inf, -math.inf, policy.learn_below))).unbind()
         has_spike = isinstance(spike_v, torch.Tensor) or bool(spike_v)
         if isinstance(spike_v, torch.Tensor):

@@ -279,8 +279,8 @@ class ZClip(Policy):
     - Differences from the reference, all for distributed use: a non-finite norm never enters the
       warm-up or the EMA (the reference would poison them with NaN), nor does a norm of 1e150 or
       more (its square overflows float64: the reference's variance would be inf from then on),
-      a step the guard skips updates nothing, and the clip coefficient is distclip's ``min(1, threshold / (g + 1e-6))``
-      (the reference applies ``threshold / (g + 1e-6)`` only when ``g > threshold``: they differ
+      a step the guard skips updates nothing, and the clip coefficient is distclip's
+      ``min(1, threshold / (g + 1e-6))`` (the reference applies ``threshold / (g + 1e-6)`` only when ``g > threshold``: they differ
       by at most 1e-6 relative, for ``g`` within 1e-6 of the threshold).
 
     How it runs: a step is the same eleven float64 vector ops on the host (CPU tensors) and on an
