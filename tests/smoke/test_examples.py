@@ -35,6 +35,7 @@ CASES = [  # (script, ranks, package it needs)
 # found; every norm it printed was right). A second stall fails the test.
 RETRY_ON_STALL = {"transformers_trainer"}
 TIMEOUT_S = 300
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def _run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -64,6 +65,11 @@ def test_example_runs(name, nproc, package, tmp_path):
         if name not in RETRY_ON_STALL:
             raise
         warnings.warn(f"{name} stalled for {TIMEOUT_S} s and was run again; its output:\n{(stall.output or '')[-2000:]}", stacklevel=1)
+        out = _run(cmd, env, tmp_path)
+    if out.returncode != 0 and f"OK: {name}" in out.stdout and TEARDOWN_ABORT in out.stderr:
+        # gloo's teardown race: a rank aborts at exit after the example finished and every rank
+        # left the group (a barrier before destroy_process_group narrows it, never closes it)
+        warnings.warn(f"{name} aborted in gloo's teardown after finishing and was run again", stacklevel=1)
         out = _run(cmd, env, tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert f"OK: {name}" in out.stdout, out.stdout[-3000:]
